@@ -99,6 +99,9 @@ def parse_solution(solution: str) -> tuple[str, str]:
     return tag, rest.strip()
 
 
+_TRAIN_COLUMNS = ("id", "image", "source", "problem", "solution")
+
+
 def sample_from_row(row: dict, file: str, base_dir: Path | None = None) -> Sample:
     """One MediX-R1 row (`id, image, source, problem, solution`) -> Sample; checks everything."""
     sid = str(row.get("id", "?"))
@@ -121,7 +124,8 @@ def sample_from_row(row: dict, file: str, base_dir: Path | None = None) -> Sampl
         open_image(im, sid, file)  # fail now, not in the middle of a rollout
     return Sample(
         id=sid, question=question, answer=answer, modality=modality, images=images,
-        source=row.get("source") or "", kind="open", meta={"file": file},
+        source=row.get("source") or "", kind="open",
+        meta={"file": file, **{k: v for k, v in row.items() if k not in _TRAIN_COLUMNS}},  # extra columns kept
     )  # fmt: skip
 
 
@@ -161,14 +165,31 @@ def _rows(path: Path) -> tuple[Iterable[dict], Path | None]:
     return iter(ds), None
 
 
+def _hub_rows(repo_id: str):
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(repo_id, split="train")
+    except Exception as e:
+        raise DataError(
+            f"{repo_id}: not a local file or folder, and the Hugging Face hub copy could not be loaded ({e}). "
+            f"Download it where the hub is reachable (datasets.load_dataset({repo_id!r}, split='train')"
+            ".save_to_disk('DIR')) and pass --data DIR"
+        ) from None
+    return iter(ds.cast_column("image", datasets.List(datasets.Image(decode=False)))) if "image" in ds.features else iter(ds)
+
+
 def load_training_data(path: str | Path, *, on_error: str = "raise", limit: int | None = None) -> list[Sample]:
     """Load MediX-R1 training data. `on_error="skip"` logs each bad sample and a count instead of raising."""
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     path = Path(path)
-    if not path.exists():
+    if path.exists():
+        rows, base_dir = _rows(path)
+    elif str(path).count("/") == 1 and not str(path).startswith((".", "/")):  # a hub id: MBZUAI/medix-rl-data
+        rows, base_dir = _hub_rows(str(path)), None
+    else:
         raise DataError(f"{path}: no such file or folder")
-    rows, base_dir = _rows(path)
     samples, skipped = [], 0
     for row in rows:
         try:

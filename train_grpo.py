@@ -1,13 +1,155 @@
-"""GRPO training on Accelerate/FSDP2 with colocated vLLM rollouts. THE LOOP IS NOT WRITTEN YET.
+"""GRPO for medical VLMs (MediX-R1) on Accelerate + FSDP2, with vLLM colocated for rollouts.
 
-So far this file holds the two pure functions the loop is built on, with shapes in comments:
-`group_advantages` and `grpo_loss` (the contracts in DESIGN.md, the same definitions as Hugging
-Face TRL's GRPOTrainer). The training loop itself is issue 8; until it lands, `main` refuses to
-run rather than pretending to train.
+    python train_grpo.py --demo                                   # a few CPU steps on the bundled data
+    accelerate launch --config_file configs/accelerate_single.yaml train_grpo.py \
+        --model Qwen/Qwen2.5-VL-3B-Instruct --data demo/train.jsonl --judge_url http://127.0.0.1:8000/v1
+    accelerate launch --config_file configs/accelerate_fsdp2.yaml train_grpo.py --config configs/medix_r1_8b_dapo.yaml
+
+One step (`train_step`): sample prompts; n completions each from the rollout engine (woken,
+generate, back to sleep); every reward component (rewards.py); drop groups with no signal and
+refill; group advantages; policy log-probs and the clipped loss in micro-batches; optimiser steps;
+the new weights streamed into the engine in place; one log line.
+
+Where it departs from MediX-R1's released trainer (EasyR1/verl):
+- one process per GPU running both the trainer and its own vLLM engine (no Ray, no separate
+  rollout workers); FSDP2 applied with `fully_shard` on each decoder/vision block, the same code on
+  GPU and CPU (accelerate would silently skip FSDP on a CPU: DESIGN.md);
+- `old_logp` are the rollout engine's own log-probs (no extra forward pass); optionally the
+  trainer recomputes them and weights tokens by a truncated importance ratio (`tis_cap`); the
+  engine-trainer mismatch is logged either way;
+- the online filter reads a chosen reward component (`filter_key`, NeMo-RL issue 2431);
+- optional helpers for small policies (all off by default): a supervised warm start, the one-shot
+  format example in the prompt, partial format credit, label-balanced prompt sampling.
 """
 from __future__ import annotations
 
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
 import torch
+
+import data
+
+
+@dataclass
+class Config:
+    # -- model and data
+    model: str = "Qwen/Qwen2.5-VL-3B-Instruct"  # hub id or local directory (a Qwen-VL or a text-only causal LM)
+    data: str = "demo/train.jsonl"  # MediX-R1 training data: .jsonl, .parquet (file or folder), save_to_disk folder
+    skip_bad_samples: bool = False  # skip (and count) bad samples instead of stopping at the first
+    text_only: bool = False  # train on the samples without images only
+    output_dir: str = "runs/grpo"  # checkpoints, log.jsonl, rewards.png, samples.md
+    seed: int = 0
+    freeze_vision: bool = True  # keep the vision tower frozen (MediX-R1 trains the language model)
+    gradient_checkpointing: bool = False  # trade ~15-30% speed for activation memory
+    dtype: str = "auto"  # auto (bf16 on GPU, float32 on CPU) | bfloat16 | float32
+    # -- rollout
+    engine: str = "vllm"  # vllm (colocated, sleep mode on GPU) | hf (transformers generate)
+    prompts_per_step: int = 8  # prompts per rollout batch on each process (released: 512 over 8 GPUs)
+    group_size: int = 5  # completions per prompt
+    max_completion_length: int = 256  # new tokens per completion (released: 4096)
+    max_prompt_length: int = 4096  # longer prompts are skipped and counted
+    temperature: float = 1.0
+    top_p: float = 1.0
+    gpu_memory_utilization: float = 0.35  # vLLM's share of the GPU (weights + KV cache)
+    tensor_parallel_size: int = 1
+    think_tag: str = "think"  # reasoning tag in the prompt and the rewards; `thinking` as released
+    one_shot: bool = False  # add one example of the output format to the prompt
+    # -- rewards
+    judge_url: list[str] = field(default_factory=list)  # OpenAI-compatible judge endpoints (round-robin); none: exact match only
+    judge_model: str = "Qwen/Qwen3-4B-Instruct-2507"  # the model name the judge server serves
+    judge_concurrency: int = 64  # judge requests in flight
+    embedder: str = "abhinand/MedEmbed-large-v0.1"  # sentence-transformers model or path; "" turns the component off
+    reward_preset: str = ""  # "medix-r1": the released reward function exactly
+    w_llm: float = 0.9 * 0.575  # reward weights (MediX-R1's); 0 switches a component off
+    w_embed: float = 0.9 * 0.375
+    w_modality: float = 0.9 * 0.05
+    w_format: float = 0.1
+    partial_format: bool = False  # partial format credit (a quarter per check) instead of 0/1
+    # -- advantages and filtering
+    scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
+    online_filter: bool = True  # keep groups whose mean `filter_key` is strictly inside (filter_low, filter_high)
+    filter_key: str = "total"  # the reward component the filter reads
+    filter_low: float = 0.01
+    filter_high: float = 0.99
+    max_filter_tries: int = 3  # rollout batches per step at most, to refill filtered groups
+    balance_labels: bool = False  # sample prompts round-robin over answer labels (yes/no/maybe...)
+    # -- loss
+    loss_type: str = "dapo"  # grpo | bnpo | dapo | dr_grpo
+    importance_level: str = "token"  # token | sequence (GSPO)
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    beta: float = 0.0  # k3 KL to a frozen reference model (created only when > 0)
+    tis_cap: float = 0.0  # >0: recompute old log-probs and weight tokens by min(p_train/p_rollout, cap)
+    # -- optimisation
+    steps: int = 200  # GRPO steps
+    lr: float = 1e-6
+    weight_decay: float = 1e-2
+    max_grad_norm: float = 1.0
+    lr_scheduler: str = "constant"  # any transformers scheduler name (constant, cosine, linear, ...)
+    warmup_steps: int = 0  # lr warm-up, in optimiser steps
+    mini_batches: int = 1  # optimiser steps per rollout batch
+    epochs_per_batch: int = 1  # passes over each rollout batch
+    micro_batch_size: int = 4  # sequences per forward/backward
+    # -- supervised warm start (for small policies that never write the tags)
+    warm_start_steps: int = 0  # AdamW steps on format-correct answers built from the data, before GRPO
+    warm_start_batch_size: int = 4
+    warm_start_lr: float = 2e-5
+    # -- checkpoints and logging
+    save_every: int = 50  # steps between checkpoints (and one at the end)
+    resume: bool = False  # continue from the last complete checkpoint in output_dir
+    log_samples_every: int = 10  # steps between tables of sample completions (samples.md)
+    report_to: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, ...
+    demo: bool = False  # the bundled demo: SmolLM2-135M-Instruct on the PubMedQA questions, CPU, a few steps
+
+
+DEMO = dict(
+    data="demo/train.jsonl", text_only=True, output_dir="runs/demo", engine="vllm", prompts_per_step=2,
+    group_size=8, max_completion_length=128, temperature=1.0, one_shot=True, steps=4, lr=3e-5,
+    w_llm=0.9 * 0.575, embedder="", w_embed=0.0, micro_batch_size=8, warm_start_steps=12,
+    save_every=4, log_samples_every=2, balance_labels=True, online_filter=False,
+)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+
+
+def train_step(step, cfg, run) -> dict:
+    """One GRPO step, top to bottom. `run` holds the model, optimiser, engine, reward and sampler."""
+    t0 = time.perf_counter()
+    batch, counts = rollout_and_score(cfg, run)  # rollout + rewards + online filter (refilled)
+    run.last_batch = batch
+    t_rollout_reward = time.perf_counter() - t0
+    stats = {**counts, **reward_means(batch)}
+    if batch["n_groups"] == 0:  # every process filtered everything out: nothing to learn from
+        return {**stats, "skipped": 1, "seconds_step": time.perf_counter() - t0}
+
+    advantages = group_advantages(batch["rewards"], cfg.group_size, scale=cfg.scale_rewards)  # [N]
+    t1 = time.perf_counter()
+    update = optimise(cfg, run, batch, advantages)  # micro-batched loss + backward, optimiser steps
+    t2 = time.perf_counter()
+    run.engine.update_weights(stream_weights(run.model))  # in place, one gathered tensor at a time
+    t3 = time.perf_counter()
+    return {
+        **stats, **update, "adv_mean": advantages.mean().item(), "adv_std": advantages.std().item(),
+        "seconds_rollout": batch["seconds_rollout"], "seconds_reward": batch["seconds_reward"],
+        "seconds_update": t2 - t1, "seconds_sync": t3 - t2, "seconds_step": t3 - t0,
+        "seconds_rollout_reward": t_rollout_reward, "lr": run.scheduler.get_last_lr()[0],
+        "peak_memory_gb": peak_memory_gb(),
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantages and loss: pure functions of tensors
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
@@ -112,9 +254,641 @@ def grpo_loss(
     return loss, metrics
 
 
-def main(cfg=None):
-    raise NotImplementedError("the GRPO training loop is not written yet (issue 8): nothing is trained")
+# ---------------------------------------------------------------------------------------------
+# Rollout, rewards, filtering
+
+
+def rollout_and_score(cfg, run) -> tuple[dict, dict]:
+    """Sample prompts, roll out, score; keep groups with signal, refilling up to `max_filter_tries`."""
+    kept, counts = [], {"groups_sampled": 0, "groups_filtered": 0, "prompts_too_long": 0, "filter_tries": 0}
+    seconds = {"seconds_rollout": 0.0, "seconds_reward": 0.0}
+    while len(kept) < cfg.prompts_per_step and counts["filter_tries"] < max(cfg.max_filter_tries, 1):
+        counts["filter_tries"] += 1
+        samples = [run.samples[i] for i in run.sampler.next(cfg.prompts_per_step - len(kept))]
+        t = time.perf_counter()
+        groups, too_long = generate_groups(cfg, run, samples)
+        counts["prompts_too_long"] += too_long
+        t2 = time.perf_counter()
+        score_groups(cfg, run, groups)
+        seconds["seconds_rollout"] += t2 - t
+        seconds["seconds_reward"] += time.perf_counter() - t2
+        counts["groups_sampled"] += len(groups)
+        for g in groups:
+            signal = sum(g["scores"][cfg.filter_key]) / cfg.group_size
+            if not cfg.online_filter or cfg.filter_low < signal < cfg.filter_high:
+                kept.append(g)
+            else:
+                counts["groups_filtered"] += 1
+        if not cfg.online_filter:
+            break
+    # Every process must run the same number of forward/backward passes (FSDP collectives), so
+    # all keep as many groups as the process that kept the fewest.
+    n = min(len(kept), cfg.prompts_per_step)
+    if run.world > 1:
+        t = torch.tensor([n], device=run.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        n = int(t.item())
+    return collate_groups(kept[:n], run, seconds), counts
+
+
+def generate_groups(cfg, run, samples) -> tuple[list[dict], int]:
+    """n completions per sample from the engine, with the encoded prompt the trainer will score."""
+    prompts, encoded, keep = [], [], []
+    for s in samples:
+        enc = run.encode(s)
+        if enc["input_ids"].shape[-1] > cfg.max_prompt_length:
+            print(f"skipped: sample {s.id!r} in {s.meta.get('file')}: prompt of {enc['input_ids'].shape[-1]} tokens > max_prompt_length")
+            continue
+        prompts.append(enc["messages"])
+        encoded.append(enc)
+        keep.append(s)
+    run.engine.wake_up()
+    completions = run.engine.generate(prompts, n=cfg.group_size, settings=run.sampling) if prompts else []
+    run.engine.sleep()
+    groups = []
+    for i, (s, enc) in enumerate(zip(keep, encoded)):
+        mine = completions[i * cfg.group_size : (i + 1) * cfg.group_size]
+        assert all(c.prompt_index == i for c in mine), "the engine must return completions grouped by prompt"
+        groups.append({"sample": s, "encoded": enc, "completions": mine})
+    return groups, len(samples) - len(keep)
+
+
+def score_groups(cfg, run, groups) -> None:
+    """Every reward component of every completion, in one call for the whole batch."""
+    if not groups:
+        return
+    texts = [c.text for g in groups for c in g["completions"]]
+    answers = [g["sample"].answer for g in groups for _ in g["completions"]]
+    modalities = [g["sample"].modality for g in groups for _ in g["completions"]]
+    scores = run.reward(texts, answer=answers, modality=modalities)
+    for k, g in enumerate(groups):
+        sl = slice(k * cfg.group_size, (k + 1) * cfg.group_size)
+        g["scores"] = {key: [v if v is not None else 0.0 for v in vals[sl]] for key, vals in scores.items() if isinstance(vals, list)}
+
+
+def collate_groups(groups, run, seconds) -> dict:
+    """Flatten kept groups into per-sequence lists and the reward tensor [N]."""
+    seqs = [(g, c) for g in groups for c in g["completions"]]
+    rewards = torch.tensor([s for g in groups for s in g["scores"]["total"]], dtype=torch.float32)
+    return {
+        "n_groups": len(groups), "groups": groups, "seqs": seqs, "rewards": rewards, **seconds,
+        "scores": {k: [v for g in groups for v in g["scores"][k]] for k in (groups[0]["scores"] if groups else {})},
+    }  # fmt: skip
+
+
+def reward_means(batch) -> dict:
+    out = {f"reward_{k}": sum(v) / len(v) for k, v in batch["scores"].items() if v}
+    lengths = [len(c.token_ids) for _, c in batch["seqs"]]
+    if lengths:
+        out["completion_len_mean"] = sum(lengths) / len(lengths)
+        out["completion_len_max"] = max(lengths)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Policy log-probs and the update
+
+
+def sequence_batch(seqs, pad_id: int, device) -> dict:
+    """Right-padded prompt+completion ids for a micro-batch, plus the images of those prompts."""
+    ids = [torch.cat([g["encoded"]["input_ids"].view(-1), torch.tensor(c.token_ids, dtype=torch.long)]) for g, c in seqs]
+    L = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), L), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(ids), L), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)] = x
+        attention[i, : len(x)] = 1
+    T = max(len(c.token_ids) for _, c in seqs)
+    starts = torch.tensor([g["encoded"]["input_ids"].numel() for g, _ in seqs])  # first completion position
+    lengths = torch.tensor([len(c.token_ids) for _, c in seqs])
+    mask = (torch.arange(T)[None] < lengths[:, None]).float()  # [B, T]
+    out = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
+    vision = [g["encoded"] for g, _ in seqs if "pixel_values" in g["encoded"]]
+    if vision:  # Qwen-VL: patches of all images in the order their tokens appear in the batch
+        out["pixel_values"] = torch.cat([v["pixel_values"] for v in vision]).to(device)
+        out["image_grid_thw"] = torch.cat([v["image_grid_thw"] for v in vision]).to(device)
+    rollout_logp = torch.zeros(len(seqs), T)
+    for i, (_, c) in enumerate(seqs):
+        rollout_logp[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
+    return {"inputs": out, "starts": starts.to(device), "mask": mask.to(device), "rollout_logp": rollout_logp.to(device)}
+
+
+def completion_logprobs(model, mb, temperature: float, with_entropy: bool = False):
+    """Log-probs [B, T] of the completion tokens under `model` (logits divided by the sampling temperature)."""
+    logits = model(**mb["inputs"], use_cache=False).logits  # [B, L, V]
+    B, T = mb["mask"].shape
+    # Completion token t of sequence b sits at starts[b] + t; its logits at starts[b] + t - 1.
+    pos = (mb["starts"][:, None] - 1 + torch.arange(T, device=logits.device)[None]).clamp(max=logits.shape[1] - 2)
+    tok = mb["inputs"]["input_ids"].gather(1, pos + 1)  # [B, T]
+    sel = logits.gather(1, pos[..., None].expand(B, T, logits.shape[-1])).float() / temperature  # [B, T, V]
+    logp_all = torch.log_softmax(sel, dim=-1)
+    logp = logp_all.gather(-1, tok[..., None]).squeeze(-1)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)  # [B, T]
+    return logp, entropy
+
+
+def optimise(cfg, run, batch, advantages) -> dict:
+    """Mini-batches x epochs of optimiser steps over the rollout batch, micro-batched."""
+    model, seqs, N = run.model, batch["seqs"], len(batch["seqs"])
+    mb_size = max(1, cfg.micro_batch_size)
+    per_step = math.ceil(N / cfg.mini_batches)
+    sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "logp_mismatch": 0.0, "grad_norm": 0.0, "tis_weight": 0.0}
+    count = {k: 0 for k in sums}
+    model.train()
+    for epoch in range(cfg.epochs_per_batch):
+        for lo in range(0, N, per_step):
+            idx = list(range(lo, min(lo + per_step, N)))
+            mask_tokens = sum(len(seqs[i][1].token_ids) for i in idx)
+            # Normalisers of the whole optimiser step over all processes (see grpo_loss); FSDP
+            # averages gradients over processes, so each process's share is scaled by world size.
+            n_seq, n_tok = all_sum(run, len(idx)), all_sum(run, mask_tokens)
+            for m in range(0, len(idx), mb_size):
+                part = idx[m : m + mb_size]
+                mb = sequence_batch([seqs[i] for i in part], run.pad_id, run.device)
+                logp, entropy = completion_logprobs(model, mb, cfg.temperature, with_entropy=epoch == 0)
+                old = mb["rollout_logp"]
+                weights = None
+                mismatch = ((logp.detach() - old).abs() * mb["mask"]).sum() / mb["mask"].sum().clamp(min=1)
+                if cfg.tis_cap > 0 and epoch == 0 and lo == 0:
+                    # Truncated importance sampling: the trainer's own log-probs as the old policy,
+                    # tokens weighted by how much likelier the trainer finds them than the engine.
+                    old_train = logp.detach()
+                    weights = torch.exp(old_train - old).clamp(max=cfg.tis_cap) * mb["mask"]
+                    old = old_train
+                    add(sums, count, "tis_weight", (weights.sum() / mb["mask"].sum().clamp(min=1)).item())
+                ref = None
+                if cfg.beta > 0:
+                    with torch.no_grad():
+                        ref, _ = completion_logprobs(run.ref_model, mb, cfg.temperature)
+                loss, metrics = grpo_loss(
+                    logp, old, advantages[part].to(run.device), mb["mask"], ref_logp=ref, beta=cfg.beta,
+                    loss_type=cfg.loss_type, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                    max_completion_length=cfg.max_completion_length, importance_level=cfg.importance_level,
+                    num_sequences=n_seq, num_tokens=n_tok, token_weights=weights,
+                )  # fmt: skip
+                (loss * run.world).backward()
+                add(sums, count, "loss", loss.item() * run.world)
+                add(sums, count, "clip_frac", metrics["clip_frac"])
+                add(sums, count, "kl", metrics["kl"])
+                add(sums, count, "logp_mismatch", mismatch.item())
+                if entropy is not None:
+                    add(sums, count, "entropy", ((entropy * mb["mask"]).sum() / mb["mask"].sum().clamp(min=1)).item())
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
+            add(sums, count, "grad_norm", float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm))
+            run.optimizer.step()
+            run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+    return {k: sums[k] / count[k] for k in sums if count[k]}
+
+
+def add(sums, count, key, value):
+    sums[key] += value
+    count[key] += 1
+
+
+def all_sum(run, value: int) -> int:
+    if run.world == 1:
+        return value
+    t = torch.tensor([value], device=run.device)
+    torch.distributed.all_reduce(t)
+    return int(t.item())
+
+
+def stream_weights(model):
+    """(name, full tensor) for each trainable parameter, in Hugging Face naming.
+
+    With FSDP2 each parameter is a DTensor shard; `full_tensor()` gathers one parameter at a time
+    (a collective: every process walks the same order), so no process ever holds a second full
+    copy of the model (vLLM issue 15254: out of memory at wake-up)."""
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup: model, FSDP2, engine, reward, optimiser
+
+
+class Run:
+    """What a step needs: plain attributes, filled by `setup`."""
+
+
+def setup(cfg, reward_fn=None) -> Run:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    run = Run()
+    run.acc = Accelerator(log_with=cfg.report_to or None, project_dir=cfg.output_dir)
+    run.world, run.rank, run.device = run.acc.num_processes, run.acc.process_index, run.acc.device
+    set_seed(cfg.seed + run.rank)
+    out = Path(cfg.output_dir)
+    last = last_checkpoint(out)
+    if last and not cfg.resume:
+        raise SystemExit(f"{out} already holds {last.name} (step {read_step(last)}): pass --resume to continue it, or choose another --output_dir")
+    if cfg.resume and last:
+        print(f"resuming from {last} (step {read_step(last)})")
+    elif cfg.resume:
+        print(f"--resume: no complete checkpoint in {out}; starting from step 0")
+
+    samples = data.load_training_data(cfg.data, on_error="skip" if cfg.skip_bad_samples else "raise")
+    if cfg.text_only:
+        samples = [s for s in samples if not s.images]
+    run.samples = samples
+    labels = [s.answer.strip().lower() for s in samples] if cfg.balance_labels else None
+    run.sampler = PromptSampler(len(samples), cfg.seed, run.rank, run.world, labels)
+
+    run.model, run.processor = load_policy(cfg, str(last) if cfg.resume and last else cfg.model)
+    run.tokenizer = getattr(run.processor, "tokenizer", run.processor)
+    run.pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
+    run.encode = lambda s: encode_sample(cfg, run.processor, s)
+    run.ref_model = None
+    if cfg.beta > 0:  # the frozen reference exists only when the KL term is on
+        run.ref_model, _ = load_policy(cfg, cfg.model)
+        run.ref_model.requires_grad_(False).eval()
+    if run.world > 1:
+        shard(run.model)
+        if run.ref_model is not None:
+            shard(run.ref_model)
+    if cfg.warm_start_steps and not (cfg.resume and last):
+        warm_start(cfg, run)
+
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    run.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    from transformers import get_scheduler
+
+    total = cfg.steps * cfg.mini_batches * cfg.epochs_per_batch
+    run.scheduler = get_scheduler(cfg.lr_scheduler, run.optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total)
+    run.start_step = 0
+    if cfg.resume and last:
+        run.start_step = load_trainer_state(last, run)
+
+    run.engine = make_engine(cfg, run)
+    run.engine.update_weights(stream_weights(run.model))  # the engine starts from the trainer's weights
+    run.sampling = sampling_settings(cfg)
+    run.reward = reward_fn or make_reward(cfg)
+    return run
+
+
+def load_policy(cfg, path: str):
+    """A Qwen-VL (image-text-to-text) or a causal LM, and its processor or tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    on_gpu = torch.cuda.is_available()
+    dtype = {"auto": torch.bfloat16 if on_gpu else torch.float32, "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
+    is_vlm = hasattr(AutoConfig.from_pretrained(path), "vision_config")
+    cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+    model = cls.from_pretrained(path, dtype=dtype)
+    processor = (AutoProcessor if is_vlm else AutoTokenizer).from_pretrained(path)
+    if on_gpu:
+        model.to(torch.device("cuda", torch.cuda.current_device()))
+    if is_vlm and cfg.freeze_vision:
+        for name, p in model.named_parameters():
+            if ".visual." in f".{name}" or name.startswith("visual."):
+                p.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, processor
+
+
+def shard(model) -> None:
+    """FSDP2: shard each transformer block, then the root (the same code on GPU and CPU/gloo)."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module)
+    fully_shard(model)
+
+
+def encode_sample(cfg, processor, sample) -> dict:
+    """Chat messages for the engine and the trainer's own encoding of the same prompt."""
+    messages = data.build_messages(sample, think_tag=cfg.think_tag, one_shot=cfg.one_shot)
+    enc = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    out = {"messages": messages, "input_ids": enc["input_ids"][0]}
+    if "pixel_values" in enc:
+        out["pixel_values"], out["image_grid_thw"] = enc["pixel_values"], enc["image_grid_thw"]
+    return out
+
+
+def make_engine(cfg, run):
+    import rollout
+
+    if cfg.engine == "hf":
+        return rollout.HFRollout(run.model, run.processor)
+    if cfg.engine == "vllm":
+        return rollout.VLLMRollout(
+            cfg.model, seed=cfg.seed + run.rank, gpu_memory_utilization=cfg.gpu_memory_utilization,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            max_model_len=cfg.max_prompt_length + cfg.max_completion_length,
+        )  # fmt: skip
+    raise ValueError(f"engine must be 'vllm' or 'hf', not {cfg.engine!r}")
+
+
+def sampling_settings(cfg):
+    import rollout
+
+    return rollout.SamplingSettings(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_completion_length)
+
+
+def make_reward(cfg):
+    import rewards
+
+    weights = {"llm": cfg.w_llm, "embed": cfg.w_embed if cfg.embedder else 0.0, "modality": cfg.w_modality, "format": cfg.w_format}
+    judge = exact_match_only
+    if cfg.judge_url:
+        judge = rewards.OpenAIJudge(cfg.judge_url, model=cfg.judge_model, concurrency=cfg.judge_concurrency)
+    reward = rewards.CompositeReward(
+        weights, judge=judge, embedder=cfg.embedder or None, think_tag=cfg.think_tag,
+        preset=cfg.reward_preset or None,
+    )  # fmt: skip
+    if cfg.partial_format:
+        base = reward
+
+        def reward(completions, **columns):  # noqa: F811 - partial format credit replaces the binary one
+            out = base(completions, **columns)
+            partial = rewards.format_reward(completions, think_tag=cfg.think_tag, partial=True)
+            out["total"] = [t + base.weights["format"] * (p - f) for t, p, f in zip(out["total"], partial, out["format"])]
+            out["format_strict"], out["format"] = out["format"], partial
+            return out
+
+    return reward
+
+
+def exact_match_only(pairs):
+    """The judge when none is given: every pair that reaches it (not an exact match) scores 0."""
+    return [0.0] * len(pairs)
+
+
+def warm_start(cfg, run) -> None:
+    """Supervised steps on format-correct answers built from samples with a long answer (the
+    reasoning) and a short one: `<TAG><think>long answer</think><answer>answer</answer>`."""
+    pool = [s for s in run.samples if s.meta.get("long_answer")]
+    if not pool:
+        raise SystemExit(f"--warm_start_steps needs samples with a `long_answer` column in {cfg.data}")
+    t = cfg.think_tag
+    opt = torch.optim.AdamW([p for p in run.model.parameters() if p.requires_grad], lr=cfg.warm_start_lr)
+    rng = random.Random(cfg.seed)
+    run.model.train()
+    for step in range(cfg.warm_start_steps):
+        seqs = []
+        for s in rng.sample(pool, min(cfg.warm_start_batch_size, len(pool))):
+            target = f"<{s.modality}><{t}>{s.meta['long_answer']}</{t}><answer>{s.answer}</answer>"
+            ids = run.tokenizer(target + (run.tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
+            seqs.append(({"encoded": run.encode(s)}, _Tokens(ids[: cfg.max_completion_length])))
+        mb = sequence_batch(seqs, run.pad_id, run.device)
+        logp, _ = completion_logprobs(run.model, mb, 1.0)
+        loss = -(logp * mb["mask"]).sum() / mb["mask"].sum()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if run.rank == 0:
+            print(f"warm start {step + 1}/{cfg.warm_start_steps}: loss {loss.item():.3f}")
+
+
+class _Tokens:
+    """A completion-like record (token ids only) for teacher-forced warm-start targets."""
+
+    def __init__(self, ids):
+        self.token_ids, self.logprobs = ids, [0.0] * len(ids)
+
+
+class PromptSampler:
+    """Epoch-wise shuffled sample order for this process; its position is part of checkpoints.
+
+    With `labels`, each epoch goes round-robin over the labels (smaller ones recycled), so a
+    majority answer (PubMedQA: 55% "yes") is not what the policy sees most."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, labels: list[str] | None = None):
+        self.n, self.seed, self.rank, self.world, self.labels = n, seed, rank, world, labels
+        self.epoch, self.pos = 0, 0
+        self._order = self._make_order()
+
+    def _make_order(self) -> list[int]:
+        rng = random.Random(self.seed * 1000 + self.epoch)
+        if not self.labels:
+            order = list(range(self.n))
+            rng.shuffle(order)
+        else:
+            by_label: dict[str, list[int]] = {}
+            for i, lab in enumerate(self.labels):
+                by_label.setdefault(lab, []).append(i)
+            lists = [rng.sample(v, len(v)) for _, v in sorted(by_label.items())]
+            longest = max(len(v) for v in lists)
+            order = [v[k % len(v)] for k in range(longest) for v in lists]
+        return order[self.rank :: self.world]
+
+    def next(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos >= len(self._order):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._make_order()
+            out.append(self._order[self.pos])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._order = self._make_order()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: Hugging Face format + what resume needs; written to a temporary name, then renamed
+
+
+def last_checkpoint(out: Path) -> Path | None:
+    done = [p for p in out.glob("checkpoint-*") if p.is_dir() and not p.name.endswith(".tmp") and (p / "trainer_state.json").exists()]
+    return max(done, key=read_step) if done else None
+
+
+def read_step(ckpt: Path) -> int:
+    return int(ckpt.name.split("-")[1])
+
+
+def save_checkpoint(cfg, run, step: int) -> Path:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    out = Path(cfg.output_dir) / f"checkpoint-{step}"
+    tmp = out.with_name(out.name + ".tmp")
+    # A collective under FSDP2: every process gathers, rank 0 ends up with the full CPU state dict.
+    state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if run.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        run.model.save_pretrained(tmp, state_dict=state)
+        run.processor.save_pretrained(tmp)
+    barrier(run)
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save(
+        {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(), "rng": rng, "sampler": run.sampler.state_dict()},
+        tmp / f"trainer_state_rank{run.rank}.pt",
+    )  # fmt: skip
+    barrier(run)
+    if run.rank == 0:
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "world": run.world, "config": asdict(cfg)}, indent=1))
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)  # a checkpoint is complete exactly when its final name exists
+        for old in Path(cfg.output_dir).glob("checkpoint-*.tmp"):
+            shutil.rmtree(old, ignore_errors=True)  # leftovers of a run killed while saving
+    barrier(run)
+    return out
+
+
+def load_trainer_state(ckpt: Path, run) -> int:
+    meta = json.loads((ckpt / "trainer_state.json").read_text())
+    if meta["world"] != run.world:
+        raise SystemExit(f"{ckpt} was written by {meta['world']} processes; resume it with the same number (now {run.world})")
+    state = torch.load(ckpt / f"trainer_state_rank{run.rank}.pt", weights_only=False)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.sampler.load_state_dict(state["sampler"])
+    random.setstate(state["rng"]["python"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return meta["step"]
+
+
+def barrier(run):
+    if run.world > 1:
+        torch.distributed.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def reduce_metrics(run, metrics: dict) -> dict:
+    """Means over processes of every numeric metric (each process scored its own prompts)."""
+    if run.world == 1:
+        return metrics
+    keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
+    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=run.device)
+    torch.distributed.all_reduce(t)
+    return {**metrics, **{k: v / run.world for k, v in zip(keys, t.tolist())}}
+
+
+def write_samples(path: Path, step: int, groups) -> None:
+    """A markdown table of a few completions with their rewards."""
+    rows = [f"\n## step {step}\n", "| sample | completion | total | format | modality | llm | embed |", "|---|---|---|---|---|---|---|"]
+    for g in groups[:2]:
+        for j, c in enumerate(g["completions"][:2]):
+            esc = c.text.replace("|", "\\|").replace("\n", " ")[:300]
+            sc = {k: (f"{v[j]:.2f}" if v[j] is not None else "-") for k, v in g["scores"].items()}
+            rows.append(f"| {g['sample'].id} | {esc} | {sc.get('total')} | {sc.get('format')} | {sc.get('modality')} | {sc.get('llm')} | {sc.get('embed')} |")
+    with open(path, "a") as f:
+        f.write("\n".join(rows) + "\n")
+
+
+def plot_log(log_path: Path, png: Path) -> None:
+    """Reward components, completion length and entropy over steps (refreshed every step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
+    if not lines:
+        return
+    steps = [x["step"] for x in lines]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for key in sorted({k for x in lines for k in x if k.startswith("reward_")}):
+        axes[0].plot(steps, [x.get(key, float("nan")) for x in lines], label=key.removeprefix("reward_"))
+    axes[0].set_title("reward components (mean)")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(steps, [x.get("completion_len_mean", float("nan")) for x in lines])
+    axes[1].set_title("completion length (tokens)")
+    axes[2].plot(steps, [x.get("entropy", float("nan")) for x in lines])
+    axes[2].set_title("entropy (nats/token)")
+    for ax in axes:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(cfg: Config, reward_fn=None) -> Path:
+    """Train; returns the last checkpoint. `reward_fn(completions, answer=, modality=)` -> dict of
+    lists with a "total" key replaces the composite reward (tests use a dense toy reward)."""
+    from tqdm import tqdm
+
+    run = setup(cfg, reward_fn)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "log.jsonl"
+    if run.rank == 0:
+        truncate_log(log_path, run.start_step)  # a resumed run rewrites the steps after its checkpoint
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    run.acc.init_trackers("medix-grpo", config={k: v for k, v in asdict(cfg).items() if not isinstance(v, list)})
+    ckpt = None
+    bar = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps, disable=run.rank != 0, desc="grpo")
+    for step in bar:
+        metrics = reduce_metrics(run, train_step(step, cfg, run))
+        metrics = {"step": step + 1, **metrics}
+        if run.rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            plot_log(log_path, out / "rewards.png")
+            bar.set_postfix({k.removeprefix("reward_"): f"{v:.3f}" for k, v in metrics.items() if k.startswith("reward_")})
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), file=sys.stderr)
+        run.acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step + 1)
+        if run.rank == 0 and cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
+            write_samples(out / "samples.md", step + 1, run.last_batch["groups"])
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            ckpt = save_checkpoint(cfg, run, step + 1)
+    run.acc.end_training()
+    return ckpt or last_checkpoint(out)
+
+
+def truncate_log(path: Path, step: int) -> None:
+    if path.exists():
+        keep = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= step]
+        path.write_text("".join(x + "\n" for x in keep))
+
+
+def parse_config(argv=None) -> Config:
+    """Flags, or `--config file.yaml` with flags overriding it; `--demo` fills the demo recipe."""
+    import yaml
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(Config)
+    defaults = {}
+    if "--config" in argv:
+        i = argv.index("--config")
+        defaults = yaml.safe_load(Path(argv[i + 1]).read_text()) or {}
+        del argv[i : i + 2]
+    if "--demo" in argv:
+        defaults = {**DEMO, **defaults}
+    unknown = set(defaults) - set(Config.__dataclass_fields__)
+    if unknown:
+        raise SystemExit(f"unknown config keys: {sorted(unknown)}")
+    parser.set_defaults(**defaults)
+    (cfg,) = parser.parse_args_into_dataclasses(argv)
+    if cfg.demo and cfg.model == Config.model:
+        from tests.kit import smollm2_dir  # the demo model: SmolLM2 unpacked once from a PyPI package
+
+        cfg.model = str(smollm2_dir())
+    return cfg
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_config())

@@ -1,0 +1,151 @@
+"""train_grpo.py end to end on tiny offline models: steps, checkpoints, resume, SIGKILL, filtering, learning."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import train_grpo
+from tests.kit import REPO, tiny_text_dir
+
+
+
+def toy_reward(completions, answer=None, modality=None, **_):
+    """A dense toy reward: the fraction of completion characters among a fixed small set (a-e)."""
+    good = [sum(ch in "abcde" for ch in c) / max(len(c), 1) for c in completions]
+    return {"total": good, "toy": good}
+
+
+def write_data(path, n=8, answers=("yes", "no")):
+    rows = [{"id": f"q{i}", "image": [], "source": "toy", "problem": f"Question number {i}: is it so?",
+             "solution": f"<OTHER> {answers[i % len(answers)]}"} for i in range(n)]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def config(tmp_path, **kw):
+    base = dict(
+        model=str(tiny_text_dir("qwen2")), data=write_data(tmp_path / "train.jsonl"), output_dir=str(tmp_path / "run"),
+        engine="hf", prompts_per_step=2, group_size=4, max_completion_length=12, steps=2, lr=1e-3,
+        micro_batch_size=3, online_filter=False, save_every=2, log_samples_every=1, seed=3,
+    )  # fmt: skip
+    base.update(kw)
+    return train_grpo.Config(**base)
+
+
+def params(path):
+    from transformers import AutoModelForCausalLM
+
+    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(path).state_dict().items()}
+
+
+def test_two_steps_change_the_weights_and_write_a_loadable_checkpoint(tmp_path):
+    cfg = config(tmp_path)
+    ckpt = train_grpo.main(cfg, reward_fn=toy_reward)
+    assert ckpt.name == "checkpoint-2" and not list(ckpt.parent.glob("*.tmp"))
+    before, after = params(cfg.model), params(ckpt)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) > len(before) // 2
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in log] == [1, 2]
+    for key in ("reward_total", "loss", "clip_frac", "kl", "entropy", "logp_mismatch", "grad_norm", "completion_len_mean",
+                "groups_filtered", "seconds_rollout", "seconds_reward", "seconds_update", "seconds_sync", "peak_memory_gb"):
+        assert key in log[0], key
+    assert log[0]["logp_mismatch"] < 1e-4  # HF engine: the trainer's own log-probs
+    assert (tmp_path / "run" / "rewards.png").stat().st_size > 0 and "## step 2" in (tmp_path / "run" / "samples.md").read_text()
+    # A run started again in the same folder says what it found instead of overwriting it.
+    with pytest.raises(SystemExit, match="checkpoint-2.*--resume"):
+        train_grpo.main(cfg, reward_fn=toy_reward)
+
+
+@pytest.mark.slow
+def test_checkpoint_loads_in_vllm(tmp_path):
+    from vllm import LLM, SamplingParams
+
+    ckpt = train_grpo.main(config(tmp_path, steps=1, save_every=1), reward_fn=toy_reward)
+    llm = LLM(str(ckpt), dtype="float32", max_model_len=256, enforce_eager=True, seed=0)
+    out = llm.generate(["Question number 1"], SamplingParams(max_tokens=4, temperature=0))
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_two_steps_then_resume_two_equals_four_in_one_go(tmp_path):
+    one = train_grpo.main(config(tmp_path / "a", steps=4, save_every=4), reward_fn=toy_reward)
+    train_grpo.main(config(tmp_path / "b", steps=2, save_every=2), reward_fn=toy_reward)
+    two = train_grpo.main(config(tmp_path / "b", steps=4, save_every=2, resume=True), reward_fn=toy_reward)
+    a, b = params(one), params(two)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    logs = [(tmp_path / d / "run" / "log.jsonl").read_text().splitlines() for d in "ab"]
+    rewards = [[json.loads(x)["reward_total"] for x in log] for log in logs]
+    assert rewards[0] == pytest.approx(rewards[1], abs=1e-6) and len(rewards[1]) == 4
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys, torch
+    sys.path.insert(0, {repo!r})
+    import train_grpo
+    from tests.test_train_grpo import toy_reward
+    save = torch.save
+    def killing_save(obj, f, *a, **k):  # dies half-way through writing checkpoint-3
+        if "checkpoint-3.tmp" in str(f):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return save(obj, f, *a, **k)
+    torch.save = killing_save
+    train_grpo.main(train_grpo.parse_config(sys.argv[1:]), reward_fn=toy_reward)
+""")
+
+
+def test_sigkill_while_writing_a_checkpoint_resumes_from_the_last_complete_one(tmp_path):
+    cfg = config(tmp_path, steps=4, save_every=1)
+    flags = [f"--{k}={v}" for k, v in vars(cfg).items() if not isinstance(v, list)]
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER.format(repo=str(REPO)))
+    proc = subprocess.run([sys.executable, str(script), *flags], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run = tmp_path / "run"
+    assert (run / "checkpoint-3.tmp").exists() and train_grpo.last_checkpoint(run).name == "checkpoint-2"
+    assert len((run / "log.jsonl").read_text().splitlines()) == 3  # step 3 was logged before the kill
+    ckpt = train_grpo.main(config(tmp_path, steps=4, save_every=1, resume=True), reward_fn=toy_reward)
+    assert ckpt.name == "checkpoint-4" and not list(run.glob("*.tmp"))
+    assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_online_filter_drops_flat_groups_and_refills(tmp_path):
+    def reward(completions, answer=None, modality=None, **_):
+        # Prompts whose answer is "flat" give every completion the same reward: no signal.
+        total = [0.5 if a == "flat" else toy_reward([c])["total"][0] for c, a in zip(completions, answer)]
+        return {"total": total}
+
+    cfg = config(tmp_path, data=write_data(tmp_path / "f.jsonl", n=12, answers=("flat", "x", "y")),
+                 online_filter=True, prompts_per_step=4, max_filter_tries=4, steps=1, save_every=1)  # fmt: skip
+    run = train_grpo.setup(cfg, reward)
+    batch, counts = train_grpo.rollout_and_score(cfg, run)
+    assert counts["groups_filtered"] >= 1 and counts["filter_tries"] >= 2
+    assert batch["n_groups"] == 4 and all(g["sample"].answer != "flat" for g in batch["groups"])
+    assert counts["groups_sampled"] == batch["n_groups"] + counts["groups_filtered"]
+
+
+def test_label_balanced_sampler_and_its_position():
+    labels = ["yes"] * 6 + ["no"] * 2 + ["maybe"]
+    s = train_grpo.PromptSampler(len(labels), seed=0, labels=labels)
+    first = s.next(9)
+    assert sorted(labels[i] for i in first[:3]) == ["maybe", "no", "yes"]  # round-robin over labels
+    state = s.state_dict()
+    rest = s.next(20)
+    s2 = train_grpo.PromptSampler(len(labels), seed=0, labels=labels)
+    s2.load_state_dict(state)
+    assert s2.next(20) == rest
+
+
+@pytest.mark.slow
+def test_dense_toy_reward_rises_within_a_few_dozen_steps(tmp_path):
+    cfg = config(tmp_path, steps=30, prompts_per_step=4, group_size=8, max_completion_length=16, lr=3e-3,
+                 micro_batch_size=16, save_every=30, log_samples_every=0, temperature=1.0)  # fmt: skip
+    train_grpo.main(cfg, reward_fn=toy_reward)
+    r = [json.loads(x)["reward_total"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    first, last = sum(r[:5]) / 5, sum(r[-5:]) / 5
+    print(f"toy reward: first 5 steps {first:.3f}, last 5 steps {last:.3f}")
+    assert last > first + 0.1 and last > 2 * first
