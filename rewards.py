@@ -1,0 +1,813 @@
+"""The four MediX-R1 rewards, the judge client, the embedder, and their composition.
+
+Each reward takes TRL's reward-function arguments, `fn(completions, **columns) -> list[float |
+None]` (None: could not score), so it drops into `trl.GRPOTrainer(reward_funcs=[...])` unchanged;
+completions may be strings or TRL's conversational form (lists of messages).
+
+    format_reward(completions, *, think_tag=None, preset=None, partial=False)
+    modality_reward(completions, modality, *, think_tag=None, preset=None)
+    embedding_reward(completions, answer, *, embedder=None, threshold=0.8, binary=True)
+    llm_judge_reward(completions, answer, *, judge=None)
+
+and `CompositeReward(weights, *, judge, embedder, think_tag, preset)` computes all four with one
+parse per completion and returns every component plus the weighted total:
+
+    judge = OpenAIJudge("http://127.0.0.1:8000/v1", concurrency=64)   # `vllm serve <judge model>`
+    reward = CompositeReward(judge=judge, embedder="abhinand/MedEmbed-large-v0.1")
+    out = reward(completions, answer=refs, modality=tags)  # {"llm", "embed", "format", "modality", "total"}
+    reward.stats  # judge calls, cache hits, failures, seconds per component
+
+In TRL: `reward_funcs=[reward.total]`, or the four functions with `reward_weights` (the judge of
+`llm_judge_reward` then comes from `$JUDGE_URL` / `$JUDGE_MODEL`, the key from `$JUDGE_API_KEY`).
+
+The components, for a completion `<TAG> <think>reasoning</think> <answer>text</answer>`:
+
+- format: 1 if the completion has that shape, else 0.
+- modality: 1 if the text before the reasoning tag is the sample's modality tag (case-insensitive);
+  a completion without the reasoning tag scores 0 (reading the whole text instead made a small
+  policy collapse to printing the bare tag within six GRPO steps, DESIGN.md).
+- llm: 1 if the judge says the extracted answer matches the reference (YES), else 0.
+- embed: cosine similarity of the answer and the reference embeddings; 1 at or above the threshold
+  (0.8) else 0, or the clipped similarity itself (`binary=False`).
+- total: 0.9 x (0.575 llm + 0.375 embed + 0.05 modality) + 0.1 format (MediX-R1's weights); a weight
+  of 0 switches a component off (not computed, reported as None), for the paper's ablations.
+
+An invalid answer scores 0 on both accuracy components, an exact match 1 on both, and neither calls
+the judge or the embedder. The judge is called once per distinct (answer, reference) pair; a failed
+call is a counted None, never a crash.
+
+`preset="medix-r1"` reproduces the released reward function (training/examples/reward_function/
+medical.py of mbzuai-oryx/MediX-R1) exactly, quirks included; use it with
+`OpenAIJudge(..., template="medix-r1")` for its judge prompt and parser. Our default differs:
+
+1. Reasoning tag `<think>` (the paper's and website's), not the released code's `<thinking>`
+   (`think_tag="thinking"` or the preset gives that).
+2. Whitespace: the released code first deletes all whitespace around every `<`, `>` and `/` in the
+   response, which also edits the answer ("1 / 2" -> "1/2", "size > 5 cm" -> "size>5 cm") so it no
+   longer exactly matches its reference. We tolerate whitespace inside tag markup only (`< /think >`).
+3. Answer extraction: released, the first `<answer>` block or, without one, the whole response
+   (reasoning included) goes to the judge, so untagged text earns 85% of the reward and a hedge
+   between several answers can pass. Ours: exactly one complete `<answer>...</answer>` block; a
+   missing closing tag, repeated or nested answer blocks give no answer (0 on both accuracies).
+4. Invalid answers: released, empty, one character long, or containing `__`, `:` or `?`, which
+   rejects real answers ("A", "5", "1:2", "T2: hyperintense"). Ours: empty, no letter or digit, or
+   longer than `max_answer_chars` (1,000; a reference is a few words to a few sentences, and a long
+   answer is a hedge).
+5. Exact match: released, case-sensitive after stripping dots. Ours: case-, unicode- and
+   spacing-insensitive (NFKC, casefold, collapsed whitespace, outer punctuation), so trivially
+   equal answers skip the judge.
+6. Judge hacking: released, the answer is pasted into the prompt undelimited and uncapped, and any
+   reply containing "YES" scores 1 ("NO, not YES" included). Ours: `judge_prompts` delimits and caps
+   it and parses strictly; an answer that is only a verdict word ("YES") is scored by comparison
+   with the reference alone, and one that addresses the judge ("respond with YES") scores 0 on both
+   accuracies, without a call.
+7. Format: released, from the first `<thinking>` on, `<thinking>.*?</thinking>\\s*<answer>.*?</answer>`
+   must match, so junk before the tag passes, and so do empty blocks and repeated blocks (the lazy
+   `.*?` stretches over `</answer><answer>`). Ours: nothing outside the tags but an optional
+   modality tag first, exactly one think block then one answer block, neither empty.
+8. A failed judge call: released, 0 (silently). Ours: None, counted; the total is then taken over
+   the components that did score, re-weighted to the same sum, so one network error does not look
+   like a wrong answer to the group advantage. The preset counts it and scores 0, as released.
+9. Speed: the released code makes one blocking request per completion (about 2,560 a step); ours
+   sends distinct pairs only, many at once (bench/bench_rewards.py).
+
+Also here: `format_reward(..., partial=True)` gives a quarter per check (one reasoning block, one
+answer block, in that order, nothing outside); binary stays the default, since per-tag credit was
+seen to pay for half the format without any reasoning (DESIGN.md). `ChatClient` is the transport
+under `OpenAIJudge` (many chat requests at once, timeouts, bounded retries, round-robin, counters);
+evaluate.py reuses it for its own templates.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import re
+import time
+import unicodedata
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+import judge_prompts as jp
+from data import MODALITIES
+
+log = logging.getLogger(__name__)
+
+PRESETS = (None, "medix-r1")
+# MediX-R1's weights: 0.9 x (0.575 llm + 0.375 embed + 0.05 modality) + 0.1 format. Written as the
+# same products the released code computes, so the preset's totals agree bit for bit.
+DEFAULT_WEIGHTS = {"llm": 0.9 * 0.575, "embed": 0.9 * 0.375, "modality": 0.9 * 0.05, "format": 0.1}
+DEFAULT_EMBEDDER = "abhinand/MedEmbed-large-v0.1"
+MAX_ANSWER_CHARS = 1000
+COMPONENTS = ("llm", "embed", "format", "modality")
+
+
+def _check_preset(preset: str | None) -> None:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {PRESETS}")
+
+
+def _think_tag(think_tag: str | None, preset: str | None) -> str:
+    """None means the preset's own tag: `thinking` as released, `think` (the paper's) by default."""
+    _check_preset(preset)
+    return think_tag or ("thinking" if preset == "medix-r1" else "think")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing completions and references
+# ---------------------------------------------------------------------------------------------
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion: a string, or TRL's conversational form (a list of messages)."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, dict):
+        content = completion.get("content")
+        if isinstance(content, list):  # multimodal message parts: keep the text ones
+            return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        return content if isinstance(content, str) else ""
+    if isinstance(completion, (list, tuple)) and completion:
+        return completion_text(completion[-1])  # the assistant's reply is the last message
+    return ""
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """What the rewards need from one completion."""
+
+    answer: str | None  # the extracted answer; None when there is no valid answer
+    prefix: str | None  # the text before the first reasoning tag; None when there is no such tag
+    format: float  # the format reward (binary, or a fraction with partial=True)
+
+
+@lru_cache(maxsize=None)
+def _tag_re(name: str, closing: bool) -> re.Pattern:
+    """`<name>` or `</name>`, with any whitespace inside the markup, any case."""
+    slash = r"/\s*" if closing else ""
+    return re.compile(rf"<\s*{slash}{re.escape(name)}\s*>", re.IGNORECASE)
+
+
+_LEADING_TAG = re.compile(r"<\s*([A-Za-z_]+)\s*>")
+_MODALITY_SET = frozenset(MODALITIES)
+
+
+def _parse_default(text: str, think: str, max_answer_chars: int, partial: bool) -> Parsed:
+    spans = {}
+    for key, name, closing in (("ot", think, False), ("ct", think, True), ("oa", "answer", False), ("ca", "answer", True)):
+        spans[key] = [m.span() for m in _tag_re(name, closing).finditer(text)]
+    one = {k: len(v) == 1 for k, v in spans.items()}
+    first = {k: v[0] for k, v in spans.items() if v}
+
+    # The answer: exactly one complete block, opened before it is closed.
+    answer = None
+    answer_block = one["oa"] and one["ca"] and first["oa"][1] <= first["ca"][0]
+    if answer_block:
+        body = text[first["oa"][1] : first["ca"][0]]
+        answer = _clean_answer(body)
+        if not _valid_answer(answer, max_answer_chars) or _tag_re(think, False).search(body) or _tag_re(think, True).search(body):
+            answer = None
+
+    prefix = text[: first["ot"][0]] if "ot" in first else None
+
+    # The format: [<MODALITY>] <think>non-empty</think> <answer>non-empty</answer>, nothing else.
+    think_block = one["ot"] and one["ct"] and first["ot"][1] <= first["ct"][0] and text[first["ot"][1] : first["ct"][0]].strip() != ""
+    answer_filled = answer_block and text[first["oa"][1] : first["ca"][0]].strip() != ""
+    ordered = think_block and answer_block and first["ct"][1] <= first["oa"][0]
+    outside_ok = False
+    if ordered:
+        head = text[: first["ot"][0]].strip()
+        lead = _LEADING_TAG.fullmatch(head)
+        outside_ok = (
+            (head == "" or (lead is not None and lead.group(1).upper() in _MODALITY_SET))
+            and text[first["ct"][1] : first["oa"][0]].strip() == ""
+            and text[first["ca"][1] :].strip() == ""
+        )
+    if partial:
+        fmt = (think_block + answer_filled + ordered + outside_ok) / 4.0
+    else:
+        fmt = float(think_block and answer_filled and ordered and outside_ok)
+    return Parsed(answer=answer, prefix=prefix, format=fmt)
+
+
+_RELEASED_WS = re.compile(r"\s*(<|>|/)\s*")
+_RELEASED_INVALID = ("__", ":", "?")
+
+
+def _parse_medix_r1(text: str, think: str) -> Parsed:
+    """The released rules, in the released order (see the module docstring for why we differ)."""
+    text = _RELEASED_WS.sub(r"\1", text)  # applies to the whole response, answer included
+    t = re.escape(think)
+    idx = text.find(f"<{think}>")
+    fmt = 0.0
+    if idx != -1:
+        rest = text[idx:].strip()
+        fmt = float(re.fullmatch(rf"<{t}>.*?</{t}>\s*<answer>.*?</answer>", rest, re.DOTALL) is not None)
+    m = re.search(r"<answer>(.*?)</answer>", text, re.DOTALL)
+    answer = (m.group(1).strip() if m else text.strip()).strip(".")
+    if answer == "" or len(answer) == 1 or any(s in answer for s in _RELEASED_INVALID):
+        answer = None
+    prefix = text[:idx].strip() if idx != -1 else None
+    return Parsed(answer=answer, prefix=prefix, format=fmt)
+
+
+def parse_completion(
+    completion: Any,
+    *,
+    think_tag: str | None = None,
+    preset: str | None = None,
+    max_answer_chars: int = MAX_ANSWER_CHARS,
+    partial: bool = False,
+) -> Parsed:
+    """Extract the answer, the text before the reasoning tag and the format score of a completion."""
+    think = _think_tag(think_tag, preset)
+    text = completion_text(completion)
+    if preset == "medix-r1":
+        return _parse_medix_r1(text, think)
+    return _parse_default(text, think, max_answer_chars, partial)
+
+
+def _clean_answer(body: str) -> str:
+    return body.strip().strip(".").strip()
+
+
+def _valid_answer(answer: str, max_chars: int) -> bool:
+    return any(ch.isalnum() for ch in answer) and len(answer) <= max_chars
+
+
+# A reference in MediX-R1's raw `solution` form: "<X_RAY> the answer".
+_SOLUTION = re.compile(r"\s*<\s*([A-Za-z_]+)\s*>(.*)", re.DOTALL)
+
+
+def split_reference(answer: str, modality: str | None = None, preset: str | None = None) -> tuple[str, str | None]:
+    """(reference answer, modality tag as `<TAG>`) from the columns; `answer` may be the raw `<TAG> text`."""
+    answer = answer or ""
+    m = _SOLUTION.fullmatch(answer)
+    if m and m.group(1).upper() in _MODALITY_SET:  # "<5 mm" or "<b>" are answers, not tags
+        modality = modality or m.group(1)
+        answer = m.group(2)
+    tag = None
+    if modality:
+        # The released code keeps the solution's own spelling and compares upper-cased.
+        tag = "<" + modality.strip().strip("<>").strip() + ">"
+    return answer.strip().strip(".") if preset == "medix-r1" else _clean_answer(answer), tag
+
+
+def _norm(text: str) -> str:
+    """For exact matches: unicode-normalised, case-folded, single-spaced, outer punctuation gone."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return " ".join(text.split()).strip(" .,;:!?\"'`*()[]")
+
+
+def decide_without_judge(answer: str | None, reference: str, preset: str | None = None) -> float | None:
+    """The accuracy score when no judge or embedder is needed (invalid, exact, screened), else None."""
+    if answer is None:
+        return 0.0
+    if preset == "medix-r1":
+        return 1.0 if answer == reference else None
+    if _norm(answer) == _norm(reference):
+        return 1.0
+    if jp.addresses_judge(answer):
+        return 0.0
+    if jp.is_bare_verdict(answer):
+        return 1.0 if jp.verdict_matches_reference(answer, reference) else 0.0
+    return None
+
+
+def _modality_score(parsed: Parsed, tag: str | None, preset: str | None) -> float:
+    if parsed.prefix is None or tag is None:
+        return 0.0
+    if preset == "medix-r1":
+        return float(parsed.prefix.upper() == tag.upper())
+    # Ours also tolerates whitespace inside the brackets ("< X_RAY >").
+    return float(re.sub(r"\s+", "", parsed.prefix).upper() == re.sub(r"\s+", "", tag).upper())
+
+
+# ---------------------------------------------------------------------------------------------
+# The judge client: an aiohttp transport for many chat requests, and the YES/NO judge on top
+# ---------------------------------------------------------------------------------------------
+
+
+def _chat_url(url: str) -> str:
+    url = url.rstrip("/")
+    if url.endswith("/chat/completions"):
+        return url
+    return url + ("/chat/completions" if url.endswith("/v1") else "/v1/chat/completions")
+
+
+def _run(make_coro: Callable[[], Any]) -> Any:
+    # uvloop (installed with vLLM) lowers the client's CPU time per request, which is what bounds
+    # it at 64+ requests in flight on a small machine; the stdlib loop works the same, a bit slower.
+    try:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(make_coro())
+
+
+def run_sync(make_coro: Callable[[], Any]) -> Any:
+    """Run a coroutine from synchronous code, also where an event loop is already running."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return _run(make_coro)
+    # Inside a running loop (a notebook, an async trainer) asyncio.run is refused: use a thread.
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(_run, make_coro).result()
+
+
+class _Retryable(Exception):
+    pass
+
+
+class ChatClient:
+    """Sends many chat requests to OpenAI-compatible endpoints at once and returns their texts.
+
+    `chat(items)` takes (messages, extra body fields) pairs and returns one reply text per item, or
+    None where every attempt failed. Up to `concurrency` requests are in flight; each attempt has a
+    `timeout`; timeouts, connection errors, 408/429/5xx and unreadable bodies are retried `retries`
+    times with exponential backoff and jitter, each retry on the next endpoint (round-robin over
+    `urls`). Fields in `droppable` (vLLM extensions) are removed for good after an endpoint rejects a
+    request with 400, so a hosted API works with the same settings. The API key is read from the
+    environment variable `api_key_env` at each call and never stored, printed or logged.
+
+    aiohttp, not httpx or the openai SDK: those stalled beyond 16 requests in flight (DESIGN.md).
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        model: str | None = None,
+        *,
+        concurrency: int = 64,
+        timeout: float = 30.0,
+        retries: int = 2,
+        backoff: float = 0.5,
+        api_key_env: str = "JUDGE_API_KEY",
+        droppable: Sequence[str] = ("structured_outputs", "chat_template_kwargs"),
+    ):
+        urls = [urls] if isinstance(urls, str) else list(urls)
+        urls = [part.strip() for u in urls for part in u.split(",") if part.strip()]
+        if not urls:
+            raise ValueError("ChatClient needs at least one endpoint URL")
+        self.urls = [_chat_url(u) for u in urls]
+        self.model = model  # None: ask the first endpoint's /v1/models (what `vllm serve` serves)
+        self.concurrency, self.timeout, self.retries, self.backoff = concurrency, timeout, retries, backoff
+        self.api_key_env = api_key_env
+        self.droppable = set(droppable)
+        self.dropped: set[str] = set()
+        self._next_url = 0
+        self.stats = {"requests": 0, "retries": 0, "failures": 0, "timeouts": 0, "http_errors": 0, "bad_bodies": 0, "seconds": 0.0}
+
+    def __repr__(self) -> str:  # no key in here, only the variable's name
+        return f"ChatClient(urls={self.urls}, model={self.model!r}, concurrency={self.concurrency}, api_key_env={self.api_key_env!r})"
+
+    def _headers(self) -> dict:
+        key = os.environ.get(self.api_key_env, "")
+        headers = {"Content-Type": "application/json"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def chat(self, items: Sequence[tuple[list[dict], dict]]) -> list[str | None]:
+        """Synchronous `achat`."""
+        return run_sync(lambda: self.achat(items))
+
+    async def achat(self, items: Sequence[tuple[list[dict], dict]]) -> list[str | None]:
+        if not items:
+            return []
+        import aiohttp
+
+        t0 = time.perf_counter()
+        connector = aiohttp.TCPConnector(limit=self.concurrency)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout)) as session:
+            if self.model is None:
+                self.model = await self._discover_model(session)
+            gate = asyncio.Semaphore(self.concurrency)
+            start = self._next_url
+            self._next_url = (start + len(items)) % len(self.urls)
+            headers = self._headers()  # read once per batch; never stored on the client
+            jobs = (self._one(session, gate, headers, messages, extra, start + i) for i, (messages, extra) in enumerate(items))
+            out = await asyncio.gather(*jobs)
+        self.stats["seconds"] += time.perf_counter() - t0
+        return list(out)
+
+    @contextlib.asynccontextmanager
+    async def session(self):
+        """One connection pool for requests made one by one as the caller goes: yields
+        `ask(messages, extra) -> reply text | None`, with the same limits, retries and round-robin as
+        `achat`. For work that cannot be one batch up front: a conversation's next turn depends on
+        the last reply, or each result must be written the moment it arrives (evaluate.py)."""
+        import aiohttp
+
+        t0 = time.perf_counter()
+        connector = aiohttp.TCPConnector(limit=self.concurrency)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout)) as session:
+            if self.model is None:
+                self.model = await self._discover_model(session)
+            gate = asyncio.Semaphore(self.concurrency)
+            headers = self._headers()  # read once per session; never stored on the client
+
+            def ask(messages: list[dict], extra: dict):
+                slot = self._next_url
+                self._next_url = (slot + 1) % len(self.urls)
+                return self._one(session, gate, headers, messages, extra, slot)
+
+            try:
+                yield ask
+            finally:
+                self.stats["seconds"] += time.perf_counter() - t0
+
+    async def _discover_model(self, session) -> str | None:
+        base = self.urls[0].rsplit("/chat/completions", 1)[0]
+        try:
+            async with session.get(base + "/models", headers=self._headers()) as r:
+                return (await r.json(content_type=None))["data"][0]["id"]
+        except Exception as e:  # the requests then fail and are counted; the run goes on
+            log.warning("could not read the model name from %s/models (%s); pass model=", base, type(e).__name__)
+            return None
+
+    async def _one(self, session, gate: asyncio.Semaphore, headers: dict, messages: list[dict], extra: dict, slot: int) -> str | None:
+        import aiohttp
+
+        attempt = 0
+        while True:
+            url = self.urls[(slot + attempt) % len(self.urls)]
+            body = {"model": self.model, "messages": messages, **{k: v for k, v in extra.items() if k not in self.dropped}}
+            self.stats["requests"] += 1
+            try:
+                async with gate:
+                    async with session.post(url, data=json.dumps(body).encode(), headers=headers) as r:
+                        carried = self.droppable & set(body)
+                        if r.status == 400 and carried:
+                            # The endpoint may not know vLLM's extensions: drop them and ask again
+                            # (requests already in flight with them land here too).
+                            if carried - self.dropped:
+                                log.warning("%s answered 400; sending no %s from now on", url, sorted(carried))
+                            self.dropped |= carried
+                            continue
+                        if r.status in (408, 429) or r.status >= 500:
+                            self.stats["http_errors"] += 1
+                            raise _Retryable(f"HTTP {r.status}")
+                        if r.status != 200:
+                            self.stats["http_errors"] += 1
+                            log.warning("%s answered HTTP %d; not retried", url, r.status)
+                            break
+                        try:
+                            data = json.loads(await r.read())
+                            text = data["choices"][0]["message"]["content"]
+                            if not isinstance(text, str):
+                                raise TypeError("content is not a string")
+                        except (ValueError, KeyError, IndexError, TypeError) as e:
+                            self.stats["bad_bodies"] += 1
+                            raise _Retryable(f"unreadable body ({type(e).__name__})") from None
+                        return text
+            except asyncio.TimeoutError:
+                self.stats["timeouts"] += 1
+                reason = "timeout"
+            except (aiohttp.ClientError, _Retryable, ConnectionError) as e:
+                reason = str(e) if isinstance(e, _Retryable) else type(e).__name__
+            if attempt >= self.retries:
+                log.warning("%s: giving up after %d attempts (%s)", url, attempt + 1, reason)
+                break
+            attempt += 1
+            self.stats["retries"] += 1
+            await asyncio.sleep(self.backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+        self.stats["failures"] += 1
+        return None
+
+
+class OpenAIJudge:
+    """The reward judge: `judge(pairs) -> [1.0 | 0.0 | None]` for (prediction, reference) pairs.
+
+    Served behind any OpenAI-compatible chat endpoint (`vllm serve <model>`, a hosted API with its key
+    in `$JUDGE_API_KEY`). Each distinct pair is asked once per call and remembered (up to
+    `cache_size` verdicts; failures are not cached); `structured=True` sends vLLM's
+    `structured_outputs: {"choice": ["YES", "NO"]}` so the reply can only be one of the two (dropped
+    automatically where the endpoint refuses it). A reply that is not exactly YES or NO is None,
+    counted in `stats["unparsed"]`. `template="medix-r1"` uses the released prompt, request fields and
+    lenient parser instead (for the reproduction preset; `structured` then defaults to off).
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        model: str | None = None,
+        *,
+        concurrency: int = 64,
+        timeout: float = 30.0,
+        retries: int = 2,
+        backoff: float = 0.5,
+        api_key_env: str = "JUDGE_API_KEY",
+        structured: bool | None = None,
+        template: str = "default",
+        max_tokens: int = 4,
+        cache_size: int = 100_000,
+    ):
+        if template not in ("default", "medix-r1"):
+            raise ValueError(f"unknown judge template {template!r}")
+        self.client = ChatClient(urls, model, concurrency=concurrency, timeout=timeout, retries=retries, backoff=backoff, api_key_env=api_key_env)
+        self.template = template
+        structured = template == "default" if structured is None else structured
+        # The released request: temperature 0, 4 tokens, thinking off (Qwen3 templates read the flag).
+        self.extra = {"max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0, "chat_template_kwargs": {"enable_thinking": False}}
+        if structured:
+            self.extra["structured_outputs"] = {"choice": ["YES", "NO"]}
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self.stats = {"pairs": 0, "calls": 0, "cache_hits": 0, "failures": 0, "unparsed": 0}
+
+    def __repr__(self) -> str:
+        return f"OpenAIJudge({self.client!r}, template={self.template!r})"
+
+    def messages(self, prediction: str, reference: str) -> list[dict]:
+        if self.template == "medix-r1":
+            return [{"role": "user", "content": jp.medix_r1_prompt(prediction, reference)}]
+        return jp.judge_messages(prediction, reference)
+
+    def parse(self, reply: str | None) -> float | None:
+        return jp.parse_medix_r1_reply(reply) if self.template == "medix-r1" else jp.parse_judge_reply(reply)
+
+    def __call__(self, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
+        return run_sync(lambda: self.ajudge(pairs))
+
+    async def ajudge(self, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
+        pairs = [(str(p), str(r)) for p, r in pairs]
+        self.stats["pairs"] += len(pairs)
+        todo = [k for k in dict.fromkeys(pairs) if k not in self._cache]
+        self.stats["cache_hits"] += len(pairs) - len(todo)  # repeats in the batch or known verdicts
+        replies = await self.client.achat([(self.messages(p, r), self.extra) for p, r in todo])
+        self.stats["calls"] += len(todo)
+        fresh = {}
+        for key, reply in zip(todo, replies):
+            verdict = self.parse(reply)
+            if verdict is None:
+                self.stats["failures"] += 1
+                self.stats["unparsed"] += reply is not None
+            fresh[key] = verdict
+        out = [fresh[k] if k in fresh else self._cache[k] for k in pairs]
+        for key, verdict in fresh.items():
+            if verdict is not None and self.cache_size > 0:
+                self._cache[key] = verdict
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return out
+
+
+@lru_cache(maxsize=None)
+def default_judge() -> OpenAIJudge:
+    """The judge from the environment: `$JUDGE_URL` (comma-separated endpoints), `$JUDGE_MODEL`."""
+    url = os.environ.get("JUDGE_URL")
+    if not url:
+        raise RuntimeError("llm_judge_reward needs judge=... or $JUDGE_URL (e.g. http://127.0.0.1:8000/v1)")
+    return OpenAIJudge(url, os.environ.get("JUDGE_MODEL") or None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The embedder
+# ---------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=4)
+def load_embedder(model: str = DEFAULT_EMBEDDER, device: str | None = None):
+    """A sentence-transformers model, loaded once per (model, device)."""
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as e:
+        raise ImportError("the embedding reward needs sentence-transformers: pip install sentence-transformers") from e
+    return SentenceTransformer(str(model), device=device, trust_remote_code=True)
+
+
+def _as_embedder(embedder):
+    """A model object as given, or one loaded from a name or path (None: MedEmbed, as released)."""
+    if embedder is None:
+        return load_embedder()
+    if isinstance(embedder, (str, os.PathLike)):
+        return load_embedder(str(embedder))
+    return embedder
+
+
+def cosine_pairs(embedder, pairs: Sequence[tuple[str, str]]) -> list[float]:
+    """Cosine similarity of each (a, b) pair, every distinct text encoded once in one batched call."""
+    if not pairs:
+        return []
+    texts = list(dict.fromkeys(t for pair in pairs for t in pair))
+    vecs = np.asarray(_to_numpy(embedder.encode(texts)), dtype=np.float64)
+    vecs /= np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+    row = {t: i for i, t in enumerate(texts)}
+    a = vecs[[row[p] for p, _ in pairs]]
+    b = vecs[[row[r] for _, r in pairs]]
+    return [float(s) for s in np.sum(a * b, axis=1)]
+
+
+def _to_numpy(x):
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else x
+
+
+# ---------------------------------------------------------------------------------------------
+# The four rewards, each usable on its own with TRL's calling convention
+# ---------------------------------------------------------------------------------------------
+
+
+def format_reward(completions, *, think_tag: str | None = None, preset: str | None = None, partial: bool = False, **kwargs) -> list[float]:
+    """1.0 for `[<TAG>] <think>...</think> <answer>...</answer>`, else 0.0 (`partial`: a quarter per check)."""
+    if partial and preset == "medix-r1":
+        raise ValueError("partial format credit is not part of the released reward")
+    return [parse_completion(c, think_tag=think_tag, preset=preset, partial=partial).format for c in completions]
+
+
+def modality_reward(completions, modality, *, think_tag: str | None = None, preset: str | None = None, **kwargs) -> list[float]:
+    """1.0 when the text before the reasoning tag is the sample's modality tag (case-insensitive)."""
+    return [
+        _modality_score(parse_completion(c, think_tag=think_tag, preset=preset), split_reference("", m, preset)[1], preset)
+        for c, m in zip(completions, modality)
+    ]
+
+
+def embedding_reward(
+    completions,
+    answer,
+    *,
+    embedder=None,
+    threshold: float = 0.8,
+    binary: bool = True,
+    think_tag: str | None = None,
+    preset: str | None = None,
+    **kwargs,
+) -> list[float]:
+    """Cosine similarity of answer and reference: 1/0 at `threshold`, or the similarity clipped to [0, 1].
+
+    `embedder`: a sentence-transformers model, anything with `.encode(list[str])`, or a model name
+    (default abhinand/MedEmbed-large-v0.1, loaded once).
+    """
+    parsed = [parse_completion(c, think_tag=think_tag, preset=preset) for c in completions]
+    refs = [split_reference(a, None, preset)[0] for a in answer]
+    scores: list[float | None] = [decide_without_judge(p.answer, r, preset) for p, r in zip(parsed, refs)]
+    ask = [i for i, s in enumerate(scores) if s is None]
+    sims = cosine_pairs(_as_embedder(embedder), [(parsed[i].answer, refs[i]) for i in ask]) if ask else []
+    for i, sim in zip(ask, sims):
+        scores[i] = float(sim >= threshold) if binary else min(max(sim, 0.0), 1.0)
+    return scores
+
+
+def llm_judge_reward(completions, answer, *, judge=None, think_tag: str | None = None, preset: str | None = None, **kwargs) -> list[float | None]:
+    """1.0 when the judge says the extracted answer matches the reference, 0.0 if not, None on failure.
+
+    `judge`: any callable (prediction, reference) pairs -> 1.0/0.0/None, e.g. `OpenAIJudge`; default
+    one built from `$JUDGE_URL`. Invalid answers, exact matches and screened hacking attempts are
+    decided without a call; each distinct pair is sent once.
+    """
+    parsed = [parse_completion(c, think_tag=think_tag, preset=preset) for c in completions]
+    refs = [split_reference(a, None, preset)[0] for a in answer]
+    scores: list[float | None] = [decide_without_judge(p.answer, r, preset) for p, r in zip(parsed, refs)]
+    _ask_judge(judge if judge is not None else default_judge(), scores, [p.answer for p in parsed], refs, preset, {})
+    return scores
+
+
+def _ask_judge(judge, scores: list, answers: list, refs: list, preset: str | None, stats: dict) -> None:
+    """Fill the None entries of `scores` with the judge's verdicts, one call per distinct pair."""
+    ask = [i for i, s in enumerate(scores) if s is None]
+    pairs = list(dict.fromkeys((answers[i], refs[i]) for i in ask))
+    stats["judge_pairs"] = stats.get("judge_pairs", 0) + len(pairs)
+    stats["batch_repeats"] = stats.get("batch_repeats", 0) + len(ask) - len(pairs)
+    verdicts = dict(zip(pairs, judge(pairs))) if pairs else {}
+    failures = 0
+    for i in ask:
+        v = verdicts.get((answers[i], refs[i]))
+        if v is None:
+            failures += 1
+            v = 0.0 if preset == "medix-r1" else None  # released: any error scores 0
+        scores[i] = v
+    stats["judge_failures"] = stats.get("judge_failures", 0) + failures
+    if failures:
+        log.warning("judge: %d of %d completions could not be scored", failures, len(ask))
+
+
+# ---------------------------------------------------------------------------------------------
+# The composition
+# ---------------------------------------------------------------------------------------------
+
+
+class CompositeReward:
+    """All four rewards and their weighted total, with one parse per completion and shared counters.
+
+    `weights` overrides `DEFAULT_WEIGHTS` per key (llm, embed, modality, format); 0 switches a
+    component off (not computed, reported as None). `judge`: a pairs -> 1.0/0.0/None callable such
+    as `OpenAIJudge`; `embedder`: a sentence-transformers model, anything with `.encode`, or a model
+    name. `think_tag` None means the preset's (`think`; `thinking` for "medix-r1").
+    `reward(completions, answer=[...], modality=[...])` returns {"llm", "embed", "format",
+    "modality", "total"}: one value per completion each. `stats` accumulates counters over calls
+    (`last_stats`: the last call): judge calls, cache hits, failures, seconds per component.
+    """
+
+    def __init__(
+        self,
+        weights: dict[str, float] | None = None,
+        *,
+        judge=None,
+        embedder=None,
+        think_tag: str | None = None,
+        preset: str | None = None,
+        threshold: float = 0.8,
+        binary_embed: bool = True,
+        max_answer_chars: int = MAX_ANSWER_CHARS,
+    ):
+        unknown = set(weights or {}) - set(DEFAULT_WEIGHTS)
+        if unknown:
+            raise ValueError(f"unknown reward weights {sorted(unknown)}; known: {sorted(DEFAULT_WEIGHTS)}")
+        self.weights = {**DEFAULT_WEIGHTS, **(weights or {})}
+        self.think_tag = _think_tag(think_tag, preset)
+        self.preset = preset
+        if self.weights["llm"] and judge is None:
+            raise ValueError("the llm component needs judge=... (or weights={'llm': 0})")
+        self.judge = judge
+        self.embedder = _as_embedder(embedder) if self.weights["embed"] else None
+        self.threshold, self.binary_embed, self.max_answer_chars = threshold, binary_embed, max_answer_chars
+        if preset == "medix-r1" and not (binary_embed and threshold == 0.8):
+            log.warning("preset medix-r1 with a non-released embedding rule (threshold %s, binary %s)", threshold, binary_embed)
+        self.stats: dict[str, float] = {}
+        self.last_stats: dict[str, float] = {}
+
+    def total(self, completions, **columns) -> list[float | None]:
+        """Only the total: a TRL reward function (`reward_funcs=[composite.total]`)."""
+        return self(completions, **columns)["total"]
+
+    def __call__(self, completions, answer=None, modality=None, **kwargs) -> dict[str, list]:
+        w, n = self.weights, len(completions)
+        if answer is None or len(answer) != n:
+            raise ValueError("CompositeReward needs an `answer` column, one reference per completion")
+        modality = modality if modality is not None else [None] * n
+        stats: dict[str, float] = {"completions": n}
+        judge_before = dict(getattr(self.judge, "stats", {}) or {})
+
+        t0 = time.perf_counter()
+        parsed = [parse_completion(c, think_tag=self.think_tag, preset=self.preset, max_answer_chars=self.max_answer_chars) for c in completions]
+        refs = [split_reference(a, m, self.preset) for a, m in zip(answer, modality)]
+        parse_s = time.perf_counter() - t0
+        out: dict[str, list] = {k: [None] * n for k in (*COMPONENTS, "total")}
+
+        if w["format"]:
+            out["format"] = [p.format for p in parsed]
+        t = time.perf_counter()
+        if w["modality"]:
+            if any(tag is None for _, tag in refs):
+                raise ValueError("the modality component needs a `modality` column (or weights={'modality': 0})")
+            out["modality"] = [_modality_score(p, tag, self.preset) for p, (_, tag) in zip(parsed, refs)]
+        stats["seconds_modality"] = time.perf_counter() - t
+        stats["seconds_format"] = parse_s  # the format score is a by-product of parsing
+
+        answers = [p.answer for p in parsed]
+        ref_texts = [r for r, _ in refs]
+        decided = [decide_without_judge(a, r, self.preset) for a, r in zip(answers, ref_texts)]
+        stats["invalid_answers"] = sum(a is None for a in answers)
+        stats["decided_without_judge"] = sum(d is not None for d in decided)
+
+        t = time.perf_counter()
+        if w["llm"]:
+            out["llm"] = list(decided)
+            _ask_judge(self.judge, out["llm"], answers, ref_texts, self.preset, stats)
+        stats["seconds_llm"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        if w["embed"]:
+            out["embed"] = list(decided)
+            ask = [i for i, d in enumerate(decided) if d is None]
+            sims = cosine_pairs(self.embedder, [(answers[i], ref_texts[i]) for i in ask]) if ask else []
+            for i, sim in zip(ask, sims):
+                out["embed"][i] = float(sim >= self.threshold) if self.binary_embed else min(max(sim, 0.0), 1.0)
+            stats["embedded"] = len(ask)
+        stats["seconds_embed"] = time.perf_counter() - t
+
+        out["total"] = [self._total({k: out[k][i] for k in COMPONENTS}) for i in range(n)]
+        judge_after = getattr(self.judge, "stats", None) or {}
+        # Judge calls and cache hits as the judge counts them (repeats in the batch never reach it).
+        stats["judge_calls"] = judge_after.get("calls", 0) - judge_before.get("calls", 0) if "calls" in judge_after else stats.get("judge_pairs", 0)
+        stats["cache_hits"] = stats.get("batch_repeats", 0) + judge_after.get("cache_hits", 0) - judge_before.get("cache_hits", 0)
+        self.last_stats = stats
+        for k, v in stats.items():
+            self.stats[k] = self.stats.get(k, 0) + v
+        return out
+
+    def _total(self, scores: dict[str, float | None]) -> float:
+        w = self.weights
+        live = [k for k in ("llm", "embed", "modality", "format") if w[k]]  # the released summation order
+        total = 0.0
+        for k in live:
+            total += w[k] * (scores[k] or 0.0)  # None only on a failed judge call in our default
+        failed = [k for k in live if scores[k] is None]
+        if failed:
+            # Score a failed judge call by the components that did score, re-weighted to the same sum.
+            kept = sum(w[k] for k in live) - sum(w[k] for k in failed)
+            total = total * sum(w[k] for k in live) / kept if kept > 0 else 0.0
+        return total
