@@ -112,12 +112,15 @@ def test_missing_benchmarks_stop_the_score_unless_allowed(tmp_path):
     assert s["means"]["VLM"]["score"] == 1.0
 
 
-def test_stages_1_and_2_are_marked_placeholders_that_never_pretend(tmp_path):
+def test_stages_1_and_2_stop_clearly_without_their_inputs(tmp_path):
     write_judged(tmp_path)
-    for stage in ("generate", "judge", "all"):
-        with pytest.raises(NotImplementedError, match="issue 6"):
-            main(EvalConfig(stage=stage, output_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="--model"):  # no policy given: stage 1 says what it needs
+        main(EvalConfig(stage="generate", output_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="--model"):
+        main(EvalConfig(stage="all", output_dir=str(tmp_path)))
     assert not (tmp_path / "summary.json").exists()  # "all" stopped at stage 1
+    with pytest.raises(FileNotFoundError, match="generate stage"):  # no generations: stage 2 says so
+        main(EvalConfig(stage="judge", output_dir=str(tmp_path), judge="http://127.0.0.1:9/v1"))
     with pytest.raises(ValueError, match="--stage"):
         main(EvalConfig(stage="scores"))
 
