@@ -23,7 +23,7 @@ Where it departs from MediX-R1's released trainer (EasyR1/verl):
 """
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 import data
+import rollout
 
 
 @dataclass
@@ -137,7 +138,7 @@ def train_step(step, cfg, run) -> dict:
     t1 = time.perf_counter()
     update = optimise(cfg, run, batch, advantages)  # micro-batched loss + backward, optimiser steps
     t2 = time.perf_counter()
-    run.engine.update_weights(stream_weights(run.model))  # in place, one gathered tensor at a time
+    run.engine.update_weights(rollout.full_parameters(run.model))  # in place, one gathered tensor at a time
     t3 = time.perf_counter()
     return {
         **stats, **update, "adv_mean": advantages.mean().item(), "adv_std": advantages.std().item(),
@@ -296,8 +297,8 @@ def generate_groups(cfg, run, samples) -> tuple[list[dict], int]:
     prompts, encoded, keep = [], [], []
     for s in samples:
         enc = run.encode(s)
-        if enc["input_ids"].shape[-1] > cfg.max_prompt_length:
-            print(f"skipped: sample {s.id!r} in {s.meta.get('file')}: prompt of {enc['input_ids'].shape[-1]} tokens > max_prompt_length")
+        if enc["prompt_len"] > cfg.max_prompt_length:
+            print(f"skipped: sample {s.id!r} in {s.meta.get('file')}: prompt of {enc['prompt_len']} tokens > max_prompt_length")
             continue
         prompts.append(enc["messages"])
         encoded.append(enc)
@@ -349,45 +350,27 @@ def reward_means(batch) -> dict:
 # Policy log-probs and the update
 
 
-def sequence_batch(seqs, pad_id: int, device) -> dict:
-    """Right-padded prompt+completion ids for a micro-batch, plus the images of those prompts."""
-    ids = [torch.cat([g["encoded"]["input_ids"].view(-1), torch.tensor(c.token_ids, dtype=torch.long)]) for g, c in seqs]
-    L = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), L), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(ids), L), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = x
-        attention[i, : len(x)] = 1
-    T = max(len(c.token_ids) for _, c in seqs)
-    starts = torch.tensor([g["encoded"]["input_ids"].numel() for g, _ in seqs])  # first completion position
-    lengths = torch.tensor([len(c.token_ids) for _, c in seqs])
-    mask = (torch.arange(T)[None] < lengths[:, None]).float()  # [B, T]
-    out = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
-    vision = [g["encoded"] for g, _ in seqs if "pixel_values" in g["encoded"]]
-    if vision:  # Qwen-VL: patches of all images in the order their tokens appear in the batch
-        out["pixel_values"] = torch.cat([v["pixel_values"] for v in vision]).to(device)
-        out["image_grid_thw"] = torch.cat([v["image_grid_thw"] for v in vision]).to(device)
-    rollout_logp = torch.zeros(len(seqs), T)
-    for i, (_, c) in enumerate(seqs):
-        rollout_logp[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
-    return {"inputs": out, "starts": starts.to(device), "mask": mask.to(device), "rollout_logp": rollout_logp.to(device)}
+def micro_batch(seqs, processor, device) -> dict:
+    """Policy inputs for (group, completion) pairs: rollout.policy_inputs lays out the same prompt
+    tokens and images the engine saw; plus the engine's own log-probs [B, T] as the old policy."""
+    prompts, index, completions = [], {}, []
+    for g, c in seqs:
+        j = index.setdefault(id(g), len(prompts))
+        if j == len(prompts):
+            prompts.append(g["encoded"]["messages"])
+        completions.append(dataclasses.replace(c, prompt_index=j))
+    batch = rollout.policy_inputs(processor, prompts, completions)
+    mask = batch["completion_mask"].float()
+    old = torch.zeros_like(mask)
+    for i, c in enumerate(completions):
+        old[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
+    return {"batch": batch, "mask": mask.to(device), "rollout_logp": old.to(device)}
 
 
-def completion_logprobs(model, mb, temperature: float, with_entropy: bool = False):
-    """Log-probs [B, T] of the completion tokens under `model` (logits divided by the sampling temperature)."""
-    logits = model(**mb["inputs"], use_cache=False).logits  # [B, L, V]
-    B, T = mb["mask"].shape
-    # Completion token t of sequence b sits at starts[b] + t; its logits at starts[b] + t - 1.
-    pos = (mb["starts"][:, None] - 1 + torch.arange(T, device=logits.device)[None]).clamp(max=logits.shape[1] - 2)
-    tok = mb["inputs"]["input_ids"].gather(1, pos + 1)  # [B, T]
-    sel = logits.gather(1, pos[..., None].expand(B, T, logits.shape[-1])).float() / temperature  # [B, T, V]
-    logp_all = torch.log_softmax(sel, dim=-1)
-    logp = logp_all.gather(-1, tok[..., None]).squeeze(-1)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)  # [B, T]
-    return logp, entropy
+def policy_logprobs(model, mb, temperature: float, with_entropy: bool = False):
+    """Log-probs [B, T] of the completion tokens under `model`, and their entropies (or None)."""
+    out = rollout.completion_logprobs(model, mb["batch"], temperature, with_entropy=with_entropy)
+    return out if with_entropy else (out, None)
 
 
 def optimise(cfg, run, batch, advantages) -> dict:
@@ -407,8 +390,8 @@ def optimise(cfg, run, batch, advantages) -> dict:
             n_seq, n_tok = all_sum(run, len(idx)), all_sum(run, mask_tokens)
             for m in range(0, len(idx), mb_size):
                 part = idx[m : m + mb_size]
-                mb = sequence_batch([seqs[i] for i in part], run.pad_id, run.device)
-                logp, entropy = completion_logprobs(model, mb, cfg.temperature, with_entropy=epoch == 0)
+                mb = micro_batch([seqs[i] for i in part], run.processor, run.device)
+                logp, entropy = policy_logprobs(model, mb, cfg.temperature, with_entropy=epoch == 0)
                 old = mb["rollout_logp"]
                 weights = None
                 mismatch = ((logp.detach() - old).abs() * mb["mask"]).sum() / mb["mask"].sum().clamp(min=1)
@@ -422,7 +405,7 @@ def optimise(cfg, run, batch, advantages) -> dict:
                 ref = None
                 if cfg.beta > 0:
                     with torch.no_grad():
-                        ref, _ = completion_logprobs(run.ref_model, mb, cfg.temperature)
+                        ref, _ = policy_logprobs(run.ref_model, mb, cfg.temperature)
                 loss, metrics = grpo_loss(
                     logp, old, advantages[part].to(run.device), mb["mask"], ref_logp=ref, beta=cfg.beta,
                     loss_type=cfg.loss_type, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
@@ -455,17 +438,6 @@ def all_sum(run, value: int) -> int:
     t = torch.tensor([value], device=run.device)
     torch.distributed.all_reduce(t)
     return int(t.item())
-
-
-def stream_weights(model):
-    """(name, full tensor) for each trainable parameter, in Hugging Face naming.
-
-    With FSDP2 each parameter is a DTensor shard; `full_tensor()` gathers one parameter at a time
-    (a collective: every process walks the same order), so no process ever holds a second full
-    copy of the model (vLLM issue 15254: out of memory at wake-up)."""
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,7 +474,6 @@ def setup(cfg, reward_fn=None) -> Run:
 
     run.model, run.processor = load_policy(cfg, str(last) if cfg.resume and last else cfg.model)
     run.tokenizer = getattr(run.processor, "tokenizer", run.processor)
-    run.pad_id = run.tokenizer.pad_token_id if run.tokenizer.pad_token_id is not None else run.tokenizer.eos_token_id
     run.encode = lambda s: encode_sample(cfg, run.processor, s)
     run.ref_model = None
     if cfg.beta > 0:  # the frozen reference exists only when the KL term is on
@@ -526,7 +497,7 @@ def setup(cfg, reward_fn=None) -> Run:
         run.start_step = load_trainer_state(last, run)
 
     run.engine = make_engine(cfg, run)
-    run.engine.update_weights(stream_weights(run.model))  # the engine starts from the trainer's weights
+    run.engine.update_weights(rollout.full_parameters(run.model))  # the engine starts from the trainer's weights
     run.sampling = sampling_settings(cfg)
     run.reward = reward_fn or make_reward(cfg)
     return run
@@ -565,18 +536,12 @@ def shard(model) -> None:
 
 
 def encode_sample(cfg, processor, sample) -> dict:
-    """Chat messages for the engine and the trainer's own encoding of the same prompt."""
+    """The sample's chat messages and its prompt length in tokens (as the engines encode it)."""
     messages = data.build_messages(sample, think_tag=cfg.think_tag, one_shot=cfg.one_shot)
-    enc = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
-    out = {"messages": messages, "input_ids": enc["input_ids"][0]}
-    if "pixel_values" in enc:
-        out["pixel_values"], out["image_grid_thw"] = enc["pixel_values"], enc["image_grid_thw"]
-    return out
+    return {"messages": messages, "prompt_len": rollout.encode_prompts(processor, [messages])["input_ids"].shape[1]}
 
 
 def make_engine(cfg, run):
-    import rollout
-
     if cfg.engine == "hf":
         return rollout.HFRollout(run.model, run.processor)
     if cfg.engine == "vllm":
@@ -589,8 +554,6 @@ def make_engine(cfg, run):
 
 
 def sampling_settings(cfg):
-    import rollout
-
     return rollout.SamplingSettings(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_completion_length)
 
 
@@ -638,22 +601,16 @@ def warm_start(cfg, run) -> None:
         for s in rng.sample(pool, min(cfg.warm_start_batch_size, len(pool))):
             target = f"<{s.modality}><{t}>{s.meta['long_answer']}</{t}><answer>{s.answer}</answer>"
             ids = run.tokenizer(target + (run.tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
-            seqs.append(({"encoded": run.encode(s)}, _Tokens(ids[: cfg.max_completion_length])))
-        mb = sequence_batch(seqs, run.pad_id, run.device)
-        logp, _ = completion_logprobs(run.model, mb, 1.0)
+            ids = ids[: cfg.max_completion_length]
+            seqs.append(({"encoded": run.encode(s)}, rollout.Completion(0, ids, target, [0.0] * len(ids), [])))
+        mb = micro_batch(seqs, run.processor, run.device)
+        logp, _ = policy_logprobs(run.model, mb, 1.0)
         loss = -(logp * mb["mask"]).sum() / mb["mask"].sum()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if run.rank == 0:
             print(f"warm start {step + 1}/{cfg.warm_start_steps}: loss {loss.item():.3f}")
-
-
-class _Tokens:
-    """A completion-like record (token ids only) for teacher-forced warm-start targets."""
-
-    def __init__(self, ids):
-        self.token_ids, self.logprobs = ids, [0.0] * len(ids)
 
 
 class PromptSampler:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_grpo
-from tests.kit import REPO, tiny_text_dir
+from tests.kit import REPO, free_vllm, tiny_text_dir, vllm_cpu_env
 
 
 
@@ -28,6 +28,7 @@ def write_data(path, n=8, answers=("yes", "no")):
 
 
 def config(tmp_path, **kw):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     base = dict(
         model=str(tiny_text_dir("qwen2")), data=write_data(tmp_path / "train.jsonl"), output_dir=str(tmp_path / "run"),
         engine="hf", prompts_per_step=2, group_size=4, max_completion_length=12, steps=2, lr=1e-3,
@@ -64,12 +65,14 @@ def test_two_steps_change_the_weights_and_write_a_loadable_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_checkpoint_loads_in_vllm(tmp_path):
+    vllm_cpu_env()
     from vllm import LLM, SamplingParams
 
     ckpt = train_grpo.main(config(tmp_path, steps=1, save_every=1), reward_fn=toy_reward)
     llm = LLM(str(ckpt), dtype="float32", max_model_len=256, enforce_eager=True, seed=0)
     out = llm.generate(["Question number 1"], SamplingParams(max_tokens=4, temperature=0))
     assert len(out[0].outputs[0].token_ids) == 4
+    free_vllm(llm)
 
 
 def test_two_steps_then_resume_two_equals_four_in_one_go(tmp_path):
@@ -115,8 +118,8 @@ def test_sigkill_while_writing_a_checkpoint_resumes_from_the_last_complete_one(t
 
 def test_online_filter_drops_flat_groups_and_refills(tmp_path):
     def reward(completions, answer=None, modality=None, **_):
-        # Prompts whose answer is "flat" give every completion the same reward: no signal.
-        total = [0.5 if a == "flat" else toy_reward([c])["total"][0] for c, a in zip(completions, answer)]
+        # Prompts whose answer is "flat" are always fully right (mean 1 >= filter_high): no signal.
+        total = [1.0 if a == "flat" else toy_reward([c])["total"][0] for c, a in zip(completions, answer)]
         return {"total": total}
 
     cfg = config(tmp_path, data=write_data(tmp_path / "f.jsonl", n=12, answers=("flat", "x", "y")),

@@ -1,0 +1,473 @@
+"""Rollout: chat prompts in, sampled completions out (token ids, text, per-token logprobs).
+
+Two engines with one small interface:
+
+    engine = VLLMRollout("Qwen/Qwen2.5-VL-7B-Instruct")       # or HFRollout(path_or_model)
+    done = engine.generate(prompts, n=5, settings=SamplingSettings(temperature=1.0, max_new_tokens=512))
+    engine.update_weights(full_parameters(policy))            # in place, from the trainer; no checkpoint
+    engine.sleep(); engine.wake_up()
+
+A prompt is a list of chat messages in the Hugging Face style,
+`[{"role": "user", "content": [{"type": "image", "image": PIL.Image}, {"type": "text", "text": "..."}]}]`
+(content may also be a plain string). `generate` returns one `Completion` per sample, grouped by prompt
+(the n samples of prompt 0 first, then prompt 1, ...). `Completion.logprobs` are the log-probabilities of
+the sampled tokens under the distribution actually sampled from (temperature and top-p applied), which is
+what the GRPO importance ratio needs; the trainer gets its own with `policy_inputs` + `completion_logprobs`,
+which build the same prompt tokens and images the engines saw.
+
+`VLLMRollout` runs an in-process `vllm.LLM` beside the trainer in every process: under `accelerate
+launch`/torchrun it uses vLLM's `external_launcher` executor (one engine per rank, each generating for its
+own prompts; tensor parallel size is a setting). On CUDA it is started with sleep mode and put to sleep
+(level 2: weights and KV cache discarded) after start and after every rollout, so the trainer has the
+memory during its update. `update_weights` wakes the weights only, streams the trainer's tensors into them
+one at a time and resets the prefix cache; `generate` then wakes the KV cache. Weights are never reloaded
+from disk after a sleep (stale or garbage weights after waking from level 2: TRL issue 5312, vLLM issue
+29341); generating after a level-2 sleep without an update is an error, not a silent use of garbage.
+
+Where it departs from other trainers / what was not run here:
+- vLLM's own device-side image normalisation (`mm_device_do_normalize`, on by default for Qwen2.5-VL in
+  vLLM 0.32) is turned off: it made the tiny Qwen2.5-VL's logprobs differ from a transformers forward pass
+  of the same tokens by 1e-3; with it off they agree to 1e-5 (float32), so the importance ratio starts at 1.
+- After an in-place update the prefix cache and the encoder (image embedding) cache are both reset: vLLM's
+  `reload_weights` alone leaves the scheduler believing old image embeddings are cached.
+- On CPU (vLLM's CPU build) sleep mode is refused by vLLM, so sleep/wake are no-ops there, and a
+  per-request sampling seed fails ("CPU Generator does not use offset"): the engine is seeded at start and
+  `SamplingSettings.seed` re-seeds the worker's global generator instead.
+- The CUDA-only paths (sleep levels, waking weights and KV cache separately, GPU memory accounting) are
+  written against vLLM 0.33.0's documented `LLM.sleep(level)` / `LLM.wake_up(tags=[...])` API and were NOT
+  run on a GPU here.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+
+log = logging.getLogger(__name__)
+
+Prompt = list  # a list of chat messages (dicts with "role" and "content")
+
+
+@dataclass
+class SamplingSettings:
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0  # nucleus sampling; 1.0 keeps the whole distribution
+    max_new_tokens: int = 256  # per completion, the stop token included
+    seed: int | None = None  # None: continue the engine's random stream
+
+
+@dataclass
+class Completion:
+    prompt_index: int  # which prompt of the batch this samples
+    token_ids: list[int]  # sampled tokens, the stop token included when the model stopped
+    text: str  # decoded without special tokens
+    logprobs: list[float]  # log-prob of each sampled token under the sampled distribution
+    prompt_ids: list[int]  # the prompt's tokens as the model saw them (image placeholders expanded)
+    finish_reason: str = "stop"  # "stop" or "length"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Prompts: chat messages -> rendered text, images, model inputs
+
+
+def prompt_images(messages: Prompt) -> list:
+    """The images of a prompt, in the order they appear (PIL images)."""
+    out = []
+    for m in messages:
+        if isinstance(m.get("content"), list):
+            out += [c["image"] for c in m["content"] if c.get("type") == "image" or "image" in c]
+    return out
+
+
+def _text_only(messages: Prompt) -> list[dict]:
+    """Messages whose list content is all text become plain strings: text-only chat templates (SmolLM2's)
+    print list content literally, while the Qwen-VL templates take both forms."""
+    out = []
+    for m in messages:
+        c = m.get("content")
+        if isinstance(c, list) and all(item.get("type") == "text" for item in c):
+            m = {**m, "content": "".join(item["text"] for item in c)}
+        out.append(m)
+    return out
+
+
+def render_prompt(processor, messages: Prompt) -> str:
+    """The prompt text with the chat template applied and the assistant turn opened."""
+    return processor.apply_chat_template(_text_only(messages), add_generation_prompt=True, tokenize=False)
+
+
+def _tokenizer(processor):
+    return getattr(processor, "tokenizer", processor)
+
+
+def encode_prompts(processor, prompts: Sequence[Prompt], padding_side: str = "left"):
+    """Processor outputs for a batch of prompts (input_ids, attention_mask and, when there are images,
+    pixel_values, image_grid_thw, ...), padded on `padding_side`. Chat templates already contain the
+    special tokens, so none are added."""
+    texts = [render_prompt(processor, p) for p in prompts]
+    images = [im for p in prompts for im in prompt_images(p)]
+    tok = _tokenizer(processor)
+    old_side, tok.padding_side = tok.padding_side, padding_side
+    try:
+        if images:
+            return processor(text=texts, images=images, padding=True, return_tensors="pt", add_special_tokens=False)
+        if tok is not processor:  # a multimodal processor on a text-only batch
+            return processor(text=texts, padding=True, return_tensors="pt", add_special_tokens=False)
+        return tok(texts, padding=True, return_tensors="pt", add_special_tokens=False)
+    finally:
+        tok.padding_side = old_side
+
+
+# Processor outputs laid out per token (padded with the prompt); everything else (pixel_values,
+# image_grid_thw, ...) is per image and is concatenated over the rows of a batch.
+_PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+def policy_inputs(processor, prompts: Sequence[Prompt], completions: Sequence[Completion], pad_token_id=None):
+    """Model inputs for one forward pass of the policy over (prompt + completion) rows.
+
+    Prompts are left-padded and completions right-padded, so every completion starts at the same column
+    and `completion_logprobs` keeps only the last T+1 logits. Each row carries its own images (a prompt
+    sampled n times has its pixels n times), so mixed image/text batches keep `image_grid_thw` aligned.
+    Returns a dict: the model's keyword inputs plus `completion_ids` [B, T] and `completion_mask` [B, T].
+    """
+    tok = _tokenizer(processor)
+    pad = tok.pad_token_id if pad_token_id is None else pad_token_id
+    encoded = {}  # one processor call per distinct prompt
+    for c in completions:
+        if c.prompt_index not in encoded:
+            encoded[c.prompt_index] = encode_prompts(processor, [prompts[c.prompt_index]])
+    token_keys = sorted({k for enc in encoded.values() for k in enc if k in _PER_TOKEN})
+    P = max(encoded[c.prompt_index]["input_ids"].shape[1] for c in completions)
+    T = max(1, max(len(c.token_ids) for c in completions))
+    rows: dict[str, list] = {}
+    per_image: dict[str, list] = {}
+    completion_ids = torch.full((len(completions), T), pad, dtype=torch.long)
+    completion_mask = torch.zeros(len(completions), T, dtype=torch.long)
+    for i, c in enumerate(completions):
+        enc = encoded[c.prompt_index]
+        p = enc["input_ids"].shape[1]
+        k = len(c.token_ids)
+        completion_ids[i, :k] = torch.tensor(c.token_ids, dtype=torch.long)
+        completion_mask[i, :k] = 1
+        for key, value in enc.items():
+            if key not in _PER_TOKEN and torch.is_tensor(value):
+                per_image.setdefault(key, []).append(value)
+        for key in token_keys:  # a key some prompts lack (a text prompt's image mask) is zeros there
+            value = enc[key] if key in enc else torch.zeros_like(enc["input_ids"])
+            row = torch.full((P + T,), pad if key == "input_ids" else 0, dtype=value.dtype)
+            row[P - p : P] = value[0]
+            if key == "input_ids":
+                row[P:] = completion_ids[i]
+            elif key == "attention_mask":
+                row[P:] = completion_mask[i]
+            rows.setdefault(key, []).append(row)
+    batch = {key: torch.stack(v) for key, v in rows.items()}
+    batch.update({key: torch.cat(v) for key, v in per_image.items()})
+    batch["completion_ids"], batch["completion_mask"] = completion_ids, completion_mask
+    return batch
+
+
+def completion_logprobs(model, batch: dict, temperature: float = 1.0, with_entropy: bool = False):
+    """Per-token log-probs [B, T] of `batch["completion_ids"]` under `model` with the logits divided by the
+    sampling temperature (0 = greedy counts as 1), as the rollout engines report them. Padding is 0.
+    Top-p is not applied here (as in TRL): with top_p < 1 the engines' logprobs are those of the
+    renormalised nucleus and differ from these by its log-mass. `with_entropy=True` returns
+    (logp, entropy [B, T], no grad) for the trainer's logs."""
+    inputs = {k: v.to(model.device) for k, v in batch.items() if k not in ("completion_ids", "completion_mask")}
+    ids = batch["completion_ids"].to(model.device)
+    T = ids.shape[1]
+    # Only the logits that predict completion tokens: the last T+1 positions, minus the very last.
+    logits = model(**inputs, logits_to_keep=T + 1, use_cache=False).logits[:, :-1].float()
+    if temperature > 0:
+        logits = logits / temperature
+    logp = logits.gather(-1, ids[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
+    mask = batch["completion_mask"].to(logp.device)
+    if not with_entropy:
+        return logp * mask
+    with torch.no_grad():
+        log_all = torch.log_softmax(logits, dim=-1)
+        entropy = -(log_all.exp() * log_all).sum(-1) * mask
+    return logp * mask, entropy
+
+
+# ---------------------------------------------------------------------------------------------------
+# Weights: the trainer's parameters, one full tensor at a time
+
+
+def _hf_name(name: str) -> str:
+    """Drop wrapper prefixes (torch.compile, DDP, FSDP1, activation checkpointing) to get the
+    Hugging Face parameter name."""
+    for wrapper in ("_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
+        name = name.replace(wrapper, "")
+    return name[len("module."):] if name.startswith("module.") else name
+
+
+def full_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) for every parameter, in Hugging Face naming, gathering one FSDP2 shard
+    (DTensor) at a time so no device ever holds a second full copy of the model (vLLM issue 15254).
+    The gather is a collective: every rank must consume this iterator in the same order. vLLM's
+    `reload_weights` consumes it lazily and holds at most one layer's tensors before processing them."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed
+        DTensor = ()
+    for name, param in model.named_parameters():
+        tensor = param.detach()
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()
+        yield _hf_name(name), tensor
+
+
+# ---------------------------------------------------------------------------------------------------
+# Engines
+
+
+def _is_vlm(config) -> bool:
+    return getattr(config, "vision_config", None) is not None
+
+
+class HFRollout:
+    """The rollout interface on transformers `generate`: for machines without vLLM, and the reference in
+    tests. `model` is a path or a loaded model; given the trainer's own model object it samples with the
+    trainer's weights directly and `update_weights` has nothing to copy."""
+
+    def __init__(self, model, processor=None, *, dtype=torch.float32, device: str | None = None):
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+
+        if isinstance(model, (str, os.PathLike)):
+            path = str(model)
+            cls = AutoModelForImageTextToText if _is_vlm(AutoConfig.from_pretrained(path)) else AutoModelForCausalLM
+            model = cls.from_pretrained(path, dtype=dtype)
+            if device:
+                model = model.to(device)
+            processor = processor or AutoProcessor.from_pretrained(path)
+        if processor is None:
+            raise ValueError("pass the processor (or tokenizer) together with a loaded model")
+        self.model, self.processor = model.eval(), processor
+
+    def generate(self, prompts: Sequence[Prompt], n: int = 1, settings: SamplingSettings | None = None) -> list[Completion]:
+        from transformers import GenerationConfig
+
+        s = settings or SamplingSettings()
+        tok = _tokenizer(self.processor)
+        enc = encode_prompts(self.processor, prompts).to(self.model.device)
+        eos = self.model.generation_config.eos_token_id
+        eos = set([eos] if isinstance(eos, int) else (eos or [tok.eos_token_id]))
+        greedy = s.temperature <= 0
+        # A fresh config, so the checkpoint's defaults (top_k=50, repetition penalty, ...) do not change
+        # the distribution: both engines sample from softmax(logits / T) with top-p only.
+        gen = GenerationConfig(
+            do_sample=not greedy, temperature=None if greedy else s.temperature, top_p=None if greedy else s.top_p,
+            top_k=None if greedy else 0, max_new_tokens=s.max_new_tokens, num_return_sequences=n,
+            eos_token_id=sorted(eos), pad_token_id=tok.pad_token_id, output_scores=True, return_dict_in_generate=True,
+        )
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            if s.seed is not None:
+                torch.manual_seed(s.seed)
+            out = self.model.generate(**enc, generation_config=gen)
+        P = enc["input_ids"].shape[1]
+        new = out.sequences[:, P:].cpu()
+        # Scores are the processed logits the sampler drew from (temperature and top-p applied).
+        logp = torch.stack([torch.log_softmax(x.float(), -1) for x in out.scores], 1).cpu()  # [B*n, T, V]
+        done = []
+        for row in range(new.shape[0]):
+            ids = new[row].tolist()
+            stop = next((i for i, t in enumerate(ids) if t in eos), None)
+            ids = ids if stop is None else ids[: stop + 1]
+            i = row // n
+            prompt_ids = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
+            done.append(Completion(
+                prompt_index=i, token_ids=ids, text=tok.decode(ids, skip_special_tokens=True),
+                logprobs=logp[row, torch.arange(len(ids)), ids].tolist(), prompt_ids=prompt_ids,
+                finish_reason="length" if stop is None else "stop",
+            ))
+        return done
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                if name in params and params[name] is not tensor:
+                    params[name].copy_(tensor)
+
+    def sleep(self) -> None:  # nothing to free: the model lives with the trainer
+        pass
+
+    def wake_up(self) -> None:
+        pass
+
+
+def _reseed(worker, seed: int) -> None:
+    """Runs inside the vLLM worker: on CPU, unseeded requests sample from the global torch generator."""
+    torch.manual_seed(seed)
+
+
+class VLLMRollout:
+    """The rollout interface on an in-process `vllm.LLM`, colocated with the trainer (see the module doc).
+
+    `model` is a Hugging Face directory or hub id. Under torchrun/accelerate (WORLD_SIZE > 1) the engine
+    uses the `external_launcher` executor: every rank builds its own engine (ranks that share one tensor
+    parallel group generate the same outputs). `enable_sleep_mode=None` means on CUDA only; with sleep
+    mode at level 2 the engine holds no weights until the first `update_weights`, so for evaluation
+    (no trainer) pass `enable_sleep_mode=False` or `sleep_level=1`."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike,
+        *,
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.3,
+        max_model_len: int = 4096,
+        max_images_per_prompt: int = 4,
+        dtype: str = "auto",
+        seed: int = 0,
+        enable_sleep_mode: bool | None = None,
+        sleep_level: int = 2,
+        enforce_eager: bool = False,
+        **engine_kwargs: Any,
+    ):
+        # In-process engine: the weight update passes a Python iterator of tensors to the worker, and the
+        # external launcher demands it too (vLLM asserts it).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
+            raise ValueError("VLLMRollout needs the in-process engine: unset VLLM_ENABLE_V1_MULTIPROCESSING or set it to 0")
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise ImportError("VLLMRollout needs vLLM: `pip install vllm==0.33.0` (GPU) or `bash install.sh cpu`") from e
+
+        self.cuda = torch.cuda.is_available()
+        self.sleep_mode = self.cuda if enable_sleep_mode is None else enable_sleep_mode
+        if self.sleep_mode and not self.cuda:
+            raise ValueError("vLLM supports sleep mode on CUDA only (its CPU build refuses it)")
+        self.sleep_level = sleep_level
+        from transformers import AutoConfig, AutoProcessor
+
+        if _is_vlm(AutoConfig.from_pretrained(str(model))):
+            engine_kwargs.setdefault("limit_mm_per_prompt", {"image": max_images_per_prompt, "video": 0})
+            engine_kwargs.setdefault("mm_device_do_normalize", False)  # see the module doc
+        if self.cuda:  # the CPU build sizes its KV cache from VLLM_CPU_KVCACHE_SPACE instead
+            engine_kwargs.setdefault("gpu_memory_utilization", gpu_memory_utilization)
+        if self.sleep_mode:
+            engine_kwargs["enable_sleep_mode"] = True
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        if world > 1:
+            engine_kwargs.setdefault("distributed_executor_backend", "external_launcher")
+        t0 = time.perf_counter()
+        self.llm = LLM(
+            model=str(model), tensor_parallel_size=tensor_parallel_size, dtype=dtype,
+            max_model_len=max_model_len, enforce_eager=enforce_eager,
+            # Ranks of different tensor-parallel groups must not draw the same samples.
+            seed=seed + rank // tensor_parallel_size,
+            logprobs_mode="processed_logprobs",  # logprobs after temperature/top-p: the sampled distribution
+            **engine_kwargs,
+        )
+        self.start_seconds = time.perf_counter() - t0
+        self.processor = AutoProcessor.from_pretrained(str(model))  # renders prompts exactly as the trainer
+        self._weights_asleep = self._kv_asleep = False
+        self._weights_valid = True  # False after a level-2 sleep until the trainer's weights are loaded
+        self.sleep()
+
+    # -- sleep and wake (CUDA only; no-ops elsewhere) -------------------------------------------------
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory for the trainer (level 1: weights offloaded to CPU, KV cache dropped;
+        level 2: both dropped). CUDA only, written against vLLM 0.33's API; not run on a GPU here."""
+        if not self.sleep_mode or (self._weights_asleep and self._kv_asleep):
+            return
+        before = _gpu_used_gib()
+        self.llm.sleep(level=self.sleep_level)
+        self._weights_asleep = self._kv_asleep = True
+        if self.sleep_level >= 2:
+            self._weights_valid = False
+        log.info("vLLM asleep (level %d): GPU memory in use %.2f -> %.2f GiB", self.sleep_level, before, _gpu_used_gib())
+
+    def _wake(self, tag: str) -> None:
+        if not self.sleep_mode:
+            return
+        if tag == "weights" and self._weights_asleep:
+            self.llm.wake_up(tags=["weights"])
+            self._weights_asleep = False
+        if tag == "kv_cache" and self._kv_asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self._kv_asleep = False
+
+    def wake_up(self) -> None:
+        """Wake weights, then the KV cache. After a level-2 sleep, load the trainer's weights before
+        generating (generate refuses otherwise)."""
+        self._wake("weights")
+        self._wake("kv_cache")
+
+    # -- weights --------------------------------------------------------------------------------------
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
+        """Load the trainer's parameters (Hugging Face names) into the engine in place; returns seconds.
+
+        Only the weights are woken, so the KV cache stays released while tensors stream in. The iterator
+        is consumed inside the worker (in-process), one tensor at a time."""
+        t0 = time.perf_counter()
+        self._wake("weights")
+        self.llm.collective_rpc(
+            "reload_weights", kwargs={"weights_iterator": iter(named_tensors), "is_checkpoint_format": True}
+        )
+        self._weights_valid = True
+        # Cached KV blocks and image embeddings were computed with the old weights. reload_weights clears
+        # the worker's encoder cache but not the scheduler's record of it, so the next image prompt would
+        # fail with "Encoder cache miss" (seen with vLLM 0.32): reset both through the engine.
+        self.llm.reset_prefix_cache()
+        self.llm.llm_engine.reset_encoder_cache()
+        return time.perf_counter() - t0
+
+    # -- generation -----------------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Prompt], n: int = 1, settings: SamplingSettings | None = None) -> list[Completion]:
+        from vllm import SamplingParams
+
+        s = settings or SamplingSettings()
+        if not self._weights_valid:
+            raise RuntimeError(
+                "vLLM's weights were discarded by a level-2 sleep: call update_weights(...) with the trainer's "
+                "parameters before generate (never generate with garbage weights; TRL issue 5312)"
+            )
+        self.wake_up()
+        tok = _tokenizer(self.processor)
+        requests = []
+        for messages in prompts:
+            text = render_prompt(self.processor, messages)
+            images = prompt_images(messages)
+            if images:  # vLLM runs the processor and expands the image placeholders itself
+                requests.append({"prompt": text, "multi_modal_data": {"image": images}})
+            else:  # tokenized here exactly as policy_inputs does (no extra BOS)
+                requests.append({"prompt_token_ids": tok(text, add_special_tokens=False)["input_ids"]})
+        params = dict(n=n, temperature=max(s.temperature, 0.0), top_p=s.top_p, max_tokens=s.max_new_tokens, logprobs=0)
+        if s.seed is not None:
+            if self.cuda:
+                params["seed"] = s.seed  # child i of n gets seed + i
+            else:  # per-request seeds fail in the CPU build; re-seed the worker's generator instead
+                self.llm.collective_rpc(_reseed, args=(s.seed,))
+        outputs = self.llm.generate(requests, SamplingParams(**params), use_tqdm=False)
+        done = []
+        for i, out in enumerate(outputs):
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                ids = list(c.token_ids)
+                done.append(Completion(
+                    prompt_index=i, token_ids=ids, text=c.text,
+                    logprobs=[c.logprobs[k][t].logprob for k, t in enumerate(ids)],
+                    prompt_ids=list(out.prompt_token_ids), finish_reason=c.finish_reason or "stop",
+                ))
+        self.sleep()  # between rollouts the trainer gets the memory back
+        return done
+
+
+def _gpu_used_gib() -> float:
+    """GPU memory in use on this device (all processes), for the sleep/wake log; 0 without CUDA."""
+    if not torch.cuda.is_available():
+        return 0.0
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / 2**30

@@ -1,0 +1,196 @@
+"""rollout.py on the tiny random Qwen-VLs: vLLM (CPU build, in process) against a transformers forward
+pass of the same tokens, in-place weight updates, grouping, and the trainer-side helpers.
+
+One vLLM engine per model kind, shared by the tests of this module (start: 10-40 s on 2 busy cores)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.kit import free_vllm, slake_images, tiny_text_dir, tiny_vlm_dir, vllm_cpu_env
+
+vllm_cpu_env()
+
+import rollout  # noqa: E402
+from rollout import Completion, HFRollout, SamplingSettings  # noqa: E402
+
+KINDS = ["qwen2_5_vl", "qwen3_vl"]
+TOL = 1e-4
+
+
+def _image(i: int = 0) -> Image.Image:
+    return Image.open(slake_images()[i]).convert("RGB")
+
+
+def _prompts() -> list:
+    """Mixed batch: one image, plain text (string content), two images in one prompt."""
+    return [
+        [{"role": "user", "content": [{"type": "image", "image": _image(0)},
+                                      {"type": "text", "text": "What modality is used to take this image?"}]}],
+        [{"role": "user", "content": "Which organ is abnormal in a chest X-ray with cardiomegaly?"}],
+        [{"role": "user", "content": [{"type": "text", "text": "Compare the two scans."},
+                                      {"type": "image", "image": _image(1)}, {"type": "image", "image": _image(2)}]}],
+    ]
+
+
+def _hf_model(path):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _reference_logprobs(model, processor, prompts, done, temperature):
+    batch = rollout.policy_inputs(processor, prompts, done)
+    with torch.no_grad():
+        ref = rollout.completion_logprobs(model, batch, temperature)
+    return batch, ref
+
+
+def _max_diff(done, ref) -> float:
+    return max((ref[i, : len(c.logprobs)] - torch.tensor(c.logprobs)).abs().max().item() for i, c in enumerate(done))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Without vLLM
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hf_rollout_logprobs_match_forward_pass(kind):
+    """HFRollout's logprobs (from generate's processed scores) equal a forward pass over policy_inputs,
+    on a mixed image/text batch: the trainer-side helpers line up tokens, images and grids."""
+    engine = HFRollout(tiny_vlm_dir(kind))
+    prompts = _prompts()
+    done = engine.generate(prompts, n=2, settings=SamplingSettings(temperature=0.7, max_new_tokens=6, seed=1))
+    assert [c.prompt_index for c in done] == [0, 0, 1, 1, 2, 2]
+    batch, ref = _reference_logprobs(engine.model, engine.processor, prompts, done, 0.7)
+    assert batch["image_grid_thw"].shape[0] == 2 * (1 + 0 + 2)  # each row carries its own images
+    assert _max_diff(done, ref) < TOL
+    again = engine.generate(prompts, n=2, settings=SamplingSettings(temperature=0.7, max_new_tokens=6, seed=1))
+    assert [c.token_ids for c in again] == [c.token_ids for c in done]  # the seed makes it reproducible
+
+
+def test_hf_rollout_update_weights_and_text_model():
+    """update_weights copies tensors by Hugging Face name; a text model with a tokenizer works too."""
+    path = tiny_text_dir("qwen3")
+    a, b = HFRollout(path), HFRollout(path)
+    with torch.no_grad():
+        for p in b.model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    prompts = [[{"role": "user", "content": [{"type": "text", "text": "Is there a fracture?"}]}]]
+    greedy = SamplingSettings(temperature=0, max_new_tokens=8)
+    before = a.generate(prompts, settings=greedy)[0]
+    a.update_weights(rollout.full_parameters(b.model))
+    after, target = a.generate(prompts, settings=greedy)[0], b.generate(prompts, settings=greedy)[0]
+    assert after.token_ids == target.token_ids and after.logprobs == pytest.approx(target.logprobs, abs=1e-6)
+    assert after.logprobs != pytest.approx(before.logprobs, abs=1e-3)
+
+
+def test_policy_inputs_text_model():
+    """The trainer-side helpers on a plain tokenizer (no processor): ragged prompts and completions."""
+    engine = HFRollout(tiny_text_dir("qwen2"))
+    prompts = [[{"role": "user", "content": "Is the liver enlarged?"}],
+               [{"role": "user", "content": [{"type": "text", "text": "Name the imaging modality used for bones."}]}]]
+    done = engine.generate(prompts, n=2, settings=SamplingSettings(temperature=1.3, max_new_tokens=5, seed=3))
+    batch, ref = _reference_logprobs(engine.model, engine.processor, prompts, done, 1.3)
+    assert batch["input_ids"].shape == batch["attention_mask"].shape
+    assert _max_diff(done, ref) < TOL
+
+
+def test_full_parameters_strips_wrappers():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    wrapped = torch.nn.Module()
+    wrapped.module = model
+    assert [n for n, _ in rollout.full_parameters(wrapped)] == ["0.weight", "0.bias"]
+    assert rollout._hf_name("_orig_mod.model._fsdp_wrapped_module.layers.0.weight") == "model.layers.0.weight"
+
+
+# ---------------------------------------------------------------------------------------------------
+# vLLM (CPU build, in process)
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def vllm_engine(request):
+    pytest.importorskip("vllm")
+    from rollout import VLLMRollout
+
+    path = tiny_vlm_dir(request.param)
+    engine = VLLMRollout(path, dtype="float32", max_model_len=1024, enforce_eager=True, seed=0)
+    model = _hf_model(path)
+    yield request.param, engine, model
+    free_vllm(engine.llm)
+
+
+def test_vllm_logprobs_match_transformers(vllm_engine):
+    """Image, text and two-image prompts, n=3 each: grouped in order; vLLM's prompt ids are the processor's;
+    per-token logprobs (temperature applied) match a transformers forward pass to 1e-4."""
+    kind, engine, model = vllm_engine
+    prompts = _prompts()
+    done = engine.generate(prompts, n=3, settings=SamplingSettings(temperature=0.8, max_new_tokens=10))
+    assert [c.prompt_index for c in done] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert all(len(c.token_ids) == len(c.logprobs) > 0 for c in done)
+    for c in done:
+        enc = rollout.encode_prompts(engine.processor, [prompts[c.prompt_index]])
+        assert c.prompt_ids == enc["input_ids"][0].tolist()
+    _, ref = _reference_logprobs(model, engine.processor, prompts, done, 0.8)
+    assert _max_diff(done, ref) < TOL, kind
+
+
+def test_vllm_seed_reproducible(vllm_engine):
+    _, engine, _ = vllm_engine
+    prompts = _prompts()[:2]
+    s = SamplingSettings(temperature=1.0, max_new_tokens=6, seed=123)
+    first, second = engine.generate(prompts, n=2, settings=s), engine.generate(prompts, n=2, settings=s)
+    assert [c.token_ids for c in first] == [c.token_ids for c in second]
+    assert len({tuple(c.token_ids) for c in first}) > 1  # the n samples still differ from each other
+
+
+def test_vllm_update_weights_in_place(vllm_engine):
+    """After streaming perturbed weights into the engine (no checkpoint), greedy outputs and logprobs are
+    the perturbed transformers model's, and differ from the old ones."""
+    kind, engine, model = vllm_engine
+    prompts = _prompts()
+    greedy = SamplingSettings(temperature=0, max_new_tokens=8)
+    old = engine.generate(prompts, settings=greedy)
+    original = {n: p.detach().clone() for n, p in model.named_parameters()}
+    gen = torch.Generator().manual_seed(7)
+    try:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+        seconds = engine.update_weights(rollout.full_parameters(model))
+        new = engine.generate(prompts, settings=greedy)
+        batch, ref = _reference_logprobs(model, engine.processor, prompts, new, 0)
+        assert _max_diff(new, ref) < TOL, kind
+        # Greedy under the perturbed model: every chosen token is the argmax (up to float ties).
+        with torch.no_grad():
+            inputs = {k: v for k, v in batch.items() if k not in ("completion_ids", "completion_mask")}
+            T = batch["completion_ids"].shape[1]
+            logp = torch.log_softmax(model(**inputs, logits_to_keep=T + 1).logits[:, :-1].float(), -1)
+        for i, c in enumerate(new):
+            best = logp[i, : len(c.token_ids)].max(-1).values
+            assert (best - ref[i, : len(c.token_ids)]).max().item() < TOL
+        assert [c.token_ids for c in new] != [c.token_ids for c in old]
+        assert any(abs(a - b) > 1e-3 for c, d in zip(new, old) for a, b in zip(c.logprobs, d.logprobs))
+        assert seconds < 30
+    finally:  # put the checkpoint's weights back for the other tests of the module
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(original[n])
+        engine.update_weights(rollout.full_parameters(model))
+
+
+def test_vllm_refuses_discarded_weights(vllm_engine):
+    """After a level-2 sleep (CUDA) the weights are gone: generate must refuse until update_weights.
+    CPU has no sleep mode, so the flag a level-2 sleep sets is set by hand."""
+    _, engine, model = vllm_engine
+    engine._weights_valid = False
+    with pytest.raises(RuntimeError, match="update_weights"):
+        engine.generate(_prompts()[:1])
+    engine.update_weights(rollout.full_parameters(model))
+    assert len(engine.generate(_prompts()[:1], settings=SamplingSettings(max_new_tokens=2))) == 1
+
+
+def test_completion_record():
+    c = Completion(prompt_index=0, token_ids=[1], text="a", logprobs=[-0.1], prompt_ids=[2])
+    assert c.finish_reason == "stop"

@@ -1,0 +1,33 @@
+"""Two processes under torchrun (gloo, CPU) with FSDP2 really applied: the code path a GPU run uses."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.kit import REPO, tiny_text_dir
+from tests.test_rollout_torchrun import _free_port as free_port
+from tests.test_train_grpo import write_data
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["vllm"])
+def test_two_process_fsdp2_grpo(tmp_path, engine):
+    write_data(tmp_path / "train.jsonl", n=8)
+    tiny_text_dir("qwen2")  # built here once, so the ranks do not race for it
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(REPO / "tests" / "fsdp_worker.py"), str(tmp_path), engine]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    for r in (r0, r1):
+        assert r["world"] == 2 and r["all_dtensor"]
+        assert r["local_numel"] < 0.6 * r["full_numel"]  # each rank holds about half of every parameter
+        assert r["engine_vs_trained"] < 1e-4 < 1e-2 < r["engine_vs_initial"]
+    assert r0["checksums"][0] == r0["checksums"][1] == r1["checksums"][0]
+    assert r0["prompts"] != r1["prompts"]  # each rank trains on its own prompts
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(r0["checkpoint"])  # the checkpoint loads
