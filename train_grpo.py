@@ -453,7 +453,9 @@ def setup(cfg, reward_fn=None) -> Run:
     from accelerate.utils import set_seed
 
     run = Run()
-    run.acc = Accelerator(log_with=cfg.report_to or None, project_dir=cfg.output_dir)
+    # cpu=True on a machine without CUDA: accelerate then sets up gloo under torchrun (otherwise it
+    # silently runs every process as a world of one).
+    run.acc = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.report_to or None, project_dir=cfg.output_dir)
     run.world, run.rank, run.device = run.acc.num_processes, run.acc.process_index, run.acc.device
     set_seed(cfg.seed + run.rank)
     out = Path(cfg.output_dir)
@@ -548,9 +550,14 @@ def make_engine(cfg, run):
         return rollout.VLLMRollout(
             cfg.model, seed=cfg.seed + run.rank, gpu_memory_utilization=cfg.gpu_memory_utilization,
             tensor_parallel_size=cfg.tensor_parallel_size,
-            max_model_len=cfg.max_prompt_length + cfg.max_completion_length,
+            max_model_len=min(cfg.max_prompt_length + cfg.max_completion_length, max_positions(run.model.config)),
         )  # fmt: skip
     raise ValueError(f"engine must be 'vllm' or 'hf', not {cfg.engine!r}")
+
+
+def max_positions(config) -> int:
+    text = getattr(config, "text_config", None) or config
+    return getattr(text, "max_position_embeddings", None) or 10**9
 
 
 def sampling_settings(cfg):

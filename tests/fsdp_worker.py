@@ -49,11 +49,10 @@ def main(out: Path, engine: str):
     run.engine.wake_up()
     (c,) = run.engine.generate([enc["messages"]], n=1, settings=rollout.SamplingSettings(temperature=0.0, max_new_tokens=8))
     run.engine.sleep()
-    seq = [({"encoded": enc}, c)]
-    mb = train_grpo.sequence_batch(seq, run.pad_id, run.device)
+    mb = train_grpo.micro_batch([({"encoded": enc}, c)], run.processor, run.device)
     with torch.no_grad():
-        trained, _ = train_grpo.completion_logprobs(AutoModelForCausalLM.from_pretrained(ckpt), mb, 1.0)
-        initial, _ = train_grpo.completion_logprobs(AutoModelForCausalLM.from_pretrained(cfg.model), mb, 1.0)
+        trained, _ = train_grpo.policy_logprobs(AutoModelForCausalLM.from_pretrained(ckpt), mb, 1.0)
+        initial, _ = train_grpo.policy_logprobs(AutoModelForCausalLM.from_pretrained(cfg.model), mb, 1.0)
     engine_logp = torch.tensor(c.logprobs)
     report["engine_vs_trained"] = (engine_logp - trained[0, : len(c.logprobs)]).abs().max().item()
     report["engine_vs_initial"] = (engine_logp - initial[0, : len(c.logprobs)]).abs().max().item()
