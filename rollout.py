@@ -334,6 +334,10 @@ class VLLMRollout:
         # In-process engine: the weight update passes a Python iterator of tensors to the worker, and the
         # external launcher demands it too (vLLM asserts it).
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if not torch.cuda.is_available():
+            # vLLM's CPU build otherwise reserves 92% of the machine's memory for the KV cache and
+            # refuses to start beside a trainer; the KV cache size (GiB) is this variable there.
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
             raise ValueError("VLLMRollout needs the in-process engine: unset VLLM_ENABLE_V1_MULTIPROCESSING or set it to 0")
         try:

@@ -3,7 +3,7 @@
     python bench/bench_step.py [--steps 4] [--prompts 2] [--group 4] [--tokens 32]
 
 Same model (SmolLM2-135M-Instruct, float32, CPU), same prompts (the demo set's PubMedQA
-questions with the MediX-R1 instruction), same batch (prompts x completions), completion length,
+questions, without their abstracts as in bench/learning_curve.py, with the MediX-R1 instruction), same batch (prompts x completions), completion length,
 learning rate, loss (dapo, beta 0) and reward (rewards.format_reward, so reward time is ~0). Rows:
 1. both generating with transformers `generate`;
 2. each with its fastest generation here: ours with VLLMRollout (vLLM's CPU build, in-process);
@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import data  # noqa: E402
 import rewards  # noqa: E402
 import train_grpo  # noqa: E402
-from tests.kit import REPO, smollm2_dir  # noqa: E402
+from tests.kit import REPO, free_vllm, smollm2_dir  # noqa: E402
 
 
 def reward_fn(completions, answer=None, modality=None, **_):
@@ -40,15 +40,23 @@ def reward_fn(completions, answer=None, modality=None, **_):
     return {"total": fmt, "format": fmt}
 
 
+DATA = Path(tempfile.mkdtemp(prefix="bench-step-")) / "train.jsonl"
+
+
+def write_data() -> None:
+    from bench.learning_curve import pubmedqa_rows
+
+    DATA.write_text("".join(json.dumps(r) + "\n" for r in pubmedqa_rows(REPO / "demo" / "train.jsonl", context=False)))
+
+
 def prompts(n: int) -> list:
-    samples = [s for s in data.load_training_data(REPO / "demo" / "train.jsonl") if not s.images]
-    return samples[:n]
+    return data.load_training_data(DATA)[:n]
 
 
 def ours(args, engine: str) -> dict:
     out = Path(tempfile.mkdtemp(prefix="bench-ours-"))
     cfg = train_grpo.Config(
-        model=str(smollm2_dir()), data=str(REPO / "demo" / "train.jsonl"), text_only=True, output_dir=str(out),
+        model=str(smollm2_dir()), data=str(DATA), text_only=True, output_dir=str(out),
         engine=engine, prompts_per_step=args.prompts, group_size=args.group, max_completion_length=args.tokens,
         lr=1e-6, micro_batch_size=args.prompts * args.group, online_filter=False, steps=args.steps + 1,
         save_every=10**9, log_samples_every=0, gpu_memory_utilization=0.3,
@@ -61,6 +69,8 @@ def ours(args, engine: str) -> dict:
         if step:  # the first step warms up (compilation, allocator)
             times.append(time.perf_counter() - t)
             tokens.append(m["completion_len_mean"])
+    if engine == "vllm":
+        free_vllm(run.engine.llm)  # so a later engine can start in this process
     del run
     return {"seconds_per_step": statistics.median(times), "steps": times, "completion_len_mean": statistics.mean(tokens)}
 
@@ -105,11 +115,12 @@ def trl_run(args, use_vllm: bool) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per run (after one warm-up step)")
     ap.add_argument("--prompts", type=int, default=2)
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=32)
     args = ap.parse_args()
+    write_data()
     res = {"settings": vars(args)}
     res["ours_hf"] = ours(args, "hf")
     res["trl_hf"] = trl_run(args, use_vllm=False)
