@@ -19,7 +19,7 @@ def main(out: Path, engine: str):
     cfg = train_grpo.Config(
         model=str(tiny_text_dir("qwen2")), data=str(out / "train.jsonl"), output_dir=str(out / "run"), engine=engine,
         prompts_per_step=2, group_size=4, max_completion_length=10, steps=2, lr=1e-3, micro_batch_size=4,
-        online_filter=False, save_every=2, log_samples_every=0, seed=1, gpu_memory_utilization=0.3,
+        online_filter=False, save_every=2, log_samples_every=0, seed=1, gpu_memory_utilization=0.3, enforce_eager=True,
     )  # fmt: skip
     run = train_grpo.setup(cfg, toy_reward)
     rank = run.rank
