@@ -245,8 +245,9 @@ def test_generate_writes_every_sample_once_and_resumes_by_id(tmp_path, fake, pub
     E.generate(cfg_for(tmp_path, fake))  # 12: only the 7 new ones are asked
     assert sum(fake.policy_hits.values()) == N and max(fake.policy_hits.values()) == 1
     recs = lines(E.generations_path(tmp_path, "PubMedQA"))
-    assert [r["id"] for r in recs] == [s.id for s in pubmedqa]
-    r = recs[0]
+    # Each sample once; lines are appended as requests finish, so their order may differ.
+    assert sorted(r["id"] for r in recs) == sorted(s.id for s in pubmedqa) and len(recs) == len(pubmedqa)
+    r = next(x for x in recs if x["id"] == pubmedqa[0].id)
     assert r["reference"] == pubmedqa[0].answer and r["question"].endswith("A. yes\nB. no\nC. maybe")
     assert r["response"].startswith("<think>") and r["label"] == pubmedqa[0].meta["label"]
 
