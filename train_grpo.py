@@ -133,7 +133,6 @@ def train_step(step, cfg, run) -> dict:
     t0 = time.perf_counter()
     batch, counts = rollout_and_score(cfg, run)  # rollout + rewards + online filter (refilled)
     run.last_batch = batch
-    t_rollout_reward = time.perf_counter() - t0
     stats = {**counts, **reward_means(batch)}
     if batch["n_groups"] == 0:  # every process filtered everything out: nothing to learn from
         return {**stats, "skipped": 1, "seconds_step": time.perf_counter() - t0}
@@ -148,7 +147,7 @@ def train_step(step, cfg, run) -> dict:
         **stats, **update, "adv_mean": advantages.mean().item(), "adv_std": advantages.std().item(),
         "seconds_rollout": batch["seconds_rollout"], "seconds_reward": batch["seconds_reward"],
         "seconds_update": t2 - t1, "seconds_sync": t3 - t2, "seconds_step": t3 - t0,
-        "seconds_rollout_reward": t_rollout_reward, "lr": run.scheduler.get_last_lr()[0],
+        "lr": run.scheduler.get_last_lr()[0],
         "peak_memory_gb": peak_memory_gb(),
     }  # fmt: skip
 

@@ -20,7 +20,6 @@ Prints a table (seconds, samples per second, speed-up over released, time over t
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import socket
 import subprocess
@@ -49,22 +48,6 @@ class _JudgeEndpoint(BR._Endpoint):
     """bench_rewards' endpoint answering the evaluation judge's JSON instead of YES/NO."""
 
     replies = {"YES": _body(1), "NO": _body(0)}
-
-
-def serve(port: int, latency: float) -> None:
-    _JudgeEndpoint.latency = latency
-
-    async def main():
-        server = await asyncio.get_running_loop().create_server(_JudgeEndpoint, "127.0.0.1", port, backlog=1024)
-        async with server:
-            await server.serve_forever()
-
-    try:
-        import uvloop
-
-        uvloop.run(main())
-    except ImportError:
-        asyncio.run(main())
 
 
 def generations(samples: int) -> list[dict]:
@@ -123,7 +106,7 @@ def main() -> None:
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # internal: run the fake endpoint
     args = ap.parse_args()
     if args.serve:
-        serve(args.serve, args.latency)
+        BR.serve(args.serve, args.latency, _JudgeEndpoint)
         return
 
     import logging

@@ -81,12 +81,13 @@ class _Endpoint(asyncio.Protocol):
             self.transport.write(head.encode() + payload)
 
 
-def serve(port: int, latency: float) -> None:
-    """Run the fake judge endpoint until terminated."""
-    _Endpoint.latency = latency
+def serve(port: int, latency: float, endpoint: type = None) -> None:
+    """Run the fake judge endpoint (`_Endpoint` or a subclass with other replies) until terminated."""
+    endpoint = endpoint or _Endpoint
+    endpoint.latency = latency
 
     async def main():
-        server = await asyncio.get_running_loop().create_server(_Endpoint, "127.0.0.1", port, backlog=1024)
+        server = await asyncio.get_running_loop().create_server(endpoint, "127.0.0.1", port, backlog=1024)
         async with server:
             await server.serve_forever()
 
