@@ -513,7 +513,7 @@ def load_policy(cfg, path: str):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     on_gpu = torch.cuda.is_available()
-    dtype = {"auto": torch.bfloat16 if on_gpu else torch.float32, "bfloat16": torch.bfloat16, "float32": torch.float32}[cfg.dtype]
+    dtype = getattr(torch, policy_dtype(cfg))
     is_vlm = hasattr(AutoConfig.from_pretrained(path), "vision_config")
     cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
     model = cls.from_pretrained(path, dtype=dtype)
@@ -527,6 +527,13 @@ def load_policy(cfg, path: str):
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, processor
+
+
+def policy_dtype(cfg) -> str:
+    """The trainer's dtype, which the rollout engine uses too (its log-probs are the old policy's)."""
+    if cfg.dtype not in ("auto", "bfloat16", "float32"):
+        raise ValueError(f"dtype must be auto, bfloat16 or float32, not {cfg.dtype!r}")
+    return ("bfloat16" if torch.cuda.is_available() else "float32") if cfg.dtype == "auto" else cfg.dtype
 
 
 def shard(model) -> None:
@@ -551,7 +558,7 @@ def make_engine(cfg, run):
         return rollout.HFRollout(run.model, run.processor)
     if cfg.engine == "vllm":
         return rollout.VLLMRollout(
-            cfg.model, seed=cfg.seed + run.rank, gpu_memory_utilization=cfg.gpu_memory_utilization,
+            cfg.model, seed=cfg.seed + run.rank, dtype=policy_dtype(cfg), gpu_memory_utilization=cfg.gpu_memory_utilization,
             tensor_parallel_size=cfg.tensor_parallel_size, enforce_eager=cfg.enforce_eager,
             max_model_len=min(cfg.max_prompt_length + cfg.max_completion_length, max_positions(run.model.config)),
         )  # fmt: skip

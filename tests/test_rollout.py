@@ -97,6 +97,42 @@ def test_policy_inputs_text_model():
     assert _max_diff(done, ref) < TOL
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "smollm2"])
+def test_shared_prompt_pass_same_logprobs_and_gradient(kind):
+    """Each prompt's forward pass once, its KV cache copied to its n rows (completion_logprobs'
+    share_prompts): the same log-probs and the same gradient as one pass per row, with ragged prompts
+    (left padding) and ragged completions (right padding); the prompt pass really runs once per prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.kit import smollm2_dir
+
+    path = smollm2_dir() if kind == "smollm2" else tiny_text_dir(kind)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    engine = HFRollout(model, AutoTokenizer.from_pretrained(path))
+    prompts = [[{"role": "user", "content": "Is the liver enlarged in this patient with hepatitis?"}],
+               [{"role": "user", "content": "Modality?"}]]
+    done = engine.generate(prompts, n=3, settings=SamplingSettings(temperature=1.0, max_new_tokens=6, seed=1))
+    done[1].token_ids, done[1].logprobs = done[1].token_ids[:2], done[1].logprobs[:2]  # ragged completions
+    batch = rollout.policy_inputs(engine.processor, prompts, done)
+    weights = torch.linspace(-1, 1, batch["completion_ids"].numel()).view_as(batch["completion_ids"].float())
+    results, calls = [], []
+    hook = model.register_forward_hook(lambda m, a, kw, out: calls.append(kw["input_ids"].shape), with_kwargs=True)
+    for share in (False, True):
+        model.zero_grad()
+        logp = rollout.completion_logprobs(model, batch, 1.0, share_prompts=share)
+        (logp * weights).sum().backward()
+        results.append((logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    hook.remove()
+    T, P = batch["completion_ids"].shape[1], batch["input_ids"].shape[1] - batch["completion_ids"].shape[1]
+    assert calls == [(6, P + T), (2, P), (6, T)]
+    (plain, g_plain), (shared, g_shared) = results
+    assert (plain - shared).abs().max().item() < 1e-4
+    assert plain[1, 2:].abs().max() == 0 and shared[1, 2:].abs().max() == 0
+    for n, g in g_plain.items():  # float32 sums in another order: relative to the gradient's size
+        assert (g - g_shared[n]).norm() <= 1e-3 * g.norm() + 1e-8, (n, ((g - g_shared[n]).norm() / g.norm()).item())
+    assert sum(g.abs().sum() for g in g_plain.values()) > 0
+
+
 def test_full_parameters_strips_wrappers():
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     wrapped = torch.nn.Module()
@@ -164,7 +200,7 @@ def test_vllm_update_weights_in_place(vllm_engine):
         assert _max_diff(new, ref) < TOL, kind
         # Greedy under the perturbed model: every chosen token is the argmax (up to float ties).
         with torch.no_grad():
-            inputs = {k: v for k, v in batch.items() if k not in ("completion_ids", "completion_mask")}
+            inputs = {k: v for k, v in batch.items() if k not in ("completion_ids", "completion_mask", "prompt_rows")}
             T = batch["completion_ids"].shape[1]
             logp = torch.log_softmax(model(**inputs, logits_to_keep=T + 1).logits[:, :-1].float(), -1)
         for i, c in enumerate(new):
@@ -178,6 +214,34 @@ def test_vllm_update_weights_in_place(vllm_engine):
             for n, p in model.named_parameters():
                 p.copy_(original[n])
         engine.update_weights(rollout.full_parameters(model))
+
+
+def test_vllm_tied_lm_head_follows_update():
+    """A tied-embedding text model (tiny Qwen2) with the engine's default dtype (float32 on CPU): vLLM
+    matches transformers at the start, and still after an update that changes only the embedding, which
+    the tied lm_head shares (vLLM's CPU build kept a stale packed copy of it: rollout._repack_cpu_gemms)."""
+    pytest.importorskip("vllm")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rollout import VLLMRollout
+
+    path = tiny_text_dir("qwen2")
+    engine = VLLMRollout(path, max_model_len=512, enforce_eager=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(path)
+        prompts = [[{"role": "user", "content": "Is the liver enlarged in this patient?"}]]
+        greedy = SamplingSettings(temperature=0, max_new_tokens=8)
+        for perturb in (False, True):
+            if perturb:
+                with torch.no_grad():
+                    model.get_input_embeddings().weight.add_(torch.randn(model.get_input_embeddings().weight.shape) * 0.05)
+                engine.update_weights(rollout.full_parameters(model))
+            done = engine.generate(prompts, settings=greedy)
+            _, ref = _reference_logprobs(model, tok, prompts, done, 0)
+            assert _max_diff(done, ref) < TOL, perturb
+    finally:
+        free_vllm(engine.llm)
 
 
 def test_vllm_refuses_discarded_weights(vllm_engine):

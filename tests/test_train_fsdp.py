@@ -25,9 +25,8 @@ def test_two_process_fsdp2_grpo(tmp_path, engine):
     for r in (r0, r1):
         assert r["world"] == 2 and r["all_dtensor"]
         assert r["local_numel"] < 0.6 * r["full_numel"]  # each rank holds about half of every parameter
-        # vLLM's CPU build differs from transformers by ~5e-3 in log-prob on tied-embedding text
-        # models (1e-5 on the untied VLMs: tests/test_kit.py), far below what one update moves.
-        assert r["engine_vs_trained"] < 1e-2 < 0.1 < r["engine_vs_initial"]
+        # float32 engine and trainer: the same log-probs up to float noise; two updates move them far more.
+        assert r["engine_vs_trained"] < 1e-4 < 0.1 < r["engine_vs_initial"]
     assert r0["checksums"][0] == r0["checksums"][1] == r1["checksums"][0]
     assert r0["prompts"] != r1["prompts"]  # each rank trains on its own prompts
     from transformers import AutoModelForCausalLM
