@@ -118,9 +118,9 @@ class Config:
 # rewards would give no gradient: DESIGN.md), judge off (accuracy by exact match), no embedder.
 DEMO = dict(
     data="demo/train.jsonl", text_only=True, output_dir="runs/demo", engine="vllm", prompts_per_step=2,
-    group_size=4, max_completion_length=64, temperature=1.0, one_shot=True, steps=2, lr=3e-5,
-    embedder="", w_embed=0.0, micro_batch_size=4, warm_start_steps=4, warm_start_batch_size=2,
-    save_every=2, log_samples_every=1, balance_labels=True, online_filter=False, enforce_eager=True,
+    group_size=4, max_completion_length=64, temperature=1.0, one_shot=True, steps=3, lr=3e-5,
+    embedder="", w_embed=0.0, micro_batch_size=4, warm_start_steps=8, warm_start_batch_size=2,
+    save_every=3, log_samples_every=1, balance_labels=True, online_filter=False, enforce_eager=True,
 )  # fmt: skip
 
 
