@@ -204,22 +204,23 @@ def _completion_logits(model, batch: dict, share_prompts: bool) -> torch.Tensor:
     without gradient checkpointing (which drops the cache); otherwise one pass over prompt + completion."""
     inputs = {k: v.to(model.device) for k, v in batch.items() if k not in ("completion_ids", "completion_mask", "prompt_rows")}
     T = batch["completion_ids"].shape[1]
-    rows = batch.get("prompt_rows")
+    prompt_rows = batch.get("prompt_rows")
+    distinct, rows = torch.unique(prompt_rows, return_inverse=True) if prompt_rows is not None else ((), ())
     shared = (
-        share_prompts and rows is not None and len(set(rows.tolist())) < len(rows)
+        share_prompts and len(distinct) < len(rows)
         and set(inputs) == {"input_ids", "attention_mask"} and not getattr(model, "is_gradient_checkpointing", False)
     )  # fmt: skip
     if not shared:  # only the logits that predict completion tokens: the last T+1 positions, minus the last
         return model(**inputs, logits_to_keep=T + 1, use_cache=False).logits[:, :-1]
-    distinct, rows = torch.unique(rows, return_inverse=True)
-    first = [int((batch["prompt_rows"] == d).nonzero()[0]) for d in distinct]
+    first = [int((prompt_rows == d).nonzero()[0]) for d in distinct]  # each prompt's first row
+    rows = rows.to(model.device)
     P = inputs["input_ids"].shape[1] - T
     ids, attn = inputs["input_ids"], inputs["attention_mask"]
     head = model(input_ids=ids[first, :P], attention_mask=attn[first, :P], use_cache=True, logits_to_keep=1)
     cache = head.past_key_values
-    cache.batch_select_indices(rows.to(model.device))  # prompt g's keys and values for each of its rows
+    cache.batch_select_indices(rows)  # prompt g's keys and values for each of its rows
     tail = model(input_ids=ids[:, P:], attention_mask=attn, past_key_values=cache, use_cache=True, logits_to_keep=T)
-    return torch.cat([head.logits[rows.to(model.device)], tail.logits[:, :-1]], dim=1)
+    return torch.cat([head.logits[rows], tail.logits[:, :-1]], dim=1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -334,7 +335,7 @@ def _reseed(worker, seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _repack_cpu_gemms(worker) -> int:
+def _repack_cpu_gemms(worker) -> None:
     """Runs inside vLLM's CPU worker after `reload_weights`. The CPU build multiplies by packed copies of
     the weights made at load time (`cpu_linear`); reload_weights re-packs the layers it loads, but not a
     tied lm_head, whose weight is the embedding's and never appears in a checkpoint: it kept the old
@@ -342,13 +343,10 @@ def _repack_cpu_gemms(worker) -> int:
     layer that still holds its weight (embeddings and lm_heads; linear layers drop theirs when packed)."""
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
-    n = 0
     for module in worker.model_runner.get_model().modules():
         weight = getattr(module, "weight", None)
         if hasattr(module, "cpu_linear") and isinstance(weight, torch.Tensor) and weight.ndim == 2 and weight.numel():
             dispatch_cpu_unquantized_gemm(module, remove_weight=False)
-            n += 1
-    return n
 
 
 class VLLMRollout:

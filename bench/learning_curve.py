@@ -52,9 +52,7 @@ def pubmedqa_rows(path: Path, context: bool) -> list[dict]:
 def heldout_eval(run, samples, max_tokens: int) -> dict:
     """Greedy answers on held-out questions: accuracy, strict format, and the share of each answer."""
     prompts = [data.build_messages(s, one_shot=True) for s in samples]
-    run.engine.wake_up()
     done = run.engine.generate(prompts, n=1, settings=rollout.SamplingSettings(temperature=0.0, max_new_tokens=max_tokens))
-    run.engine.sleep()
     answers = []
     for c in done:
         a = rewards.parse_completion(c.text, think_tag="think").answer
