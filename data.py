@@ -34,13 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-logger = logging.getLogger(__name__)
+from rewards import MODALITIES  # the 16 tags live with the rewards (copied out alone); re-exported here
 
-MODALITIES = (
-    "X_RAY", "MICROSCOPY", "CLINICAL_PHOTOGRAPHY", "CT_SCAN", "GRAPHICS", "ANGIOGRAPHY",
-    "PET_SCAN", "ULTRASOUND", "MRI_SCAN", "FUNDUS_PHOTOGRAPHY", "OCT_SCAN", "ENDOSCOPY",
-    "MAMMOGRAPHY", "FLUOROSCOPY", "OTHER", "SPECT",
-)  # fmt: skip
+logger = logging.getLogger(__name__)
 
 KINDS = ("mcq", "open", "report")
 
@@ -190,12 +186,16 @@ def load_training_data(path: str | Path, *, on_error: str = "raise", limit: int 
         rows, base_dir = _hub_rows(str(path)), None
     else:
         raise DataError(f"{path}: no such file or folder")
-    samples, skipped = [], 0
+    samples, skipped, seen = [], 0, set()
     for row in rows:
         try:
             if "_error" in row:
                 raise DataError(f"sample {row['id']!r} in {path}: {row['_error']}")
-            samples.append(sample_from_row(row, str(path), base_dir))
+            sample = sample_from_row(row, str(path), base_dir)
+            if sample.id in seen:  # ids key resume, logs and per-sample results: a second row is an error
+                raise DataError(f"sample {sample.id!r} in {path}: duplicate id (an earlier row has it)")
+            seen.add(sample.id)
+            samples.append(sample)
         except DataError as e:
             if on_error == "raise":
                 raise
@@ -748,7 +748,7 @@ def load_benchmark(
         except Exception as e:  # no network, no access, gated: all mean "get it yourself"
             raise _missing(b, root, e) from e
         file = f"{b.hf_id}" + (f"/{b.config}" if b.config else "") + f" ({b.split})"
-    samples, skipped, seen = [], 0, set()
+    samples, skipped, seen, renamed = [], 0, set(), []
     for n, row in enumerate(rows):
         try:
             s = convert(b, row, n, root, file)
@@ -761,11 +761,14 @@ def load_benchmark(
         if s is None:
             continue
         if s.id in seen:  # ids must be unique: evaluation resumes by id
+            renamed.append(f"{s.id} -> {s.id}-{n}")
             s.id = f"{s.id}-{n}"
         seen.add(s.id)
         samples.append(s)
         if limit and len(samples) >= limit:
             break
+    if renamed:
+        logger.warning("%s: %d duplicate sample ids in %s renamed: %s", name, len(renamed), file, ", ".join(renamed))
     if skipped:
         logger.warning("%s: skipped %d bad samples of %d in %s", name, skipped, skipped + len(samples), file)
     if not samples:

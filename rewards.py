@@ -1,81 +1,19 @@
-"""The four MediX-R1 rewards, the judge client, the embedder, and their composition.
+"""The four MediX-R1 rewards (format, modality, LLM judge, embedding), the judge client and their composition.
 
-Each reward takes TRL's reward-function arguments, `fn(completions, **columns) -> list[float |
-None]` (None: could not score), so it drops into `trl.GRPOTrainer(reward_funcs=[...])` unchanged;
-completions may be strings or TRL's conversational form (lists of messages).
+Copy this file with judge_prompts.py into any project: it imports nothing else of this one. Each
+reward takes TRL's arguments, `fn(completions, **columns) -> list[float | None]` (None: could not
+score; the reference column is `answer` or `solution`, the modality tag a `modality` column or the
+reference's own `"<X_RAY> answer"` prefix), so it drops into `trl.GRPOTrainer(reward_funcs=...)`.
 
-    format_reward(completions, *, think_tag=None, preset=None, partial=False)
-    modality_reward(completions, modality, *, think_tag=None, preset=None)
-    embedding_reward(completions, answer, *, embedder=None, threshold=0.8, binary=True)
-    llm_judge_reward(completions, answer, *, judge=None)
-
-and `CompositeReward(weights, *, judge, embedder, think_tag, preset)` computes all four with one
-parse per completion and returns every component plus the weighted total:
-
-    judge = OpenAIJudge("http://127.0.0.1:8000/v1", concurrency=64)   # `vllm serve <judge model>`
+    judge = OpenAIJudge("http://127.0.0.1:8000/v1", timeout=30, retries=2)  # `vllm serve <judge>`
+    judge.probe()                                  # JudgeUnavailable unless it serves the model
     reward = CompositeReward(judge=judge, embedder="abhinand/MedEmbed-large-v0.1")
-    out = reward(completions, answer=refs, modality=tags)  # {"llm", "embed", "format", "modality", "total"}
-    reward.stats  # judge calls, cache hits, failures, seconds per component
+    out = reward(completions, solution=refs)       # {"llm", "embed", "format", "modality", "total"}
+    reward.take_stats()                            # judge failures, timeouts, calls... since last take
+    funcs, weights = reward.trl_reward_funcs()     # for GRPOTrainer(reward_funcs=funcs), reward_weights
 
-In TRL: `reward_funcs=[reward.total]`, or the four functions with `reward_weights` (the judge of
-`llm_judge_reward` then comes from `$JUDGE_URL` / `$JUDGE_MODEL`, the key from `$JUDGE_API_KEY`).
-
-The components, for a completion `<TAG> <think>reasoning</think> <answer>text</answer>`:
-
-- format: 1 if the completion has that shape, else 0.
-- modality: 1 if the text before the reasoning tag is the sample's modality tag (case-insensitive);
-  a completion without the reasoning tag scores 0 (reading the whole text instead made a small
-  policy collapse to printing the bare tag within six GRPO steps, DESIGN.md).
-- llm: 1 if the judge says the extracted answer matches the reference (YES), else 0.
-- embed: cosine similarity of the answer and the reference embeddings; 1 at or above the threshold
-  (0.8) else 0, or the clipped similarity itself (`binary=False`).
-- total: 0.9 x (0.575 llm + 0.375 embed + 0.05 modality) + 0.1 format (MediX-R1's weights); a weight
-  of 0 switches a component off (not computed, reported as None), for the paper's ablations.
-
-An invalid answer scores 0 on both accuracy components, an exact match 1 on both, and neither calls
-the judge or the embedder. The judge is called once per distinct (answer, reference) pair; a failed
-call is a counted None, never a crash.
-
-`preset="medix-r1"` reproduces the released reward function (training/examples/reward_function/
-medical.py of mbzuai-oryx/MediX-R1) exactly, quirks included; use it with
-`OpenAIJudge(..., template="medix-r1")` for its judge prompt and parser. Our default differs:
-
-1. Reasoning tag `<think>` (the paper's and website's), not the released code's `<thinking>`
-   (`think_tag="thinking"` or the preset gives that).
-2. Whitespace: the released code first deletes all whitespace around every `<`, `>` and `/` in the
-   response, which also edits the answer ("1 / 2" -> "1/2", "size > 5 cm" -> "size>5 cm") so it no
-   longer exactly matches its reference. We tolerate whitespace inside tag markup only (`< /think >`).
-3. Answer extraction: released, the first `<answer>` block or, without one, the whole response
-   (reasoning included) goes to the judge, so untagged text earns 85% of the reward and a hedge
-   between several answers can pass. Ours: exactly one complete `<answer>...</answer>` block; a
-   missing closing tag, repeated or nested answer blocks give no answer (0 on both accuracies).
-4. Invalid answers: released, empty, one character long, or containing `__`, `:` or `?`, which
-   rejects real answers ("A", "5", "1:2", "T2: hyperintense"). Ours: empty, no letter or digit, or
-   longer than `max_answer_chars` (1,000; a reference is a few words to a few sentences, and a long
-   answer is a hedge).
-5. Exact match: released, case-sensitive after stripping dots. Ours: case-, unicode- and
-   spacing-insensitive (NFKC, casefold, collapsed whitespace, outer punctuation), so trivially
-   equal answers skip the judge.
-6. Judge hacking: released, the answer is pasted into the prompt undelimited and uncapped, and any
-   reply containing "YES" scores 1 ("NO, not YES" included). Ours: `judge_prompts` delimits and caps
-   it and parses strictly; an answer that is only a verdict word ("YES") is scored by comparison
-   with the reference alone, and one that addresses the judge ("respond with YES") scores 0 on both
-   accuracies, without a call.
-7. Format: released, from the first `<thinking>` on, `<thinking>.*?</thinking>\\s*<answer>.*?</answer>`
-   must match, so junk before the tag passes, and so do empty blocks and repeated blocks (the lazy
-   `.*?` stretches over `</answer><answer>`). Ours: nothing outside the tags but an optional
-   modality tag first, exactly one think block then one answer block, neither empty.
-8. A failed judge call: released, 0 (silently). Ours: None, counted; the total is then taken over
-   the components that did score, re-weighted to the same sum, so one network error does not look
-   like a wrong answer to the group advantage. The preset counts it and scores 0, as released.
-9. Speed: the released code makes one blocking request per completion (about 2,560 a step); ours
-   sends distinct pairs only, many at once (bench/bench_rewards.py).
-
-Also here: `format_reward(..., partial=True)` gives a quarter per check (one reasoning block, one
-answer block, in that order, nothing outside); binary stays the default, since per-tag credit was
-seen to pay for half the format without any reasoning (DESIGN.md). `ChatClient` is the transport
-under `OpenAIJudge` (many chat requests at once, timeouts, bounded retries, round-robin, counters);
-evaluate.py reuses it for its own templates.
+`preset="medix-r1"` reproduces the released reward function exactly; README.md ("Departures from
+the released code") says where our default differs, and why.
 """
 from __future__ import annotations
 
@@ -97,9 +35,16 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 import judge_prompts as jp
-from data import MODALITIES
 
 log = logging.getLogger(__name__)
+
+# The 16 modality tags of MediX-R1's data, in its order. Defined here, not in data.py (which
+# re-exports them), so that this file and judge_prompts.py can be copied into other code alone.
+MODALITIES = (
+    "X_RAY", "MICROSCOPY", "CLINICAL_PHOTOGRAPHY", "CT_SCAN", "GRAPHICS", "ANGIOGRAPHY",
+    "PET_SCAN", "ULTRASOUND", "MRI_SCAN", "FUNDUS_PHOTOGRAPHY", "OCT_SCAN", "ENDOSCOPY",
+    "MAMMOGRAPHY", "FLUOROSCOPY", "OTHER", "SPECT",
+)  # fmt: skip
 
 PRESETS = (None, "medix-r1")
 # MediX-R1's weights: 0.9 x (0.575 llm + 0.375 embed + 0.05 modality) + 0.1 format. Written as the
@@ -147,6 +92,7 @@ class Parsed:
     answer: str | None  # the extracted answer; None when there is no valid answer
     prefix: str | None  # the text before the first reasoning tag; None when there is no such tag
     format: float  # the format reward (binary, or a fraction with partial=True)
+    format_partial: float | None = None  # a quarter per format check (our rules only)
 
 
 @lru_cache(maxsize=None)
@@ -191,11 +137,9 @@ def _parse_default(text: str, think: str, max_answer_chars: int, partial: bool) 
             and text[first["ct"][1] : first["oa"][0]].strip() == ""
             and text[first["ca"][1] :].strip() == ""
         )
-    if partial:
-        fmt = (think_block + answer_filled + ordered + outside_ok) / 4.0
-    else:
-        fmt = float(think_block and answer_filled and ordered and outside_ok)
-    return Parsed(answer=answer, prefix=prefix, format=fmt)
+    fraction = (think_block + answer_filled + ordered + outside_ok) / 4.0
+    fmt = fraction if partial else float(think_block and answer_filled and ordered and outside_ok)
+    return Parsed(answer=answer, prefix=prefix, format=fmt, format_partial=fraction)
 
 
 _RELEASED_WS = re.compile(r"\s*(<|>|/)\s*")
@@ -331,6 +275,11 @@ class _Retryable(Exception):
     pass
 
 
+class JudgeUnavailable(Exception):
+    """The judge endpoint cannot be used (unreachable, an error, or not serving the named model);
+    the message is one line that names the URL and what was wrong."""
+
+
 class ChatClient:
     """Sends many chat requests to OpenAI-compatible endpoints at once and returns their texts.
 
@@ -368,7 +317,9 @@ class ChatClient:
         self.droppable = set(droppable)
         self.dropped: set[str] = set()
         self._next_url = 0
-        self.stats = {"requests": 0, "retries": 0, "failures": 0, "timeouts": 0, "http_errors": 0, "bad_bodies": 0, "seconds": 0.0}
+        # timeouts: attempts that timed out; failed_timeouts: requests given up after a timeout.
+        self.stats = {"requests": 0, "retries": 0, "failures": 0, "timeouts": 0, "failed_timeouts": 0, "http_errors": 0, "bad_bodies": 0}
+        self.stats["seconds"] = 0.0
 
     def __repr__(self) -> str:  # no key in here, only the variable's name
         return f"ChatClient(urls={self.urls}, model={self.model!r}, concurrency={self.concurrency}, api_key_env={self.api_key_env!r})"
@@ -429,6 +380,37 @@ class ChatClient:
             finally:
                 self.stats["seconds"] += time.perf_counter() - t0
 
+    def probe(self) -> str:
+        """Check before the long work that every endpoint answers GET /models and serves the model;
+        returns the model's name (learned from the first endpoint when none was given) or raises
+        `JudgeUnavailable` with a one-line message."""
+        return run_sync(self._aprobe)
+
+    async def _aprobe(self) -> str:
+        import aiohttp
+
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as session:
+            for url in self.urls:
+                base = url.rsplit("/chat/completions", 1)[0]
+                try:
+                    async with session.get(base + "/models", headers=self._headers()) as r:
+                        if r.status != 200:
+                            raise JudgeUnavailable(f"judge at {base}: GET /models answered HTTP {r.status}")
+                        try:
+                            served = [m["id"] for m in (await r.json(content_type=None))["data"]]
+                        except (ValueError, KeyError, TypeError) as e:
+                            raise JudgeUnavailable(f"judge at {base}: GET /models returned no model list ({type(e).__name__})") from None
+                except asyncio.TimeoutError:
+                    raise JudgeUnavailable(f"judge at {base}: no answer within {self.timeout:g} s to GET /models") from None
+                except aiohttp.ClientError as e:
+                    detail = " ".join(str(e).split()) or type(e).__name__
+                    raise JudgeUnavailable(f"judge at {base} is unreachable ({detail})") from None
+                if self.model is None and served:
+                    self.model = served[0]
+                if self.model not in served:
+                    raise JudgeUnavailable(f"judge at {base} does not serve model {self.model!r} (it serves: {', '.join(served) or 'nothing'})")
+        return self.model
+
     async def _discover_model(self, session) -> str | None:
         base = self.urls[0].rsplit("/chat/completions", 1)[0]
         try:
@@ -480,6 +462,7 @@ class ChatClient:
                 reason = str(e) if isinstance(e, _Retryable) else type(e).__name__
             if attempt >= self.retries:
                 log.warning("%s: giving up after %d attempts (%s)", url, attempt + 1, reason)
+                self.stats["failed_timeouts"] += reason == "timeout"  # failures whose last attempt timed out
                 break
             attempt += 1
             self.stats["retries"] += 1
@@ -530,6 +513,11 @@ class OpenAIJudge:
 
     def __repr__(self) -> str:
         return f"OpenAIJudge({self.client!r}, template={self.template!r})"
+
+    def probe(self) -> str:
+        """Raise `JudgeUnavailable` (one line: the URL and the fault) unless every endpoint is
+        reachable and serves the named model; returns the model's name. Call it at start."""
+        return self.client.probe()
 
     def messages(self, prediction: str, reference: str) -> list[dict]:
         if self.template == "medix-r1":
@@ -627,18 +615,34 @@ def format_reward(completions, *, think_tag: str | None = None, preset: str | No
     return [parse_completion(c, think_tag=think_tag, preset=preset, partial=partial).format for c in completions]
 
 
-def modality_reward(completions, modality, *, think_tag: str | None = None, preset: str | None = None, **kwargs) -> list[float]:
-    """1.0 when the text before the reasoning tag is the sample's modality tag (case-insensitive)."""
-    return [
-        _modality_score(parse_completion(c, think_tag=think_tag, preset=preset), split_reference("", m, preset)[1], preset)
-        for c, m in zip(completions, modality)
-    ]
+def _references(answer, solution, n: int) -> list[str]:
+    """The reference column: `answer`, or `solution` (TRL's and EasyR1's name), one per completion."""
+    refs = answer if answer is not None else solution
+    if refs is None or len(refs) != n:
+        raise ValueError("the reward needs an `answer` (or `solution`) column, one reference per completion")
+    return list(refs)
+
+
+def modality_reward(
+    completions, modality=None, *, think_tag: str | None = None, preset: str | None = None, answer=None, solution=None, **kwargs
+) -> list[float]:
+    """1.0 when the text before the reasoning tag is the sample's modality tag (case-insensitive).
+
+    The tag comes from the `modality` column, or else from the reference (`"<CT_SCAN> answer"`)."""
+    n = len(completions)
+    modality = modality if modality is not None else [None] * n
+    refs = _references(answer, solution, n) if answer is not None or solution is not None else [""] * n
+    tags = [split_reference(r, m, preset)[1] for r, m in zip(refs, modality)]
+    if None in tags:
+        raise ValueError("modality_reward needs a `modality` column or tagged references (`<X_RAY> answer`)")
+    return [_modality_score(parse_completion(c, think_tag=think_tag, preset=preset), t, preset) for c, t in zip(completions, tags)]
 
 
 def embedding_reward(
     completions,
-    answer,
+    answer=None,
     *,
+    solution=None,
     embedder=None,
     threshold: float = 0.8,
     binary: bool = True,
@@ -652,7 +656,7 @@ def embedding_reward(
     (default abhinand/MedEmbed-large-v0.1, loaded once).
     """
     parsed = [parse_completion(c, think_tag=think_tag, preset=preset) for c in completions]
-    refs = [split_reference(a, None, preset)[0] for a in answer]
+    refs = [split_reference(a, None, preset)[0] for a in _references(answer, solution, len(completions))]
     scores: list[float | None] = [decide_without_judge(p.answer, r, preset) for p, r in zip(parsed, refs)]
     ask = [i for i, s in enumerate(scores) if s is None]
     sims = cosine_pairs(_as_embedder(embedder), [(parsed[i].answer, refs[i]) for i in ask]) if ask else []
@@ -661,7 +665,9 @@ def embedding_reward(
     return scores
 
 
-def llm_judge_reward(completions, answer, *, judge=None, think_tag: str | None = None, preset: str | None = None, **kwargs) -> list[float | None]:
+def llm_judge_reward(
+    completions, answer=None, *, solution=None, judge=None, think_tag: str | None = None, preset: str | None = None, **kwargs
+) -> list[float | None]:
     """1.0 when the judge says the extracted answer matches the reference, 0.0 if not, None on failure.
 
     `judge`: any callable (prediction, reference) pairs -> 1.0/0.0/None, e.g. `OpenAIJudge`; default
@@ -669,14 +675,16 @@ def llm_judge_reward(completions, answer, *, judge=None, think_tag: str | None =
     decided without a call; each distinct pair is sent once.
     """
     parsed = [parse_completion(c, think_tag=think_tag, preset=preset) for c in completions]
-    refs = [split_reference(a, None, preset)[0] for a in answer]
+    refs = [split_reference(a, None, preset)[0] for a in _references(answer, solution, len(completions))]
     scores: list[float | None] = [decide_without_judge(p.answer, r, preset) for p, r in zip(parsed, refs)]
-    _ask_judge(judge if judge is not None else default_judge(), scores, [p.answer for p in parsed], refs, preset, {})
+    failed = 0.0 if preset == "medix-r1" else None  # released: any error scores 0
+    _ask_judge(judge if judge is not None else default_judge(), scores, [p.answer for p in parsed], refs, failed, {})
     return scores
 
 
-def _ask_judge(judge, scores: list, answers: list, refs: list, preset: str | None, stats: dict) -> None:
-    """Fill the None entries of `scores` with the judge's verdicts, one call per distinct pair."""
+def _ask_judge(judge, scores: list, answers: list, refs: list, failed: float | None, stats: dict) -> None:
+    """Fill the None entries of `scores` with the judge's verdicts, one call per distinct pair; a
+    failed call gets `failed` (None: could not score)."""
     ask = [i for i, s in enumerate(scores) if s is None]
     pairs = list(dict.fromkeys((answers[i], refs[i]) for i in ask))
     stats["judge_pairs"] = stats.get("judge_pairs", 0) + len(pairs)
@@ -687,7 +695,7 @@ def _ask_judge(judge, scores: list, answers: list, refs: list, preset: str | Non
         v = verdicts.get((answers[i], refs[i]))
         if v is None:
             failures += 1
-            v = 0.0 if preset == "medix-r1" else None  # released: any error scores 0
+            v = failed
         scores[i] = v
     stats["judge_failures"] = stats.get("judge_failures", 0) + failures
     if failures:
@@ -706,9 +714,22 @@ class CompositeReward:
     component off (not computed, reported as None). `judge`: a pairs -> 1.0/0.0/None callable such
     as `OpenAIJudge`; `embedder`: a sentence-transformers model, anything with `.encode`, or a model
     name. `think_tag` None means the preset's (`think`; `thinking` for "medix-r1").
+
+    `on_judge_failure`: what a failed judge call (None) does. "drop" (our default): the
+    completion's `total` is None, so the trainer leaves it out of its group's statistics and of the
+    loss; "zero": the llm component scores 0, as released (the default of `preset="medix-r1"`).
+    Never re-weighted: a dead judge must not train like a judge that always says YES.
+    `partial_format=True`: a quarter per format check replaces the binary format in the total;
+    the output's "format" is then that fraction and "format_strict" the binary one.
+
     `reward(completions, answer=[...], modality=[...])` returns {"llm", "embed", "format",
-    "modality", "total"}: one value per completion each. `stats` accumulates counters over calls
-    (`last_stats`: the last call): judge calls, cache hits, failures, seconds per component.
+    "modality", "total"}: one value per completion each. The reference may come as `solution`
+    instead of `answer` (TRL's and EasyR1's column), and without a `modality` column the tag is read
+    from the reference (`"<CT_SCAN> answer"`, MediX-R1's data). Counters: `stats` (since creation),
+    `last_stats` (the last call), `take_stats()` (since the last take, then reset: what a trainer
+    logs per step). Among them `judge_failures` (completions whose judge call failed),
+    `judge_unparsed` (distinct pairs answered with neither YES nor NO), `judge_timeouts` (distinct
+    pairs whose last attempt timed out), judge calls, cache hits and seconds per component.
     """
 
     def __init__(
@@ -719,6 +740,8 @@ class CompositeReward:
         embedder=None,
         think_tag: str | None = None,
         preset: str | None = None,
+        on_judge_failure: str | None = None,
+        partial_format: bool = False,
         threshold: float = 0.8,
         binary_embed: bool = True,
         max_answer_chars: int = MAX_ANSWER_CHARS,
@@ -729,6 +752,13 @@ class CompositeReward:
         self.weights = {**DEFAULT_WEIGHTS, **(weights or {})}
         self.think_tag = _think_tag(think_tag, preset)
         self.preset = preset
+        on_judge_failure = on_judge_failure or ("zero" if preset == "medix-r1" else "drop")
+        if on_judge_failure not in ("drop", "zero"):
+            raise ValueError(f"unknown on_judge_failure {on_judge_failure!r}; choose 'drop' or 'zero'")
+        self.on_judge_failure = on_judge_failure
+        if partial_format and preset == "medix-r1":
+            raise ValueError("partial format credit is not part of the released reward")
+        self.partial_format = partial_format
         if self.weights["llm"] and judge is None:
             raise ValueError("the llm component needs judge=... (or weights={'llm': 0})")
         self.judge = judge
@@ -738,18 +768,65 @@ class CompositeReward:
             log.warning("preset medix-r1 with a non-released embedding rule (threshold %s, binary %s)", threshold, binary_embed)
         self.stats: dict[str, float] = {}
         self.last_stats: dict[str, float] = {}
+        self._pending: dict[str, float] = {}
 
     def total(self, completions, **columns) -> list[float | None]:
         """Only the total: a TRL reward function (`reward_funcs=[composite.total]`)."""
         return self(completions, **columns)["total"]
 
-    def __call__(self, completions, answer=None, modality=None, **kwargs) -> dict[str, list]:
+    def trl_reward_funcs(self) -> tuple[list[Callable], list[float]]:
+        """The components switched on as TRL reward functions, and their weights:
+
+            funcs, weights = reward.trl_reward_funcs()
+            GRPOTrainer(..., reward_funcs=funcs, args=GRPOConfig(..., reward_weights=weights))
+
+        TRL logs each by its name (llm, embed, modality, format). The four share one composite call
+        per batch (one parse, one judge request per distinct pair); each batch also logs the
+        judge's failures, unparsed replies and timeouts through TRL's `log_metric`.
+        """
+        batch: dict[str, Any] = {}
+
+        def component(key: str) -> Callable:
+            def reward_func(completions, **columns):
+                if batch.get("completions") is not completions:  # TRL passes one list to all four
+                    batch.update(completions=completions, out=self(completions, **columns))
+                    log_metric = columns.get("log_metric")
+                    if callable(log_metric):
+                        for k in ("judge_failures", "judge_unparsed", "judge_timeouts"):
+                            log_metric(k, self.last_stats[k])
+                out = batch["out"]
+                # TRL turns None into nan and sums with nansum, so a lone None would count as 0: under
+                # "zero" the llm value already is that 0 (the released reward). Under "drop" every
+                # function returns None for the completion, which TRL (1.16, checked in its source)
+                # then treats as unscorable: out of its group's mean and std, advantage 0, as ours.
+                return [None if t is None else v for v, t in zip(out[key], out["total"])]
+
+            reward_func.__name__ = key
+            return reward_func
+
+        keys = [k for k in ("llm", "embed", "modality", "format") if self.weights[k]]
+        return [component(k) for k in keys], [self.weights[k] for k in keys]
+
+    def take_stats(self) -> dict[str, float]:
+        """The counters summed over the calls since the last `take_stats()`, then reset."""
+        taken, self._pending = self._pending, {}
+        return taken
+
+    def _judge_counters(self) -> dict[str, float]:
+        """The judge's own counters, where it keeps them (OpenAIJudge and its ChatClient do)."""
+        judge = getattr(self.judge, "stats", None) or {}
+        client = getattr(getattr(self.judge, "client", None), "stats", None) or {}
+        return {
+            "calls": judge.get("calls"), "cache_hits": judge.get("cache_hits", 0),
+            "unparsed": judge.get("unparsed", 0), "timeouts": client.get("failed_timeouts", 0),
+        }  # fmt: skip
+
+    def __call__(self, completions, answer=None, modality=None, *, solution=None, **kwargs) -> dict[str, list]:
         w, n = self.weights, len(completions)
-        if answer is None or len(answer) != n:
-            raise ValueError("CompositeReward needs an `answer` column, one reference per completion")
+        answer = _references(answer, solution, n)
         modality = modality if modality is not None else [None] * n
         stats: dict[str, float] = {"completions": n}
-        judge_before = dict(getattr(self.judge, "stats", {}) or {})
+        judge_before = self._judge_counters()
 
         t0 = time.perf_counter()
         parsed = [parse_completion(c, think_tag=self.think_tag, preset=self.preset, max_answer_chars=self.max_answer_chars) for c in completions]
@@ -759,10 +836,12 @@ class CompositeReward:
 
         if w["format"]:
             out["format"] = [p.format for p in parsed]
+            if self.partial_format:
+                out["format_strict"], out["format"] = out["format"], [p.format_partial for p in parsed]
         t = time.perf_counter()
         if w["modality"]:
             if any(tag is None for _, tag in refs):
-                raise ValueError("the modality component needs a `modality` column (or weights={'modality': 0})")
+                raise ValueError("the modality component needs a `modality` column or tagged references (or weights={'modality': 0})")
             out["modality"] = [_modality_score(p, tag, self.preset) for p, (_, tag) in zip(parsed, refs)]
         stats["seconds_modality"] = time.perf_counter() - t
         stats["seconds_format"] = parse_s  # the format score is a by-product of parsing
@@ -774,9 +853,11 @@ class CompositeReward:
         stats["decided_without_judge"] = sum(d is not None for d in decided)
 
         t = time.perf_counter()
+        stats["judge_failures"] = 0
         if w["llm"]:
             out["llm"] = list(decided)
-            _ask_judge(self.judge, out["llm"], answers, ref_texts, self.preset, stats)
+            failed = 0.0 if self.on_judge_failure == "zero" else None
+            _ask_judge(self.judge, out["llm"], answers, ref_texts, failed, stats)
         stats["seconds_llm"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -790,24 +871,25 @@ class CompositeReward:
         stats["seconds_embed"] = time.perf_counter() - t
 
         out["total"] = [self._total({k: out[k][i] for k in COMPONENTS}) for i in range(n)]
-        judge_after = getattr(self.judge, "stats", None) or {}
+        after = self._judge_counters()
         # Judge calls and cache hits as the judge counts them (repeats in the batch never reach it).
-        stats["judge_calls"] = judge_after.get("calls", 0) - judge_before.get("calls", 0) if "calls" in judge_after else stats.get("judge_pairs", 0)
-        stats["cache_hits"] = stats.get("batch_repeats", 0) + judge_after.get("cache_hits", 0) - judge_before.get("cache_hits", 0)
+        stats["judge_calls"] = after["calls"] - judge_before["calls"] if after["calls"] is not None else stats.get("judge_pairs", 0)
+        stats["cache_hits"] = stats.get("batch_repeats", 0) + after["cache_hits"] - judge_before["cache_hits"]
+        stats["judge_unparsed"] = after["unparsed"] - judge_before["unparsed"]
+        stats["judge_timeouts"] = after["timeouts"] - judge_before["timeouts"]
         self.last_stats = stats
         for k, v in stats.items():
             self.stats[k] = self.stats.get(k, 0) + v
+            self._pending[k] = self._pending.get(k, 0) + v
         return out
 
-    def _total(self, scores: dict[str, float | None]) -> float:
-        w = self.weights
-        live = [k for k in ("llm", "embed", "modality", "format") if w[k]]  # the released summation order
+    def _total(self, scores: dict[str, float | None]) -> float | None:
+        """The weighted sum, or None when a component switched on could not score (a failed judge
+        call under "drop"): that completion must not count, least of all as a full score."""
         total = 0.0
-        for k in live:
-            total += w[k] * (scores[k] or 0.0)  # None only on a failed judge call in our default
-        failed = [k for k in live if scores[k] is None]
-        if failed:
-            # Score a failed judge call by the components that did score, re-weighted to the same sum.
-            kept = sum(w[k] for k in live) - sum(w[k] for k in failed)
-            total = total * sum(w[k] for k in live) / kept if kept > 0 else 0.0
+        for k in ("llm", "embed", "modality", "format"):  # the released summation order
+            if self.weights[k]:
+                if scores[k] is None:
+                    return None
+                total += self.weights[k] * scores[k]
         return total

@@ -43,8 +43,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -128,8 +129,11 @@ def encode_prompts(processor, prompts: Sequence[Prompt], padding_side: str = "le
 _PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
 
-def policy_inputs(processor, prompts: Sequence[Prompt], completions: Sequence[Completion], pad_token_id=None):
+def policy_inputs(processor, prompts: Sequence[Prompt | dict], completions: Sequence[Completion], pad_token_id=None):
     """Model inputs for one forward pass of the policy over (prompt + completion) rows.
+
+    Each prompt is chat messages, or what `encode_prompts(processor, [messages])` returned for it (so a
+    trainer that keeps the encoding encodes each prompt once).
 
     Prompts are left-padded and completions right-padded, so every completion starts at the same column
     and `completion_logprobs` keeps only the last T+1 logits. Each row carries its own images (a prompt
@@ -142,7 +146,8 @@ def policy_inputs(processor, prompts: Sequence[Prompt], completions: Sequence[Co
     encoded = {}  # one processor call per distinct prompt
     for c in completions:
         if c.prompt_index not in encoded:
-            encoded[c.prompt_index] = encode_prompts(processor, [prompts[c.prompt_index]])
+            p = prompts[c.prompt_index]
+            encoded[c.prompt_index] = p if isinstance(p, Mapping) else encode_prompts(processor, [p])
     token_keys = sorted({k for enc in encoded.values() for k in enc if k in _PER_TOKEN})
     P = max(encoded[c.prompt_index]["input_ids"].shape[1] for c in completions)
     T = max(1, max(len(c.token_ids) for c in completions))
@@ -206,12 +211,14 @@ def _completion_logits(model, batch: dict, share_prompts: bool) -> torch.Tensor:
     T = batch["completion_ids"].shape[1]
     prompt_rows = batch.get("prompt_rows")
     distinct, rows = torch.unique(prompt_rows, return_inverse=True) if prompt_rows is not None else ((), ())
+    vlm = _is_vlm(model.config)
     shared = (
-        share_prompts and len(distinct) < len(rows)
+        share_prompts and not vlm and len(distinct) < len(rows)
         and set(inputs) == {"input_ids", "attention_mask"} and not getattr(model, "is_gradient_checkpointing", False)
     )  # fmt: skip
     if not shared:  # only the logits that predict completion tokens: the last T+1 positions, minus the last
-        return model(**inputs, logits_to_keep=T + 1, use_cache=False).logits[:, :-1]
+        with _blank_image(model, vlm and "pixel_values" not in inputs):
+            return model(**inputs, logits_to_keep=T + 1, use_cache=False).logits[:, :-1]
     first = [int((prompt_rows == d).nonzero()[0]) for d in distinct]  # each prompt's first row
     rows = rows.to(model.device)
     P = inputs["input_ids"].shape[1] - T
@@ -221,6 +228,50 @@ def _completion_logits(model, batch: dict, share_prompts: bool) -> torch.Tensor:
     cache.batch_select_indices(rows)  # prompt g's keys and values for each of its rows
     tail = model(input_ids=ids[:, P:], attention_mask=attn, past_key_values=cache, use_cache=True, logits_to_keep=T)
     return torch.cat([head.logits[rows], tail.logits[:, :-1]], dim=1)
+
+
+@contextmanager
+def _blank_image(model, on: bool):
+    """While on, the language model's input embeddings get 0 x the vision tower's output for a blank
+    image, at the point where real image features join them. So every FSDP2 rank runs the (sharded)
+    vision blocks once per forward and backward, in the same order, image or not; otherwise their
+    all-gathers and reduce-scatters mismatch across ranks (verl and EasyR1 do the same)."""
+    if not on:
+        yield
+        return
+
+    def add_blank(module, args, kwargs):
+        embeds = kwargs["inputs_embeds"]
+        kwargs["inputs_embeds"] = embeds + 0.0 * _dummy_vision(model).to(embeds.dtype)
+        return args, kwargs
+
+    handle = model.model.language_model.register_forward_pre_hook(add_blank, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _dummy_vision(model) -> torch.Tensor:
+    """The vision tower run on a blank 2x2-patch image, summed to a scalar."""
+    vc = model.config.vision_config
+    merge = getattr(vc, "spatial_merge_size", 2)
+    grid = torch.tensor([[1, merge, merge]], device=model.device)
+    patch_dim = getattr(vc, "in_channels", 3) * getattr(vc, "temporal_patch_size", 2) * vc.patch_size**2
+    pixels = torch.zeros(merge * merge, patch_dim, dtype=model.dtype, device=model.device)
+    out = model.get_image_features(pixels, grid)
+    return sum(t.float().sum() for t in _tensors(out))
+
+
+def _tensors(x) -> Iterator[torch.Tensor]:
+    if torch.is_tensor(x):
+        yield x
+    elif isinstance(x, Mapping):
+        for v in x.values():
+            yield from _tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -274,9 +325,13 @@ class HFRollout:
             if device:
                 model = model.to(device)
             processor = processor or AutoProcessor.from_pretrained(path)
-        if processor is None:
+        elif processor is None:
             raise ValueError("pass the processor (or tokenizer) together with a loaded model")
+        else:
+            self.shares_trainer_model = True  # its weights are the trainer's: nothing to copy or sleep
         self.model, self.processor = model.eval(), processor
+
+    shares_trainer_model = False
 
     def generate(self, prompts: Sequence[Prompt], n: int = 1, settings: SamplingSettings | None = None) -> list[Completion]:
         from transformers import GenerationConfig
@@ -294,10 +349,12 @@ class HFRollout:
             top_k=None if greedy else 0, max_new_tokens=s.max_new_tokens, num_return_sequences=n,
             eos_token_id=sorted(eos), pad_token_id=tok.pad_token_id, output_scores=True, return_dict_in_generate=True,
         )
+        # Under FSDP every forward is a collective: ranks that finish early must keep stepping with the rest.
+        synced = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             if s.seed is not None:
                 torch.manual_seed(s.seed)
-            out = self.model.generate(**enc, generation_config=gen)
+            out = self.model.generate(**enc, generation_config=gen, synced_gpus=synced)
         P = enc["input_ids"].shape[1]
         new = out.sequences[:, P:].cpu()
         # Scores are the processed logits the sampler drew from (temperature and top-p applied).
@@ -317,13 +374,28 @@ class HFRollout:
         return done
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if self.shares_trainer_model:  # not even iterated: gathering FSDP shards would be wasted collectives
+            return
         params = dict(self.model.named_parameters())
         with torch.no_grad():
             for name, tensor in named_tensors:
                 if name in params and params[name] is not tensor:
                     params[name].copy_(tensor)
 
+    def score(self, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]]) -> list[list[float]]:
+        """Log-probs (temperature 1) of given completion tokens after given prompt tokens (text only)."""
+        out = []
+        with torch.no_grad():
+            for p, c in zip(prompt_ids, completion_ids):
+                ids = torch.tensor([list(p) + list(c)], device=self.model.device)
+                logits = self.model(input_ids=ids, use_cache=False).logits[0, len(p) - 1 : -1].float()
+                out.append(torch.log_softmax(logits, -1).gather(-1, ids[0, len(p) :, None])[:, 0].tolist())
+        return out
+
     def sleep(self) -> None:  # nothing to free: the model lives with the trainer
+        pass
+
+    def close(self) -> None:
         pass
 
     def wake_up(self) -> None:
@@ -393,10 +465,11 @@ class VLLMRollout:
             # ~2.5x slower than float32 (SmolLM2 rollout here) and its log-probs drift from a float32
             # trainer's by up to 0.04 per token; float32 matches transformers to ~1e-5.
             dtype = "float32"
-        self.sleep_mode = self.cuda if enable_sleep_mode is None else enable_sleep_mode
-        if self.sleep_mode and not self.cuda:
-            raise ValueError("vLLM supports sleep mode on CUDA only (its CPU build refuses it)")
-        self.sleep_level = sleep_level
+        from vllm.platforms import current_platform
+
+        if enable_sleep_mode is None:  # on where vLLM offers it (CUDA; its CPU build refuses it)
+            enable_sleep_mode = current_platform.is_sleep_mode_available() and sleep_level > 0
+        self.sleep_mode, self.sleep_level = enable_sleep_mode, sleep_level
         from transformers import AutoConfig, AutoProcessor
 
         if _is_vlm(AutoConfig.from_pretrained(str(model))):
@@ -424,6 +497,21 @@ class VLLMRollout:
         self._weights_asleep = self._kv_asleep = False
         self._weights_valid = True  # False after a level-2 sleep until the trainer's weights are loaded
         self.sleep()
+
+    def close(self) -> None:
+        """Shut the engine down, so another can start in this process. Under torchrun, vLLM's shutdown
+        (also run by its finalizer at exit) tears down torch.distributed, which the external launcher shares
+        with the trainer ("Invalid process group specified"): there the engine is left to the process exit."""
+        import gc
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            finalizer = getattr(self.llm.llm_engine.engine_core, "_finalizer", None)
+            if finalizer is not None:
+                finalizer.detach()
+            return
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        gc.collect()
 
     # -- sleep and wake (CUDA only; no-ops elsewhere) -------------------------------------------------
 
@@ -477,17 +565,35 @@ class VLLMRollout:
         self.llm.llm_engine.reset_encoder_cache()
         return time.perf_counter() - t0
 
+    def score(self, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]]) -> list[list[float]]:
+        """Log-probs (temperature 1) of given completion tokens after given prompt tokens, under the
+        engine's current weights: the engine's side of the trainer's weight-sync check. Text only."""
+        from vllm import SamplingParams
+
+        self._check_weights()
+        self.wake_up()
+        requests = [{"prompt_token_ids": list(p) + list(c)} for p, c in zip(prompt_ids, completion_ids)]
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0)
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        return [
+            [out.prompt_logprobs[len(p) + k][t].logprob for k, t in enumerate(c)]
+            for out, p, c in zip(outputs, prompt_ids, completion_ids)
+        ]
+
+    def _check_weights(self) -> None:
+        if not self._weights_valid:
+            raise RuntimeError(
+                "vLLM's weights were discarded by a level-2 sleep: call update_weights(...) with the trainer's "
+                "parameters before generating (never generate with garbage weights; TRL issue 5312)"
+            )
+
     # -- generation -----------------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[Prompt], n: int = 1, settings: SamplingSettings | None = None) -> list[Completion]:
         from vllm import SamplingParams
 
         s = settings or SamplingSettings()
-        if not self._weights_valid:
-            raise RuntimeError(
-                "vLLM's weights were discarded by a level-2 sleep: call update_weights(...) with the trainer's "
-                "parameters before generate (never generate with garbage weights; TRL issue 5312)"
-            )
+        self._check_weights()
         self.wake_up()
         tok = _tokenizer(self.processor)
         requests = []
@@ -514,8 +620,7 @@ class VLLMRollout:
                     logprobs=[c.logprobs[k][t].logprob for k, t in enumerate(ids)],
                     prompt_ids=list(out.prompt_token_ids), finish_reason=c.finish_reason or "stop",
                 ))
-        self.sleep()  # between rollouts the trainer gets the memory back
-        return done
+        return done  # still awake: a refill may follow; the trainer calls sleep() before its update
 
 
 def _gpu_used_gib() -> float:

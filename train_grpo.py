@@ -63,12 +63,19 @@ class Config:
     gpu_memory_utilization: float = 0.35  # vLLM's share of the GPU (weights + KV cache)
     tensor_parallel_size: int = 1
     enforce_eager: bool = False  # skip vLLM's graph compilation (saves 1-2 min of start-up on a CPU)
+    sleep_level: int = 2  # vLLM sleep during the update (GPU): 2 frees weights + KV cache, 1 keeps weights in CPU RAM, 0 never
+    sync_probe_max: float = 0.0  # stop when engine and trainer disagree by more on the probe after a sync (0: 1e-3 float32, 0.1 bf16)
     think_tag: str = "think"  # reasoning tag in the prompt and the rewards; `thinking` as released
     one_shot: bool = False  # add one example of the output format to the prompt
     # -- rewards
     judge_url: list[str] = field(default_factory=list)  # OpenAI-compatible judge endpoints (round-robin); none: exact match only
     judge_model: str = "Qwen/Qwen3-4B-Instruct-2507"  # the model name the judge server serves
     judge_concurrency: int = 64  # judge requests in flight
+    judge_timeout: float = 30.0  # seconds per judge request
+    judge_retries: int = 2  # retries of a failed judge request
+    on_judge_failure: str = ""  # drop: a completion whose judge call failed trains nothing; zero: it scores 0 (the preset's)
+    judge_failure_max: float = 0.5  # stop when more than this share of judge calls fails ...
+    judge_failure_steps: int = 3  # ... for this many steps in a row
     embedder: str = "abhinand/MedEmbed-large-v0.1"  # sentence-transformers model or path; "" turns the component off
     reward_preset: str = ""  # "medix-r1": the released reward function exactly
     w_llm: float = 0.9 * 0.575  # reward weights (MediX-R1's); 0 switches a component off
@@ -128,54 +135,79 @@ DEMO = dict(
 # The step
 
 
-def train_step(step, cfg, run) -> dict:
-    """One GRPO step, top to bottom. `run` holds the model, optimiser, engine, reward and sampler."""
-    t0 = time.perf_counter()
-    batch, counts = rollout_and_score(cfg, run)  # rollout + rewards + online filter (refilled)
-    run.last_batch = batch
-    stats = {**counts, **reward_means(batch)}
-    if batch["n_groups"] == 0:  # every process filtered everything out: nothing to learn from
-        return {**stats, "skipped": 1, "seconds_step": time.perf_counter() - t0}
+@dataclass
+class Group:
+    """One prompt and its n completions: made when the prompt is sampled, carried through the step."""
 
-    advantages = group_advantages(batch["rewards"], cfg.group_size, scale=cfg.scale_rewards)  # [N]
+    sample: data.Sample
+    messages: list  # the chat prompt both the engine and the trainer see
+    encoded: dict  # the trainer's encoding of the prompt (input_ids [1, P], images...), made once
+    completions: list = field(default_factory=list)  # rollout.Completion x n
+    scores: dict = field(default_factory=dict)  # reward component -> n values; None: could not score
+    advantages: list = field(default_factory=list)  # n floats; 0.0 where the total is None
+
+    @property
+    def valid(self) -> list[bool]:  # a completion without a total trains nothing and skews no statistic
+        return [t is not None for t in self.scores["total"]]
+
+
+def train_step(step: int, cfg, run) -> tuple[dict, list[Group]]:
+    """One GRPO step, top to bottom; returns its metrics and the groups it trained on."""
+    t0 = time.perf_counter()
+    groups, stats = rollout_and_score(step, cfg, run)  # engine awake; refills for filtered groups
+    stats.update(reward_means(groups))
+    if not groups:  # every process filtered everything out: nothing to learn; the engine stays awake
+        print(f"step {step + 1} skipped: no group with a learning signal ({stats['groups_filtered']} filtered)")
+        return {**stats, "skipped": 1, "sync_probe_diff": run.probe_diff, "seconds_step": time.perf_counter() - t0}, groups
+    set_advantages(cfg, run, groups)
+    run.engine.sleep()  # the trainer gets the accelerator memory for its update
     t1 = time.perf_counter()
-    update = optimise(cfg, run, batch, advantages)  # micro-batched loss + backward, optimiser steps
+    update = optimise(cfg, run, groups)  # old log-probs, micro-batched loss + backward, optimiser steps
     t2 = time.perf_counter()
     run.engine.update_weights(rollout.full_parameters(run.model))  # in place, one gathered tensor at a time
     t3 = time.perf_counter()
+    run.probe_diff = check_sync(step, cfg, run)  # stops the run if the engine did not take the weights
+    adv = torch.tensor([a for g in groups for a, ok in zip(g.advantages, g.valid) if ok] or [0.0])
     return {
-        **stats, **update, "adv_mean": advantages.mean().item(), "adv_std": advantages.std().item(),
-        "seconds_rollout": batch["seconds_rollout"], "seconds_reward": batch["seconds_reward"],
-        "seconds_update": t2 - t1, "seconds_sync": t3 - t2, "seconds_step": t3 - t0,
-        "lr": run.scheduler.get_last_lr()[0],
-        "peak_memory_gb": peak_memory_gb(),
-    }  # fmt: skip
+        **stats, **update, "skipped": 0, "adv_mean": adv.mean().item(), "adv_std": adv.std().nan_to_num(0.0).item(),
+        "sync_probe_diff": run.probe_diff, "seconds_update": t2 - t1, "seconds_sync": t3 - t2,
+        "seconds_step": time.perf_counter() - t0, "lr": run.scheduler.get_last_lr()[0], "peak_memory_gb": peak_memory_gb(),
+    }, groups  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
 # Advantages and loss: pure functions of tensors
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-4, batch_std: float | None = None
+) -> torch.Tensor:
     """Advantages of `rewards` [P*G] whose groups of `group_size` completions are contiguous.
 
     scale="group": (r - group mean) / (group std + eps), unbiased std (GRPO);
-    scale="batch": (r - group mean) / (std of the whole batch + eps);
+    scale="batch": (r - group mean) / (std of the whole batch + eps); `batch_std` overrides the std of
+                   `rewards` (the trainer passes the std over all processes, as TRL does);
     scale="none":  r - group mean (Dr. GRPO: no std division, which favours easy/hard prompts less).
+    NaN rewards (completions that could not be scored) are left out of every statistic and get 0.
     """
     if rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} values, got {tuple(rewards.shape)}")
-    grouped = rewards.view(-1, group_size)  # [P, G]
-    centred = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)  # [P*G]
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', not {scale!r}")
+    ok = ~rewards.isnan()
+    grouped, okg = rewards.nan_to_num(0.0).view(-1, group_size), ok.view(-1, group_size)  # [P, G]
+    n = okg.sum(dim=1, keepdim=True)
+    mean = (grouped * okg).sum(dim=1, keepdim=True) / n.clamp(min=1)
+    centred = ((grouped - mean) * okg).view(-1)  # [P*G], 0 where NaN
     if scale == "group":
-        # A group of one has no spread: std is NaN with Bessel's correction; treat it as 0.
-        std = grouped.std(dim=1, keepdim=True).nan_to_num(0.0).expand_as(grouped).reshape(-1)
+        # Unbiased std over the scored members; a group with one scored member has no spread (0).
+        var = (((grouped - mean) * okg) ** 2).sum(dim=1, keepdim=True) / (n - 1).clamp(min=1)
+        std = var.sqrt().expand_as(grouped).reshape(-1)
         return centred / (std + eps)
     if scale == "batch":
-        return centred / (rewards.std().nan_to_num(0.0) + eps)
-    if scale == "none":
-        return centred
-    raise ValueError(f"scale must be 'group', 'batch' or 'none', not {scale!r}")
+        std = batch_std if batch_std is not None else rewards[ok].std().nan_to_num(0.0).item()
+        return centred / (std + eps)
+    return centred
 
 
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
@@ -221,14 +253,14 @@ def grpo_loss(
     per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv)
     per_token = per_token.expand_as(logp)  # [B, T]
     kl = None
+    if token_weights is not None:  # importance weights scale the policy term only (as TRL), not the KL
+        per_token = per_token * token_weights
     if beta > 0:
         if ref_logp is None:
             raise ValueError("beta > 0 needs ref_logp")
         d = (ref_logp - logp).masked_fill(pad, 0.0)
         kl = torch.exp(d) - d - 1  # k3 estimator of KL(policy || ref), >= 0
         per_token = per_token + beta * kl
-    if token_weights is not None:
-        per_token = per_token * token_weights
 
     B = logp.shape[0]
     n_seq = num_sequences or B
@@ -262,87 +294,116 @@ def grpo_loss(
 # Rollout, rewards, filtering
 
 
-def rollout_and_score(cfg, run) -> tuple[dict, dict]:
+def rollout_and_score(step: int, cfg, run) -> tuple[list[Group], dict]:
     """Sample prompts, roll out, score; keep groups with signal, refilling up to `max_filter_tries`."""
-    kept, counts = [], {"groups_sampled": 0, "groups_filtered": 0, "prompts_too_long": 0, "filter_tries": 0}
+    kept = []
+    counts = dict.fromkeys(("groups_sampled", "groups_filtered", "groups_unscored", "groups_cut", "prompts_too_long",
+                            "filter_tries", "completions_unscored", "rewards_nan", "judge_pairs", "judge_failures",
+                            "judge_unparsed", "judge_timeouts"), 0)  # fmt: skip
     seconds = {"seconds_rollout": 0.0, "seconds_reward": 0.0}
-    while len(kept) < cfg.prompts_per_step and counts["filter_tries"] < max(cfg.max_filter_tries, 1):
+    for attempt in range(max(cfg.max_filter_tries, 1)):
+        # Every process takes part in every try (transformers' generate under FSDP is a collective).
+        if not any_rank(run, len(kept) < cfg.prompts_per_step):
+            break
         counts["filter_tries"] += 1
-        samples = [run.samples[i] for i in run.sampler.next(cfg.prompts_per_step - len(kept))]
+        want = cfg.prompts_per_step - len(kept)
+        if want == 0 and getattr(run.engine, "shares_trainer_model", False) and run.world > 1:
+            want = cfg.prompts_per_step  # rolled out and cut, so this process runs the same forwards
+        groups = new_groups(cfg, run, run.sampler.next(want), counts)
         t = time.perf_counter()
-        groups, too_long = generate_groups(cfg, run, samples)
-        counts["prompts_too_long"] += too_long
+        settings = dataclasses.replace(run.sampling, seed=rollout_seed(cfg, run, step, attempt))
+        completions = run.engine.generate([g.messages for g in groups], n=cfg.group_size, settings=settings) if groups else []
+        for i, g in enumerate(groups):
+            g.completions = completions[i * cfg.group_size : (i + 1) * cfg.group_size]
         t2 = time.perf_counter()
-        score_groups(cfg, run, groups)
+        score_groups(run, groups, counts)
         seconds["seconds_rollout"] += t2 - t
         seconds["seconds_reward"] += time.perf_counter() - t2
         counts["groups_sampled"] += len(groups)
         for g in groups:
-            signal = sum(g["scores"][cfg.filter_key]) / cfg.group_size
-            if not cfg.online_filter or cfg.filter_low < signal < cfg.filter_high:
-                kept.append(g)
-            else:
+            signal = [v for v, ok in zip(g.scores[cfg.filter_key], g.valid) if ok and v is not None]
+            mean = sum(signal) / len(signal) if signal else None
+            if len(signal) < 2:  # fewer than two scored completions: no comparison to learn from
+                counts["groups_unscored"] += 1
+            elif cfg.online_filter and not cfg.filter_low < mean < cfg.filter_high:
                 counts["groups_filtered"] += 1
-        if not cfg.online_filter:
+            else:
+                kept.append(g)
+        if not cfg.online_filter and counts["groups_unscored"] == 0:
             break
     # Every process must run the same number of forward/backward passes (FSDP collectives), so
     # all keep as many groups as the process that kept the fewest.
-    n = min(len(kept), cfg.prompts_per_step)
-    if run.world > 1:
-        t = torch.tensor([n], device=run.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-        n = int(t.item())
-    return collate_groups(kept[:n], run, seconds), counts
+    n = min_rank(run, min(len(kept), cfg.prompts_per_step))
+    counts["groups_cut"] = len(kept) - n
+    return kept[:n], {**counts, **seconds}
 
 
-def generate_groups(cfg, run, samples) -> tuple[list[dict], int]:
-    """n completions per sample from the engine, with the encoded prompt the trainer will score."""
-    prompts, encoded, keep = [], [], []
-    for s in samples:
-        enc = run.encode(s)
-        if enc["prompt_len"] > cfg.max_prompt_length:
-            print(f"skipped: sample {s.id!r} in {s.meta.get('file')}: prompt of {enc['prompt_len']} tokens > max_prompt_length")
-            continue
-        prompts.append(enc["messages"])
-        encoded.append(enc)
-        keep.append(s)
-    run.engine.wake_up()
-    completions = run.engine.generate(prompts, n=cfg.group_size, settings=run.sampling) if prompts else []
-    run.engine.sleep()
+def new_groups(cfg, run, indices: list[int], counts: dict) -> list[Group]:
+    """A group per sampled prompt, with its prompt encoded once; prompts over the limit skipped and counted."""
     groups = []
-    for i, (s, enc) in enumerate(zip(keep, encoded)):
-        mine = completions[i * cfg.group_size : (i + 1) * cfg.group_size]
-        assert all(c.prompt_index == i for c in mine), "the engine must return completions grouped by prompt"
-        groups.append({"sample": s, "encoded": enc, "completions": mine})
-    return groups, len(samples) - len(keep)
+    for i in indices:
+        s = run.samples[i]
+        messages = data.build_messages(s, think_tag=cfg.think_tag, one_shot=cfg.one_shot)
+        encoded = rollout.encode_prompts(run.processor, [messages])
+        if encoded["input_ids"].shape[1] > cfg.max_prompt_length:
+            print(f"skipped: sample {s.id!r} in {s.meta.get('file')}: prompt of {encoded['input_ids'].shape[1]} tokens > max_prompt_length")
+            counts["prompts_too_long"] += 1
+            continue
+        groups.append(Group(s, messages, encoded))
+    return groups
 
 
-def score_groups(cfg, run, groups) -> None:
-    """Every reward component of every completion, in one call for the whole batch."""
+def rollout_seed(cfg, run, step: int, attempt: int) -> int:
+    """A sampling seed per (step, try, data-parallel rank): resume replays the same samples, and the
+    ranks of one tensor-parallel group (which must generate the same outputs) share it."""
+    return (cfg.seed * 1_000_003 + step * 1009 + attempt * 97 + dp_rank(cfg, run)[0]) % 2**31
+
+
+def score_groups(run, groups: list[Group], counts: dict) -> None:
+    """Every reward component of every completion, in one call for the whole batch. A value the reward
+    could not give (None, a failed judge call) or a non-finite one stays None; a completion whose total is
+    None is left out of its group's statistics and of the loss (`Group.valid`)."""
     if not groups:
         return
-    texts = [c.text for g in groups for c in g["completions"]]
-    answers = [g["sample"].answer for g in groups for _ in g["completions"]]
-    modalities = [g["sample"].modality for g in groups for _ in g["completions"]]
+    texts = [c.text for g in groups for c in g.completions]
+    answers = [g.sample.answer for g in groups for _ in g.completions]
+    modalities = [g.sample.modality for g in groups for _ in g.completions]
     scores = run.reward(texts, answer=answers, modality=modalities)
-    for k, g in enumerate(groups):
-        sl = slice(k * cfg.group_size, (k + 1) * cfg.group_size)
-        g["scores"] = {key: [v if v is not None else 0.0 for v in vals[sl]] for key, vals in scores.items() if isinstance(vals, list)}
+    for key, values in scores.items():
+        if not isinstance(values, list):
+            continue
+        for k, v in enumerate(values):
+            if v is not None and not math.isfinite(v):
+                counts["rewards_nan"] += 1
+                values[k] = None
+    counts["judge_failures"] += sum(v is None for v in scores.get("llm", []))
+    stats = run.reward.take_stats() if hasattr(run.reward, "take_stats") else {}
+    for key in ("judge_pairs", "judge_unparsed", "judge_timeouts"):
+        counts[key] += stats.get(key, 0)
+    counts["completions_unscored"] += sum(v is None for v in scores["total"])
+    at = 0
+    for g in groups:
+        n = len(g.completions)
+        g.scores = {key: vals[at : at + n] for key, vals in scores.items() if isinstance(vals, list)}
+        at += n
 
 
-def collate_groups(groups, run, seconds) -> dict:
-    """Flatten kept groups into per-sequence lists and the reward tensor [N]."""
-    seqs = [(g, c) for g in groups for c in g["completions"]]
-    rewards = torch.tensor([s for g in groups for s in g["scores"]["total"]], dtype=torch.float32)
-    return {
-        "n_groups": len(groups), "groups": groups, "seqs": seqs, "rewards": rewards, **seconds,
-        "scores": {k: [v for g in groups for v in g["scores"][k]] for k in (groups[0]["scores"] if groups else {})},
-    }  # fmt: skip
+def set_advantages(cfg, run, groups: list[Group]) -> None:
+    """Group advantages into each group (`group_advantages`; the batch std is over all processes)."""
+    totals = torch.tensor([float("nan") if t is None else t for g in groups for t in g.scores["total"]], dtype=torch.float64)
+    batch_std = global_std(run, totals[~totals.isnan()]) if cfg.scale_rewards == "batch" else None
+    adv = group_advantages(totals, cfg.group_size, scale=cfg.scale_rewards, batch_std=batch_std).tolist()
+    for i, g in enumerate(groups):
+        g.advantages = adv[i * cfg.group_size : (i + 1) * cfg.group_size]
 
 
-def reward_means(batch) -> dict:
-    out = {f"reward_{k}": sum(v) / len(v) for k, v in batch["scores"].items() if v}
-    lengths = [len(c.token_ids) for _, c in batch["seqs"]]
+def reward_means(groups: list[Group]) -> dict:
+    scores: dict[str, list] = {}
+    for g in groups:
+        for k, v in g.scores.items():
+            scores.setdefault(k, []).extend(x for x in v if x is not None)
+    out = {f"reward_{k}": sum(v) / len(v) for k, v in scores.items() if v}
+    lengths = [len(c.token_ids) for g in groups for c in g.completions]
     if lengths:
         out["completion_len_mean"] = sum(lengths) / len(lengths)
         out["completion_len_max"] = max(lengths)
@@ -353,21 +414,23 @@ def reward_means(batch) -> dict:
 # Policy log-probs and the update
 
 
-def micro_batch(seqs, processor, device) -> dict:
-    """Policy inputs for (group, completion) pairs: rollout.policy_inputs lays out the same prompt
-    tokens and images the engine saw; plus the engine's own log-probs [B, T] as the old policy."""
-    prompts, index, completions = [], {}, []
-    for g, c in seqs:
-        j = index.setdefault(id(g), len(prompts))
-        if j == len(prompts):
-            prompts.append(g["encoded"]["messages"])
-        completions.append(dataclasses.replace(c, prompt_index=j))
+def micro_batch(rows: list[tuple[Group, int]], processor, device) -> dict:
+    """Tensors for (group, completion index) rows: the same prompt tokens and images the engine saw
+    (`rollout.policy_inputs`), the completion mask [B, T] (0 for unscored completions) and the
+    engine's log-probs [B, T]. This is where groups are flattened into rows."""
+    prompts, index, completions, valid = [], {}, [], []
+    for g, j in rows:
+        k = index.setdefault(id(g), len(prompts))
+        if k == len(prompts):
+            prompts.append(g.encoded)
+        completions.append(dataclasses.replace(g.completions[j], prompt_index=k))
+        valid.append(g.valid[j])
     batch = rollout.policy_inputs(processor, prompts, completions)
-    mask = batch["completion_mask"].float()
-    old = torch.zeros_like(mask)
+    mask = batch["completion_mask"].float() * torch.tensor(valid, dtype=torch.float32)[:, None]
+    engine_logp = torch.zeros_like(mask)
     for i, c in enumerate(completions):
-        old[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
-    return {"batch": batch, "mask": mask.to(device), "rollout_logp": old.to(device)}
+        engine_logp[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
+    return {"batch": batch, "mask": mask.to(device), "engine_logp": engine_logp.to(device)}
 
 
 def policy_logprobs(model, mb, temperature: float, with_entropy: bool = False):
@@ -376,63 +439,94 @@ def policy_logprobs(model, mb, temperature: float, with_entropy: bool = False):
     return out if with_entropy else (out, None)
 
 
-def optimise(cfg, run, batch, advantages) -> dict:
-    """Mini-batches x epochs of optimiser steps over the rollout batch, micro-batched."""
-    model, seqs, N = run.model, batch["seqs"], len(batch["seqs"])
-    mb_size = max(1, cfg.micro_batch_size)
+def optimise(cfg, run, groups: list[Group]) -> dict:
+    """Mini-batches x epochs of optimiser steps over the rollout batch, micro-batched.
+
+    The old policy is the engine's log-probs when the batch makes a single optimiser step. When it
+    makes several, or a TIS cap is set, the trainer recomputes them (no grad, before the first step)
+    as EasyR1/verl do, so every mini-batch and epoch uses one estimator, and the truncated importance
+    weights min(p_trainer / p_engine, cap) are computed once and applied throughout."""
+    model = run.model
+    rows = [(g, j) for g in groups for j in range(len(g.completions))]
+    N, mb_size = len(rows), max(1, cfg.micro_batch_size)
     per_step = math.ceil(N / cfg.mini_batches)
-    sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0, "logp_mismatch": 0.0, "grad_norm": 0.0, "tis_weight": 0.0}
-    count = {k: 0 for k in sums}
+    recompute = cfg.tis_cap > 0 or cfg.mini_batches * cfg.epochs_per_batch > 1
+    old: list[tuple] = []  # per row: (old log-probs [T_i], TIS weights [T_i] or None)
+    sums = dict.fromkeys(("clip_frac", "kl", "entropy", "logp_mismatch", "grad_norm", "tis_weight"), 0.0)
+    count = dict.fromkeys(sums, 0)
+    losses = []  # one whole-batch loss per optimiser step
     model.train()
+    if recompute:
+        with torch.no_grad():
+            for m in range(0, N, mb_size):
+                mb = micro_batch(rows[m : m + mb_size], run.processor, run.device)
+                logp, _ = policy_logprobs(model, mb, cfg.temperature)
+                weights = torch.exp(logp - mb["engine_logp"]).clamp(max=cfg.tis_cap) * mb["mask"] if cfg.tis_cap > 0 else None
+                for r, (g, j) in enumerate(rows[m : m + mb_size]):
+                    k = len(g.completions[j].token_ids)
+                    old.append((logp[r, :k], None if weights is None else weights[r, :k]))
+                if weights is not None:
+                    add(sums, count, "tis_weight", (weights.sum() / mb["mask"].sum().clamp(min=1)).item())
     for epoch in range(cfg.epochs_per_batch):
         for lo in range(0, N, per_step):
-            idx = list(range(lo, min(lo + per_step, N)))
-            mask_tokens = sum(len(seqs[i][1].token_ids) for i in idx)
+            idx = range(lo, min(lo + per_step, N))
             # Normalisers of the whole optimiser step over all processes (see grpo_loss); FSDP
             # averages gradients over processes, so each process's share is scaled by world size.
-            n_seq, n_tok = all_sum(run, len(idx)), all_sum(run, mask_tokens)
-            for m in range(0, len(idx), mb_size):
-                part = idx[m : m + mb_size]
-                mb = micro_batch([seqs[i] for i in part], run.processor, run.device)
+            n_seq = all_sum(run, sum(rows[i][0].valid[rows[i][1]] for i in idx))
+            n_tok = all_sum(run, sum(len(rows[i][0].completions[rows[i][1]].token_ids) for i in idx if rows[i][0].valid[rows[i][1]]))
+            step_loss = 0.0
+            for m in range(lo, idx.stop, mb_size):
+                part = rows[m : min(m + mb_size, idx.stop)]
+                mb = micro_batch(part, run.processor, run.device)
                 logp, entropy = policy_logprobs(model, mb, cfg.temperature, with_entropy=epoch == 0)
-                old = mb["rollout_logp"]
-                weights = None
-                mismatch = ((logp.detach() - old).abs() * mb["mask"]).sum() / mb["mask"].sum().clamp(min=1)
-                if cfg.tis_cap > 0 and epoch == 0 and lo == 0:
-                    # Truncated importance sampling: the trainer's own log-probs as the old policy,
-                    # tokens weighted by how much likelier the trainer finds them than the engine.
-                    old_train = logp.detach()
-                    weights = torch.exp(old_train - old).clamp(max=cfg.tis_cap) * mb["mask"]
-                    old = old_train
-                    add(sums, count, "tis_weight", (weights.sum() / mb["mask"].sum().clamp(min=1)).item())
+                old_logp, weights = mb["engine_logp"], None
+                if recompute:
+                    old_logp, weights = padded(old[m : m + len(part)], mb["mask"], cfg.tis_cap > 0)
+                mismatch = ((logp.detach() - mb["engine_logp"]).abs() * mb["mask"]).sum() / mb["mask"].sum().clamp(min=1)
                 ref = None
                 if cfg.beta > 0:
                     with torch.no_grad():
                         ref, _ = policy_logprobs(run.ref_model, mb, cfg.temperature)
+                advantages = torch.tensor([g.advantages[j] for g, j in part], device=run.device)
                 loss, metrics = grpo_loss(
-                    logp, old, advantages[part].to(run.device), mb["mask"], ref_logp=ref, beta=cfg.beta,
+                    logp, old_logp, advantages, mb["mask"], ref_logp=ref, beta=cfg.beta,
                     loss_type=cfg.loss_type, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                     max_completion_length=cfg.max_completion_length, importance_level=cfg.importance_level,
-                    num_sequences=n_seq, num_tokens=n_tok, token_weights=weights,
+                    num_sequences=max(n_seq, 1), num_tokens=max(n_tok, 1), token_weights=weights,
                 )  # fmt: skip
                 (loss * run.world).backward()
-                add(sums, count, "loss", loss.item() * run.world)
+                step_loss += loss.item() * run.world  # the micro-batches' shares add up to the step's loss
                 add(sums, count, "clip_frac", metrics["clip_frac"])
                 add(sums, count, "kl", metrics["kl"])
                 add(sums, count, "logp_mismatch", mismatch.item())
                 if entropy is not None:
                     add(sums, count, "entropy", ((entropy * mb["mask"]).sum() / mb["mask"].sum().clamp(min=1)).item())
+            losses.append(step_loss)
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
             add(sums, count, "grad_norm", float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm))
             run.optimizer.step()
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
-    return {k: sums[k] / count[k] for k in sums if count[k]}
+    return {"loss": sum(losses) / len(losses), **{k: sums[k] / count[k] for k in sums if count[k]}}
+
+
+def padded(rows: list[tuple], mask: torch.Tensor, with_weights: bool) -> tuple:
+    """Per-row old log-probs and TIS weights laid out as a micro-batch [B, T]."""
+    logp, weights = torch.zeros_like(mask), torch.zeros_like(mask) if with_weights else None
+    for r, (lp, w) in enumerate(rows):
+        logp[r, : len(lp)] = lp
+        if with_weights:
+            weights[r, : len(w)] = w
+    return logp, weights
 
 
 def add(sums, count, key, value):
     sums[key] += value
     count[key] += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Across processes
 
 
 def all_sum(run, value: int) -> int:
@@ -441,6 +535,45 @@ def all_sum(run, value: int) -> int:
     t = torch.tensor([value], device=run.device)
     torch.distributed.all_reduce(t)
     return int(t.item())
+
+
+def min_rank(run, value: int) -> int:
+    if run.world == 1:
+        return value
+    t = torch.tensor([value], device=run.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return int(t.item())
+
+
+def max_rank(run, value: float) -> float:
+    if run.world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=run.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.item()
+
+
+def any_rank(run, flag: bool) -> bool:
+    return all_sum(run, int(flag)) > 0
+
+
+def global_std(run, values: torch.Tensor) -> float:
+    """Unbiased std of `values` over all processes (each holds its own)."""
+    v = values.double()
+    t = torch.tensor([v.numel(), v.sum().item(), (v * v).sum().item()], dtype=torch.float64, device=run.device)
+    if run.world > 1:
+        torch.distributed.all_reduce(t)
+    n, s, sq = t.tolist()
+    return math.sqrt(max(sq - s * s / n, 0.0) / (n - 1)) if n > 1 else 0.0
+
+
+def dp_rank(cfg, run) -> tuple[int, int]:
+    """(rank, size) of this process among the data-parallel replicas: the processes of one vLLM
+    tensor-parallel group roll out the same prompts with the same seed (vLLM's external launcher needs it)."""
+    tp = max(cfg.tensor_parallel_size, 1) if cfg.engine == "vllm" else 1
+    if run.world % tp:
+        raise SystemExit(f"tensor_parallel_size={tp} does not divide the {run.world} processes")
+    return run.rank // tp, run.world // tp
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,12 +607,13 @@ def setup(cfg, reward_fn=None) -> Run:
     if cfg.text_only:
         samples = [s for s in samples if not s.images]
     run.samples = samples
+    run.reward = reward_fn or make_reward(cfg, run.rank)  # before the model loads: a dead judge fails fast
+    run.judge_bad_steps = 0
     labels = [s.answer.strip().lower() for s in samples] if cfg.balance_labels else None
-    run.sampler = PromptSampler(len(samples), cfg.seed, run.rank, run.world, labels)
+    run.sampler = PromptSampler(len(samples), cfg.seed, *dp_rank(cfg, run), labels)
 
     run.model, run.processor = load_policy(cfg, str(last) if cfg.resume and last else cfg.model)
     run.tokenizer = getattr(run.processor, "tokenizer", run.processor)
-    run.encode = lambda s: encode_sample(cfg, run.processor, s)
     run.ref_model = None
     if cfg.beta > 0:  # the frozen reference exists only when the KL term is on
         run.ref_model, _ = load_policy(cfg, cfg.model)
@@ -497,15 +631,46 @@ def setup(cfg, reward_fn=None) -> Run:
 
     total = cfg.steps * cfg.mini_batches * cfg.epochs_per_batch
     run.scheduler = get_scheduler(cfg.lr_scheduler, run.optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total)
+    # The engine before the trainer state: starting vLLM re-seeds every global generator.
+    run.engine = make_engine(cfg, run)
+    run.engine.update_weights(rollout.full_parameters(run.model))  # the engine starts from the trainer's weights
+    run.probe = make_probe(run)
+    run.probe_diff = check_sync(-1, cfg, run)
     run.start_step = 0
     if cfg.resume and last:
         run.start_step = load_trainer_state(last, run)
-
-    run.engine = make_engine(cfg, run)
-    run.engine.update_weights(rollout.full_parameters(run.model))  # the engine starts from the trainer's weights
     run.sampling = sampling_settings(cfg)
-    run.reward = reward_fn or make_reward(cfg)
     return run
+
+
+# A fixed text prompt whose greedy completion (chosen once, at start) both the engine and the
+# trainer score after every weight sync: stale or garbage engine weights show up as a difference.
+PROBE = [{"role": "user", "content": "Which imaging modality shows a fractured wrist bone best? Answer briefly."}]
+
+
+def make_probe(run) -> dict:
+    prompt_ids = rollout.encode_prompts(run.processor, [PROBE])["input_ids"][0].tolist()
+    (c,) = run.engine.generate([PROBE], n=1, settings=rollout.SamplingSettings(temperature=0.0, max_new_tokens=16))
+    return {"prompt_ids": prompt_ids, "completion_ids": c.token_ids or [run.tokenizer.eos_token_id]}
+
+
+def check_sync(step: int, cfg, run) -> float:
+    """Mean |engine - trainer| log-prob over the probe's tokens; stops the run above `sync_probe_max`."""
+    p = run.probe
+    (engine,) = run.engine.score([p["prompt_ids"]], [p["completion_ids"]])
+    ids = torch.tensor([p["prompt_ids"] + p["completion_ids"]], device=run.device)
+    with torch.no_grad():
+        logits = run.model(input_ids=ids, use_cache=False).logits[0, len(p["prompt_ids"]) - 1 : -1].float()
+    trainer = torch.log_softmax(logits, -1).gather(-1, ids[0, len(p["prompt_ids"]) :, None])[:, 0]
+    diff = (torch.tensor(engine, device=trainer.device) - trainer).abs().mean().item()
+    worst = max_rank(run, diff)  # every process stops together
+    limit = cfg.sync_probe_max or (1e-3 if policy_dtype(cfg) == "float32" else 0.1)
+    if not worst <= limit:
+        raise SystemExit(
+            f"step {step + 1}: the rollout engine does not hold the trainer's weights after the sync "
+            f"(probe log-prob difference {worst:.3g} > sync_probe_max {limit:g})"
+        )
+    return diff
 
 
 def load_policy(cfg, path: str):
@@ -547,19 +712,13 @@ def shard(model) -> None:
     fully_shard(model)
 
 
-def encode_sample(cfg, processor, sample) -> dict:
-    """The sample's chat messages and its prompt length in tokens (as the engines encode it)."""
-    messages = data.build_messages(sample, think_tag=cfg.think_tag, one_shot=cfg.one_shot)
-    return {"messages": messages, "prompt_len": rollout.encode_prompts(processor, [messages])["input_ids"].shape[1]}
-
-
 def make_engine(cfg, run):
     if cfg.engine == "hf":
         return rollout.HFRollout(run.model, run.processor)
     if cfg.engine == "vllm":
-        return rollout.VLLMRollout(
-            cfg.model, seed=cfg.seed + run.rank, dtype=policy_dtype(cfg), gpu_memory_utilization=cfg.gpu_memory_utilization,
-            tensor_parallel_size=cfg.tensor_parallel_size, enforce_eager=cfg.enforce_eager,
+        return rollout.VLLMRollout(  # the engine offsets its seed by the tensor-parallel group itself
+            cfg.model, seed=cfg.seed, dtype=policy_dtype(cfg), gpu_memory_utilization=cfg.gpu_memory_utilization,
+            tensor_parallel_size=cfg.tensor_parallel_size, enforce_eager=cfg.enforce_eager, sleep_level=cfg.sleep_level,
             max_model_len=min(cfg.max_prompt_length + cfg.max_completion_length, max_positions(run.model.config)),
         )  # fmt: skip
     raise ValueError(f"engine must be 'vllm' or 'hf', not {cfg.engine!r}")
@@ -574,28 +733,25 @@ def sampling_settings(cfg):
     return rollout.SamplingSettings(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_completion_length)
 
 
-def make_reward(cfg):
+def make_reward(cfg, rank: int = 0):
+    """The composite reward; a judge URL is probed first (reachable, serving `judge_model`)."""
     import rewards
 
     weights = {"llm": cfg.w_llm, "embed": cfg.w_embed if cfg.embedder else 0.0, "modality": cfg.w_modality, "format": cfg.w_format}
     judge = exact_match_only
     if cfg.judge_url:
-        judge = rewards.OpenAIJudge(cfg.judge_url, model=cfg.judge_model, concurrency=cfg.judge_concurrency)
-    reward = rewards.CompositeReward(
-        weights, judge=judge, embedder=cfg.embedder or None, think_tag=cfg.think_tag,
-        preset=cfg.reward_preset or None,
+        judge = rewards.OpenAIJudge(cfg.judge_url, model=cfg.judge_model, concurrency=cfg.judge_concurrency,
+                                    timeout=cfg.judge_timeout, retries=cfg.judge_retries)  # fmt: skip
+        try:
+            judge.probe()
+        except rewards.JudgeUnavailable as e:
+            raise SystemExit(f"judge: {e}") from None
+    elif cfg.w_llm > 0 and rank == 0:
+        print("no --judge_url: the accuracy reward (reward_llm) is exact match only, no LLM judge")
+    return rewards.CompositeReward(
+        weights, judge=judge, embedder=cfg.embedder or None, think_tag=cfg.think_tag, preset=cfg.reward_preset or None,
+        on_judge_failure=cfg.on_judge_failure or None, partial_format=cfg.partial_format,
     )  # fmt: skip
-    if cfg.partial_format:
-        base = reward
-
-        def reward(completions, **columns):  # noqa: F811 - partial format credit replaces the binary one
-            out = base(completions, **columns)
-            partial = rewards.format_reward(completions, think_tag=cfg.think_tag, partial=True)
-            out["total"] = [t + base.weights["format"] * (p - f) for t, p, f in zip(out["total"], partial, out["format"])]
-            out["format_strict"], out["format"] = out["format"], partial
-            return out
-
-    return reward
 
 
 def exact_match_only(pairs):
@@ -619,7 +775,10 @@ def warm_start(cfg, run) -> None:
             target = f"<{s.modality}><{t}>{s.meta['long_answer']}</{t}><answer>{s.answer}</answer>"
             ids = run.tokenizer(target + (run.tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
             ids = ids[: cfg.max_completion_length]
-            seqs.append(({"encoded": run.encode(s)}, rollout.Completion(0, ids, target, [0.0] * len(ids), [])))
+            messages = data.build_messages(s, think_tag=cfg.think_tag, one_shot=cfg.one_shot)
+            g = Group(s, messages, rollout.encode_prompts(run.processor, [messages]), [rollout.Completion(0, ids, target, [0.0] * len(ids), [])])
+            g.scores = {"total": [1.0]}
+            seqs.append((g, 0))
         mb = micro_batch(seqs, run.processor, run.device)
         logp, _ = policy_logprobs(run.model, mb, 1.0)
         loss = -(logp * mb["mask"]).sum() / mb["mask"].sum()
@@ -651,8 +810,11 @@ class PromptSampler:
             for i, lab in enumerate(self.labels):
                 by_label.setdefault(lab, []).append(i)
             lists = [rng.sample(v, len(v)) for _, v in sorted(by_label.items())]
-            longest = max(len(v) for v in lists)
-            order = [v[k % len(v)] for k in range(longest) for v in lists]
+            order = []
+            for k in range(max(len(v) for v in lists)):
+                round_ = [v[k % len(v)] for v in lists]
+                rng.shuffle(round_)  # else open-ended answers (one per label) come in sorted order every epoch
+                order += round_
         return order[self.rank :: self.world]
 
     def next(self, k: int) -> list[int]:
@@ -761,10 +923,10 @@ def write_samples(path: Path, step: int, groups) -> None:
     """A markdown table of a few completions with their rewards."""
     rows = [f"\n## step {step}\n", "| sample | completion | total | format | modality | llm | embed |", "|---|---|---|---|---|---|---|"]
     for g in groups[:2]:
-        for j, c in enumerate(g["completions"][:2]):
+        for j, c in enumerate(g.completions[:2]):
             esc = c.text.replace("|", "\\|").replace("\n", " ")[:300]
-            sc = {k: (f"{v[j]:.2f}" if v[j] is not None else "-") for k, v in g["scores"].items()}
-            rows.append(f"| {g['sample'].id} | {esc} | {sc.get('total')} | {sc.get('format')} | {sc.get('modality')} | {sc.get('llm')} | {sc.get('embed')} |")
+            sc = {k: (f"{v[j]:.2f}" if v[j] is not None else "-") for k, v in g.scores.items()}
+            rows.append(f"| {g.sample.id} | {esc} | {sc.get('total')} | {sc.get('format')} | {sc.get('modality')} | {sc.get('llm')} | {sc.get('embed')} |")
     with open(path, "a") as f:
         f.write("\n".join(rows) + "\n")
 
@@ -808,15 +970,16 @@ def main(cfg: Config, reward_fn=None) -> Path:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "log.jsonl"
-    if run.rank == 0:
-        truncate_log(log_path, run.start_step)  # a resumed run rewrites the steps after its checkpoint
+    if run.rank == 0:  # a resumed run rewrites the steps after its checkpoint
+        truncate_log(log_path, run.start_step)
+        truncate_samples(out / "samples.md", run.start_step)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     run.acc.init_trackers("medix-grpo", config={k: v for k, v in asdict(cfg).items() if not isinstance(v, list)})
     ckpt = None
     bar = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps, disable=run.rank != 0, desc="grpo")
     for step in bar:
-        metrics = reduce_metrics(run, train_step(step, cfg, run))
-        metrics = {"step": step + 1, **metrics}
+        metrics, groups = train_step(step, cfg, run)
+        metrics = {"step": step + 1, **reduce_metrics(run, metrics)}
         if run.rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
@@ -824,18 +987,53 @@ def main(cfg: Config, reward_fn=None) -> Path:
             bar.set_postfix({k.removeprefix("reward_"): f"{v:.3f}" for k, v in metrics.items() if k.startswith("reward_")})
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), file=sys.stderr)
         run.acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step + 1)
+        check_judge(cfg, run, metrics)
         if run.rank == 0 and cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
-            write_samples(out / "samples.md", step + 1, run.last_batch["groups"])
+            write_samples(out / "samples.md", step + 1, groups)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             ckpt = save_checkpoint(cfg, run, step + 1)
+    run.engine.close()  # before accelerate's end_training, which closes the process group vLLM shares
     run.acc.end_training()
     return ckpt or last_checkpoint(out)
 
 
+def check_judge(cfg, run, metrics: dict) -> None:
+    """Stop a run whose judge fails for more than `judge_failure_max` of its calls, `judge_failure_steps`
+    steps in a row (the metrics are the same on every process, so all stop together)."""
+    share = metrics["judge_failures"] / metrics["judge_pairs"] if metrics.get("judge_pairs") else 0.0
+    run.judge_bad_steps = run.judge_bad_steps + 1 if share > cfg.judge_failure_max else 0
+    if run.judge_bad_steps >= cfg.judge_failure_steps:
+        raise SystemExit(
+            f"step {metrics['step']}: the judge failed {share:.0%} of its calls, over judge_failure_max "
+            f"{cfg.judge_failure_max:.0%} for {run.judge_bad_steps} steps in a row ({', '.join(cfg.judge_url)})"
+        )
+
+
 def truncate_log(path: Path, step: int) -> None:
+    """Keep the lines of steps up to `step`; a torn last line (a run killed mid-write) is cut with a warning."""
+    if not path.exists():
+        return
+    lines = [x for x in path.read_text().splitlines() if x.strip()]
+    keep = []
+    for i, line in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise SystemExit(f"{path}: line {i + 1} is not JSON (only a torn last line is repaired)")
+            print(f"warning: {path}: cut a torn last line ({len(line)} characters)")
+            break
+        if rec["step"] <= step:
+            keep.append(line)
+    path.write_text("".join(x + "\n" for x in keep))
+
+
+def truncate_samples(path: Path, step: int) -> None:
+    """Drop the sample tables of steps after `step` (they are written again)."""
     if path.exists():
-        keep = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= step]
-        path.write_text("".join(x + "\n" for x in keep))
+        parts = path.read_text().split("\n## step ")
+        keep = [parts[0]] + [p for p in parts[1:] if int(p.split("\n", 1)[0]) <= step]
+        path.write_text("\n## step ".join(keep))
 
 
 def parse_config(argv=None) -> Config:

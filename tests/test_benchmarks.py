@@ -311,3 +311,15 @@ def test_pubmedqa_decisions_that_became_booleans_are_read_back_as_strings(tmp_pa
     datasets.Dataset.from_list(rows).to_parquet(str(root / "test.parquet"))
     samples = load_benchmark("PubMedQA", tmp_path)
     assert [s.answer for s in samples] == ["yes. l", "no. l"] and samples[0].choices == ["yes", "no", "maybe"]
+
+
+def test_duplicate_ids_are_renamed_and_named_in_one_warning(tmp_path, caplog):
+    root = tmp_path / "medmcqa"
+    root.mkdir()
+    row = {"id": "q1", "question": "Q?", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 0, "subject_name": "x"}
+    datasets.Dataset.from_list([row, {**row, "id": "q2"}, row]).to_parquet(str(root / "validation-00000-of-00001.parquet"))
+    with caplog.at_level(logging.WARNING):
+        ids = [s.id for s in load_benchmark("MedMCQA", tmp_path)]
+    assert ids == ["MedMCQA-q1", "MedMCQA-q2", "MedMCQA-q1-2"]
+    warnings = [r.getMessage() for r in caplog.records if "duplicate" in r.getMessage()]
+    assert len(warnings) == 1 and "1 duplicate sample ids" in warnings[0] and "MedMCQA-q1 -> MedMCQA-q1-2" in warnings[0]

@@ -150,6 +150,18 @@ def test_bad_sample_raises_naming_sample_and_file_or_is_counted_skip(tmp_path, c
     assert "skipped 1 bad samples of 4" in caplog.text and "'x'" in caplog.text
 
 
+def test_duplicate_id_raises_naming_it_or_the_later_row_is_skipped_and_counted(tmp_path, caplog):
+    rows = medix_rows(tmp_path)
+    later = {**rows[0], "problem": "Another question?", "solution": "<X_RAY> Lung."}
+    f = write_jsonl(tmp_path, rows[:1] + [rows[1], later, rows[2]])
+    with pytest.raises(DataError, match=r"sample 'a' in .*train.jsonl: duplicate id"):
+        load_training_data(f)
+    with caplog.at_level(logging.WARNING, logger="data"):
+        samples = load_training_data(f, on_error="skip")
+    check_three(samples)  # the first row of id 'a' kept, the later one skipped
+    assert samples[0].question == "Which organ?" and "skipped 1 bad samples of 4" in caplog.text
+
+
 def test_bad_json_line_and_missing_file(tmp_path):
     f = write_jsonl(tmp_path, medix_rows(tmp_path))
     f.write_text(f.read_text() + "{not json\n")
@@ -201,3 +213,9 @@ def test_messages_render_with_a_real_qwen_vl_processor():
     inputs = proc.apply_chat_template(build_messages(sample), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
     assert inputs["image_grid_thw"].shape == (1, 3)
     assert "<|vision_start|>" in proc.decode(inputs["input_ids"][0])
+
+
+def test_modalities_are_defined_once_in_rewards():
+    import rewards
+
+    assert data.MODALITIES is rewards.MODALITIES

@@ -29,6 +29,13 @@ class FaultServer:
         self.delay = 0.02
 
     async def models(self, request):
+        mode = request.match_info["mode"]
+        if mode == "500":
+            return web.Response(status=500, text="boom")
+        if mode == "garbage":
+            return web.Response(text="<html>not json", content_type="text/html")
+        if mode == "slow":
+            await asyncio.sleep(1.5)
         return web.json_response({"data": [{"id": "fault-model"}]})
 
     async def chat(self, request):
@@ -220,11 +227,55 @@ def test_composite_survives_a_broken_judge(server, mode):
     reward = R.CompositeReward({"embed": 0.0}, judge=j, embedder=None)
     comps = [f"<X_RAY><think>r</think><answer>answer {i % 7}</answer>" for i in range(40)] + ["<X_RAY><think>r</think><answer>ref</answer>"]
     out = reward(comps, answer=["ref"] * 41, modality=["X_RAY"] * 41)
-    assert len(out["total"]) == 41 and all(t is not None for t in out["total"])
+    assert len(out["total"]) == 41
     assert out["llm"][:40] == [None] * 40 and out["llm"][40] == 1.0  # exact match needs no judge
-    assert reward.last_stats["judge_failures"] == 40 and reward.last_stats["judge_calls"] == 7
-    # Format and modality, re-weighted to the sum of the weights switched on (embed is off here).
-    assert out["total"][0] == pytest.approx(0.5175 + 0.045 + 0.1)
+    # A failed judge call earns nothing: the completion is dropped, not re-weighted to a full score.
+    assert out["total"][:40] == [None] * 40 and out["total"][40] == pytest.approx(0.5175 + 0.045 + 0.1)
+    stats = reward.last_stats
+    assert stats["judge_failures"] == 40 and stats["judge_calls"] == 7
+    # Causes counted apart, per distinct pair: a reply that is neither YES nor NO, a last attempt that timed out.
+    assert stats["judge_unparsed"] == (7 if mode == "chatty" else 0)
+    assert stats["judge_timeouts"] == (7 if mode == "slow" else 0)
+    assert reward.take_stats()["judge_failures"] == 40
+
+
+def test_composite_zero_on_failure_against_a_real_endpoint(server):
+    reward = R.CompositeReward({"embed": 0.0}, judge=judge(server, "500", retries=0), on_judge_failure="zero")
+    out = reward(["<X_RAY><think>r</think><answer>effusion</answer>"], answer=["<X_RAY> pneumonia"])
+    assert out["llm"] == [0.0] and out["total"] == [pytest.approx(0.045 + 0.1)]
+    assert reward.last_stats["judge_failures"] == 1
+
+
+def test_probe_accepts_a_live_endpoint_serving_the_model(server):
+    assert judge(server, "ok").client.model == "m"
+    assert R.OpenAIJudge(server.url("ok"), "fault-model").probe() == "fault-model"
+    unnamed = R.OpenAIJudge(server.url("ok"))
+    assert unnamed.probe() == "fault-model" and unnamed.client.model == "fault-model"
+
+
+@pytest.mark.parametrize(
+    "url_of, model, says",
+    [
+        (lambda s: s.url("ok"), "no-such-model", "does not serve model 'no-such-model'"),
+        (lambda s: s.url("500"), "fault-model", "HTTP 500"),
+        (lambda s: s.url("garbage"), "fault-model", "no model list"),
+        (lambda s: s.url("slow"), "fault-model", "no answer within"),
+        (lambda s: "http://127.0.0.1:9/v1", "fault-model", "unreachable"),  # the discard port: nothing listens
+    ],
+)
+def test_probe_names_the_url_and_the_fault(server, url_of, model, says):
+    url = url_of(server)
+    j = R.OpenAIJudge(url, model, timeout=0.5)
+    with pytest.raises(R.JudgeUnavailable) as e:
+        j.probe()
+    message = str(e.value)
+    assert says in message and url.rstrip("/") in message and "\n" not in message
+
+
+def test_probe_checks_every_endpoint(server):
+    j = R.OpenAIJudge([server.url("ok"), server.url("500")], "fault-model", timeout=0.5)
+    with pytest.raises(R.JudgeUnavailable, match="/500/v1"):
+        j.probe()
 
 
 def test_many_completions_mixed_endpoints_lose_nothing(server):

@@ -295,22 +295,67 @@ def test_composite_ablation_switches_components_off():
     assert out["modality"] == [None] and out["total"] == [pytest.approx(0.5175 + 0.3375 + 0.1)]
 
 
-def test_composite_failed_judge_is_counted_and_reweighted():
+def test_composite_failed_judge_drops_the_completion():
+    # A failed judge call must never earn the judge's share: by default the completion's total is
+    # None (the trainer leaves it out), never re-weighted over the components that did score.
     judge = FakeJudge(rule=lambda p, r: None)
     reward = R.CompositeReward(judge=judge, embedder=HashEmbedder())
     comps = ["<X_RAY><think>r</think><answer>lobar pneumonia</answer>"] * 3 + [GOOD]
     out = reward(comps, answer=["pneumonia lobar"] * 3 + ["pneumonia"], modality=["X_RAY"] * 4)
     assert out["llm"] == [None, None, None, 1.0]
-    # embed 1, modality 1, format 1 re-weighted to the full sum: 1.0.
-    assert out["total"][:3] == [pytest.approx(1.0)] * 3
+    assert out["total"][:3] == [None] * 3 and out["total"][3] == pytest.approx(1.0)
+    # The other components are still reported, for logging.
+    assert out["embed"][:3] == [1.0] * 3 and out["format"][:3] == [1.0] * 3 and out["modality"][:3] == [1.0] * 3
     assert reward.last_stats["judge_failures"] == 3 and reward.last_stats["judge_pairs"] == 1
     assert reward.last_stats["cache_hits"] == 2 and reward.last_stats["judge_calls"] == 1
     for k in ("seconds_llm", "seconds_embed", "seconds_format", "seconds_modality"):
         assert k in reward.last_stats
-    # The preset scores a failure 0, as released.
+
+
+def test_composite_failed_judge_scores_zero_when_asked():
+    judge = FakeJudge(rule=lambda p, r: None)
+    reward = R.CompositeReward(judge=judge, embedder=HashEmbedder(), on_judge_failure="zero")
+    out = reward(["<X_RAY><think>r</think><answer>lobar pneumonia</answer>"], answer=["pneumonia lobar"], modality=["X_RAY"])
+    # llm 0 (as released), embed 1, modality 1, format 1: a judged-wrong answer, not a right one.
+    assert out["llm"] == [0.0] and out["total"] == [pytest.approx(0.9 * 0.375 + 0.9 * 0.05 + 0.1)]
+    assert reward.last_stats["judge_failures"] == 1
+    with pytest.raises(ValueError, match="on_judge_failure"):
+        R.CompositeReward(judge=judge, embedder=HashEmbedder(), on_judge_failure="reweight")
+
+
+def test_composite_failed_judge_with_the_preset_scores_zero():
+    judge = FakeJudge(rule=lambda p, r: None)
     released = R.CompositeReward(judge=judge, embedder=HashEmbedder(), preset="medix-r1")
     out = released(["<thinking>r</thinking><answer>lobar pneumonia</answer>"], answer=["<X_RAY> pneumonia lobar"])
-    assert out["llm"] == [0.0] and released.stats["judge_failures"] == 1
+    assert out["llm"] == [0.0] and out["total"] == [pytest.approx(0.9 * 0.375 + 0.1)]
+    assert released.stats["judge_failures"] == 1
+
+
+def test_take_stats_counts_since_the_last_take():
+    reward = R.CompositeReward(judge=FakeJudge(rule=lambda p, r: None), embedder=HashEmbedder())
+    for answer in ("effusion", "mass"):  # two calls in one training step (online filtering)
+        reward([f"<X_RAY><think>r</think><answer>{answer}</answer>"], answer=["pneumonia"], modality=["X_RAY"])
+    taken = reward.take_stats()
+    assert taken["judge_failures"] == 2 and taken["completions"] == 2
+    assert reward.take_stats() == {}
+    assert reward.stats["judge_failures"] == 2  # the cumulative counters stay
+
+
+def test_composite_partial_format():
+    judge = FakeJudge()
+    half = "<X_RAY><answer>pneumonia</answer>"  # answer block only: some checks pass
+    strict = R.CompositeReward(judge=judge, embedder=HashEmbedder())
+    partial = R.CompositeReward(judge=judge, embedder=HashEmbedder(), partial_format=True)
+    a = strict([GOOD, half], answer=["pneumonia"] * 2, modality=["X_RAY"] * 2)
+    b = partial([GOOD, half], answer=["pneumonia"] * 2, modality=["X_RAY"] * 2)
+    assert "format_strict" not in a and a["format"] == [1.0, 0.0]
+    expected = R.format_reward([GOOD, half], partial=True)
+    assert b["format"] == expected and b["format_strict"] == [1.0, 0.0] and 0.0 < expected[1] < 1.0
+    # The partial credit replaces the binary one in the total; nothing else moves.
+    assert b["total"][0] == pytest.approx(1.0)
+    assert b["total"][1] == pytest.approx(a["total"][1] + 0.1 * expected[1])
+    with pytest.raises(ValueError, match="partial"):
+        R.CompositeReward(judge=judge, embedder=HashEmbedder(), preset="medix-r1", partial_format=True)
 
 
 def test_composite_stats_accumulate():
@@ -467,3 +512,144 @@ def test_preset_equals_released_code(monkeypatch):
     # The corpus exercises every branch: each component takes both values.
     for k in ("llm", "embed", "format", "modality"):
         assert {0.0, 1.0} <= set(got[k])
+
+
+# --- copied out alone, into another project ---------------------------------------------------------
+
+
+def test_rewards_and_judge_prompts_work_copied_into_an_empty_folder(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    repo = Path(R.__file__).parent
+    for name in ("rewards.py", "judge_prompts.py"):
+        shutil.copy(repo / name, tmp_path / name)
+    script = (
+        "import sys, rewards as R\n"
+        "assert R.__file__.startswith(sys.argv[1]), R.__file__\n"
+        "assert 'data' not in sys.modules and len(R.MODALITIES) == 16\n"
+        "reward = R.CompositeReward({'embed': 0.0}, judge=lambda pairs: [1.0] * len(pairs))\n"
+        "out = reward(['<CT_SCAN><think>r</think><answer>liver</answer>'], solution=['<CT_SCAN> The liver.'])\n"
+        "print(out['total'][0])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert float(res.stdout) == pytest.approx(0.5175 + 0.045 + 0.1)  # llm, modality (from the solution's tag), format
+
+
+# --- TRL's columns and calling convention --------------------------------------------------------
+
+TRL_COMPS = [
+    "<X_RAY><think>r</think><answer>Pneumonia</answer>",  # exact: no judge call
+    "<CT_SCAN><think>r</think><answer>lobar pneumonia</answer>",  # judged
+    "<X_RAY><think>r</think><answer>effusion</answer>",  # judged
+    "plain text",  # no answer: no judge call
+]
+TRL_SOLUTIONS = ["<X_RAY> Pneumonia.", "<CT_SCAN> pneumonia lobar", "<X_RAY> pneumonia", "<X_RAY> pneumonia"]
+
+
+def test_solution_column_with_the_tag_in_the_reference():
+    judge = FakeJudge()
+    assert R.modality_reward(TRL_COMPS, solution=TRL_SOLUTIONS) == [1.0, 1.0, 1.0, 0.0]
+    assert R.llm_judge_reward(TRL_COMPS, solution=TRL_SOLUTIONS, judge=judge) == [1.0, 0.0, 0.0, 0.0]
+    assert R.embedding_reward(TRL_COMPS, solution=TRL_SOLUTIONS, embedder=HashEmbedder()) == [1.0, 1.0, 0.0, 0.0]
+    reward = R.CompositeReward(judge=FakeJudge(), embedder=HashEmbedder())
+    by_solution = reward(TRL_COMPS, solution=TRL_SOLUTIONS)
+    split = reward(TRL_COMPS, answer=[s.split("> ", 1)[1] for s in TRL_SOLUTIONS], modality=[s[1:].split(">")[0] for s in TRL_SOLUTIONS])
+    assert by_solution == split and by_solution["modality"] == [1.0, 1.0, 1.0, 0.0]
+    with pytest.raises(ValueError, match="modality"):
+        R.modality_reward(TRL_COMPS, solution=["no tag here"] * 4)
+
+
+def call_like_trl(funcs, weights, **columns):
+    """What TRL 1.16's GRPOTrainer does: call each function with keywords, None -> nan, weighted nansum;
+    a row where every function returned None is unscorable (left out of the group statistics)."""
+    n = len(columns["completions"])
+    extra = {"prompts": ["q"] * n, "completion_ids": [[1]] * n, "trainer_state": None, "log_extra": lambda *a: None}
+    metrics = {}
+    rows = np.array([[np.nan if v is None else v for v in f(**columns, **extra, log_metric=metrics.__setitem__)] for f in funcs]).T
+    unscorable = np.isnan(rows).all(axis=1)
+    totals = np.nansum(rows * np.array(weights), axis=1)
+    totals[unscorable] = np.nan
+    return totals, metrics
+
+
+def test_trl_reward_funcs_drop_a_failed_judge_call():
+    judge = FakeJudge(rule=lambda p, r: None if "effusion" in p else 1.0)
+    reward = R.CompositeReward(judge=judge, embedder=HashEmbedder())
+    funcs, weights = reward.trl_reward_funcs()
+    assert [f.__name__ for f in funcs] == ["llm", "embed", "modality", "format"]
+    assert weights == [R.DEFAULT_WEIGHTS[k] for k in ("llm", "embed", "modality", "format")]
+    totals, metrics = call_like_trl(funcs, weights, completions=TRL_COMPS, solution=TRL_SOLUTIONS)
+    expected = R.CompositeReward(judge=FakeJudge(rule=judge.rule), embedder=HashEmbedder())(TRL_COMPS, solution=TRL_SOLUTIONS)["total"]
+    assert expected[2] is None
+    # The failed call leaves its completion unscorable in TRL (every function None), not scored 0.
+    assert np.isnan(totals[2]) and totals[[0, 1, 3]] == pytest.approx([expected[i] for i in (0, 1, 3)])
+    assert judge.calls == 1 and reward.stats["completions"] == 4  # one composite call for the four functions
+    assert metrics["judge_failures"] == 1
+
+
+def test_trl_reward_funcs_zero_on_failure_and_components_off():
+    judge = FakeJudge(rule=lambda p, r: None)
+    reward = R.CompositeReward({"embed": 0.0}, judge=judge, on_judge_failure="zero", partial_format=True)
+    funcs, weights = reward.trl_reward_funcs()
+    assert [f.__name__ for f in funcs] == ["llm", "modality", "format"] and weights == pytest.approx([0.5175, 0.045, 0.1])
+    totals, _ = call_like_trl(funcs, weights, completions=TRL_COMPS, solution=TRL_SOLUTIONS)
+    # As released: a failed call scores 0 and the rest of the total stands.
+    assert totals == pytest.approx(reward(TRL_COMPS, solution=TRL_SOLUTIONS)["total"])
+    assert totals[2] == pytest.approx(0.045 + 0.1)
+    # A new batch (a new completions list) is scored afresh.
+    again, _ = call_like_trl(funcs, weights, completions=list(TRL_COMPS[:2]), solution=TRL_SOLUTIONS[:2])
+    assert len(again) == 2
+
+
+def test_one_trl_grpo_step_with_the_four_functions(tmp_path):
+    """A real TRL GRPOTrainer step on a tiny random model: the functions plug in by TRL's own names,
+    and a completion whose judge call failed is left out (NaN reward, advantage 0), not scored 0."""
+    import datasets
+    import torch
+    from trl import GRPOConfig, GRPOTrainer
+
+    from tests.kit import tiny_text_dir
+
+    def flaky_judge(pairs):  # fails on about half the pairs, deterministically
+        return [None if zlib.crc32(p.encode()) % 2 else float(zlib.crc32(p.encode()) % 3 == 0) for p, _ in pairs]
+
+    # The released rules send even untagged random text to the judge, so a random model reaches it.
+    reward = R.CompositeReward({"embed": 0.0}, judge=flaky_judge, preset="medix-r1", on_judge_failure="drop")
+    funcs, weights = reward.trl_reward_funcs()
+    ds = datasets.Dataset.from_list(
+        [{"prompt": [{"role": "user", "content": f"What does image {i} show?"}], "solution": f"<X_RAY> finding {i}"} for i in range(2)]
+    )
+    cfg = GRPOConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=12,
+        max_steps=1, learning_rate=1e-6, beta=0.0, use_cpu=True, bf16=False, report_to="none", logging_steps=1,
+        save_strategy="no", reward_weights=weights, seed=0, dataloader_num_workers=0,
+    )  # fmt: skip
+    env = dict(os.environ)
+    try:
+        trainer = GRPOTrainer(model=str(tiny_text_dir("qwen2")), reward_funcs=funcs, args=cfg, train_dataset=ds)
+        trainer.train()
+    finally:  # leave no trace for the tests that follow in this process (TRL sets env vars, accelerate a global state)
+        from accelerate.state import AcceleratorState
+
+        os.environ.clear()
+        os.environ.update(env)
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+    logged = trainer.state.log_history[0]
+    for name in ("llm", "modality", "format"):
+        assert f"rewards/{name}/mean" in logged
+    assert "judge_failures" in logged
+    completions = list(trainer._logs["completion"])
+    ours = R.CompositeReward({"embed": 0.0}, judge=flaky_judge, preset="medix-r1", on_judge_failure="drop")(
+        completions, solution=[s for s in ds["solution"] for _ in range(4)]
+    )["total"]
+    rows = torch.tensor([list(trainer._logs["rewards"][n]) for n in ("llm", "modality", "format")]).T
+    advantages = torch.tensor(list(trainer._logs["advantages"]))
+    dropped = torch.tensor([t is None for t in ours])
+    assert 0 < int(dropped.sum()) < len(ours), ours  # the run saw both kinds
+    assert torch.isnan(rows[dropped]).all() and (advantages[dropped] == 0).all()
+    assert not torch.isnan(rows[~dropped]).any()
+    assert (rows[~dropped] * torch.tensor(weights)).sum(1) == pytest.approx([t for t in ours if t is not None])

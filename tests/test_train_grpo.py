@@ -11,6 +11,7 @@ import torch
 
 import train_grpo
 from tests.kit import REPO, free_vllm, tiny_text_dir, vllm_cpu_env
+from tests.test_judge_client import server  # noqa: F401 - the fault-injecting judge endpoint (a fixture)
 
 
 
@@ -125,10 +126,10 @@ def test_online_filter_drops_flat_groups_and_refills(tmp_path):
     cfg = config(tmp_path, data=write_data(tmp_path / "f.jsonl", n=12, answers=("flat", "x", "y")),
                  online_filter=True, prompts_per_step=4, max_filter_tries=4, steps=1, save_every=1)  # fmt: skip
     run = train_grpo.setup(cfg, reward)
-    batch, counts = train_grpo.rollout_and_score(cfg, run)
+    groups, counts = train_grpo.rollout_and_score(0, cfg, run)
     assert counts["groups_filtered"] >= 1 and counts["filter_tries"] >= 2
-    assert batch["n_groups"] == 4 and all(g["sample"].answer != "flat" for g in batch["groups"])
-    assert counts["groups_sampled"] == batch["n_groups"] + counts["groups_filtered"]
+    assert len(groups) == 4 and all(g.sample.answer != "flat" for g in groups)
+    assert counts["groups_sampled"] == len(groups) + counts["groups_filtered"] + counts["groups_cut"]
 
 
 def test_label_balanced_sampler_and_its_position():
@@ -152,3 +153,39 @@ def test_dense_toy_reward_rises_within_a_few_dozen_steps(tmp_path):
     first, last = sum(r[:5]) / 5, sum(r[-5:]) / 5
     print(f"toy reward: first 5 steps {first:.3f}, last 5 steps {last:.3f}")
     assert last > first + 0.1 and last > 1.5 * first  # measured: 0.20 -> 0.46 (steps 1-5 vs 26-30)
+
+
+def test_failed_judge_calls_train_nothing_and_a_dead_judge_stops_the_run(tmp_path, server):  # noqa: F811
+    cfg = config(tmp_path, judge_url=[server.url("drop")], judge_model="fault-model", judge_retries=0, judge_timeout=2.0,
+                 embedder="", steps=4, judge_failure_steps=2, max_filter_tries=1)  # fmt: skip
+    setup = train_grpo.setup
+
+    def answering_setup(*a, **k):  # completions that answer (the random tiny model never does): the judge is asked
+        run = setup(*a, **k)
+        generate = run.engine.generate
+
+        def answers(*ga, **gk):
+            done = generate(*ga, **gk)
+            for i, c in enumerate(done):
+                c.text = f"<OTHER><think>so</think><answer>perhaps {i}</answer>"
+            return done
+
+        run.engine.generate = answers
+        return run
+
+    train_grpo.setup = answering_setup
+    try:
+        with pytest.raises(SystemExit, match=r"step 2: the judge failed 100% of its calls"):
+            train_grpo.main(cfg)
+    finally:
+        train_grpo.setup = setup
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2
+    for x in log:  # every call failed: no completion has a total, so nothing was trained on
+        assert x["judge_failures"] == x["judge_pairs"] == x["completions_unscored"] == 8 and x["skipped"] == 1
+
+
+def test_an_unreachable_judge_stops_before_the_model_loads(tmp_path, capsys):
+    with pytest.raises(SystemExit, match=r"^judge: .*127.0.0.1:9"):
+        train_grpo.main(config(tmp_path, judge_url=["http://127.0.0.1:9/v1"], embedder=""))
+    assert "Loading weights" not in capsys.readouterr().err
