@@ -286,11 +286,12 @@ def _hf_name(name: str) -> str:
     return name[len("module."):] if name.startswith("module.") else name
 
 
-def full_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def full_parameters(model: torch.nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full tensor) for every parameter, in Hugging Face naming, gathering one FSDP2 shard
     (DTensor) at a time so no device ever holds a second full copy of the model (vLLM issue 15254).
     The gather is a collective: every rank must consume this iterator in the same order. vLLM's
-    `reload_weights` consumes it lazily and holds at most one layer's tensors before processing them."""
+    `reload_weights` consumes it lazily and holds at most one layer's tensors before processing them.
+    With `dtype`, each tensor is cast after the gather (bf16 copies of float32 master weights)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch without distributed
@@ -299,7 +300,7 @@ def full_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
         tensor = param.detach()
         if isinstance(tensor, DTensor):
             tensor = tensor.full_tensor()
-        yield _hf_name(name), tensor
+        yield _hf_name(name), tensor if dtype is None else tensor.to(dtype)  # the engine's (compute) dtype
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -351,10 +352,12 @@ class HFRollout:
         )
         # Under FSDP every forward is a collective: ranks that finish early must keep stepping with the rest.
         synced = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        training, _ = self.model.training, self.model.eval()  # gradient checkpointing drops the KV cache in train mode
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             if s.seed is not None:
                 torch.manual_seed(s.seed)
             out = self.model.generate(**enc, generation_config=gen, synced_gpus=synced)
+        self.model.train(training)
         P = enc["input_ids"].shape[1]
         new = out.sequences[:, P:].cpu()
         # Scores are the processed logits the sampler drew from (temperature and top-p applied).
@@ -530,6 +533,7 @@ class VLLMRollout:
     def _wake(self, tag: str) -> None:
         if not self.sleep_mode:
             return
+        torch.cuda.empty_cache()  # memory PyTorch cached for the trainer's update would block vLLM's allocation
         if tag == "weights" and self._weights_asleep:
             self.llm.wake_up(tags=["weights"])
             self._weights_asleep = False

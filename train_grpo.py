@@ -23,10 +23,10 @@ Where it departs from MediX-R1's released trainer (EasyR1/verl):
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -48,10 +48,13 @@ class Config:
     skip_bad_samples: bool = False  # skip (and count) bad samples instead of stopping at the first
     text_only: bool = False  # train on the samples without images only
     output_dir: str = "runs/grpo"  # checkpoints, log.jsonl, rewards.png, samples.md
-    seed: int = 0
-    freeze_vision: bool = True  # keep the vision tower frozen (MediX-R1 trains the language model)
+    seed: int = 1  # the release's data.seed
+    freeze_vision: bool = False  # keep the vision tower frozen (the release trains it: freeze_vision_tower false)
     gradient_checkpointing: bool = False  # trade ~15-30% speed for activation memory
-    dtype: str = "auto"  # auto (bf16 on GPU, float32 on CPU) | bfloat16 | float32
+    dtype: str = "auto"  # compute dtype of the trainer and the engine: auto (bf16 on GPU, float32 on CPU) | bfloat16 | float32
+    master_dtype: str = "float32"  # what the optimiser updates (master weights and AdamW state): float32 | bfloat16
+    min_pixels: int = 262144  # image resize bounds for the processor and the engine (the release's)
+    max_pixels: int = 4194304
     # -- rollout
     engine: str = "vllm"  # vllm (colocated, sleep mode on GPU) | hf (transformers generate)
     prompts_per_step: int = 8  # prompts per rollout batch on each process (released: 512 over 8 GPUs)
@@ -85,18 +88,18 @@ class Config:
     partial_format: bool = False  # partial format credit (a quarter per check) instead of 0/1
     # -- advantages and filtering
     scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
-    online_filter: bool = True  # keep groups whose mean `filter_key` is strictly inside (filter_low, filter_high)
+    online_filter: bool = False  # keep groups whose mean `filter_key` is strictly inside (filter_low, filter_high); the DAPO recipes turn it on
     filter_key: str = "total"  # the reward component the filter reads
     filter_low: float = 0.01
     filter_high: float = 0.99
-    max_filter_tries: int = 3  # rollout batches per step at most, to refill filtered groups
+    max_filter_tries: int = 20  # rollout batches per step at most, to refill filtered groups (max_try_make_batch)
     balance_labels: bool = False  # sample prompts round-robin over answer labels (yes/no/maybe...)
     # -- loss
     loss_type: str = "dapo"  # grpo | bnpo | dapo | dr_grpo
     importance_level: str = "token"  # token | sequence (GSPO)
     clip_low: float = 0.2
-    clip_high: float = 0.28
-    beta: float = 0.0  # k3 KL to a frozen reference model (created only when > 0)
+    clip_high: float = 0.3  # the release's clip_ratio_high default; its DAPO recipes set 0.28
+    beta: float = 0.0  # k3 KL to a frozen reference model (created only when > 0); released config.yaml: 1e-2, each recipe sets it
     tis_cap: float = 0.0  # >0: recompute old log-probs and weight tokens by min(p_train/p_rollout, cap)
     # -- optimisation
     steps: int = 200  # GRPO steps
@@ -113,7 +116,8 @@ class Config:
     warm_start_batch_size: int = 4
     warm_start_lr: float = 2e-5
     # -- checkpoints and logging
-    save_every: int = 50  # steps between checkpoints (and one at the end)
+    save_every: int = 5  # steps between checkpoints (and one at the end); the release's save_freq
+    save_total_limit: int = 3  # keep only the last N checkpoints (0 keeps all); the release's save_limit
     resume: bool = False  # continue from the last complete checkpoint in output_dir
     log_samples_every: int = 10  # steps between tables of sample completions (samples.md)
     report_to: list[str] = field(default_factory=list)  # accelerate trackers: tensorboard, wandb, ...
@@ -128,6 +132,7 @@ DEMO = dict(
     group_size=4, max_completion_length=64, temperature=1.0, one_shot=True, steps=3, lr=3e-5,
     embedder="", w_embed=0.0, micro_batch_size=4, warm_start_steps=8, warm_start_batch_size=2,
     save_every=3, log_samples_every=1, balance_labels=True, online_filter=False, enforce_eager=True,
+    seed=0, clip_high=0.28,
 )  # fmt: skip
 
 
@@ -164,7 +169,7 @@ def train_step(step: int, cfg, run) -> tuple[dict, list[Group]]:
     t1 = time.perf_counter()
     update = optimise(cfg, run, groups)  # old log-probs, micro-batched loss + backward, optimiser steps
     t2 = time.perf_counter()
-    run.engine.update_weights(rollout.full_parameters(run.model))  # in place, one gathered tensor at a time
+    run.engine.update_weights(rollout.full_parameters(run.model, run.compute_dtype))  # in place, one gathered tensor at a time
     t3 = time.perf_counter()
     run.probe_diff = check_sync(step, cfg, run)  # stops the run if the engine did not take the weights
     adv = torch.tensor([a for g in groups for a, ok in zip(g.advantages, g.valid) if ok] or [0.0])
@@ -298,7 +303,7 @@ def rollout_and_score(step: int, cfg, run) -> tuple[list[Group], dict]:
     """Sample prompts, roll out, score; keep groups with signal, refilling up to `max_filter_tries`."""
     kept = []
     counts = dict.fromkeys(("groups_sampled", "groups_filtered", "groups_unscored", "groups_cut", "prompts_too_long",
-                            "filter_tries", "completions_unscored", "rewards_nan", "judge_pairs", "judge_failures",
+                            "filter_tries", "completions_unscored", "rewards_nan", "judge_asked", "judge_failures",
                             "judge_unparsed", "judge_timeouts"), 0)  # fmt: skip
     seconds = {"seconds_rollout": 0.0, "seconds_reward": 0.0}
     for attempt in range(max(cfg.max_filter_tries, 1)):
@@ -329,8 +334,6 @@ def rollout_and_score(step: int, cfg, run) -> tuple[list[Group], dict]:
                 counts["groups_filtered"] += 1
             else:
                 kept.append(g)
-        if not cfg.online_filter and counts["groups_unscored"] == 0:
-            break
     # Every process must run the same number of forward/backward passes (FSDP collectives), so
     # all keep as many groups as the process that kept the fewest.
     n = min_rank(run, min(len(kept), cfg.prompts_per_step))
@@ -376,9 +379,9 @@ def score_groups(run, groups: list[Group], counts: dict) -> None:
             if v is not None and not math.isfinite(v):
                 counts["rewards_nan"] += 1
                 values[k] = None
-    counts["judge_failures"] += sum(v is None for v in scores.get("llm", []))
-    stats = run.reward.take_stats() if hasattr(run.reward, "take_stats") else {}
-    for key in ("judge_pairs", "judge_unparsed", "judge_timeouts"):
+    stats = run.reward.take_stats() if hasattr(run.reward, "take_stats") else {}  # the composite's judge counters
+    counts["judge_asked"] += stats.get("judge_pairs", 0) + stats.get("batch_repeats", 0)  # completions sent to the judge
+    for key in ("judge_failures", "judge_unparsed", "judge_timeouts"):
         counts[key] += stats.get(key, 0)
     counts["completions_unscored"] += sum(v is None for v in scores["total"])
     at = 0
@@ -460,7 +463,8 @@ def optimise(cfg, run, groups: list[Group]) -> dict:
         with torch.no_grad():
             for m in range(0, N, mb_size):
                 mb = micro_batch(rows[m : m + mb_size], run.processor, run.device)
-                logp, _ = policy_logprobs(model, mb, cfg.temperature)
+                with compute_precision(run):
+                    logp, _ = policy_logprobs(model, mb, cfg.temperature)
                 weights = torch.exp(logp - mb["engine_logp"]).clamp(max=cfg.tis_cap) * mb["mask"] if cfg.tis_cap > 0 else None
                 for r, (g, j) in enumerate(rows[m : m + mb_size]):
                     k = len(g.completions[j].token_ids)
@@ -478,14 +482,15 @@ def optimise(cfg, run, groups: list[Group]) -> dict:
             for m in range(lo, idx.stop, mb_size):
                 part = rows[m : min(m + mb_size, idx.stop)]
                 mb = micro_batch(part, run.processor, run.device)
-                logp, entropy = policy_logprobs(model, mb, cfg.temperature, with_entropy=epoch == 0)
+                with compute_precision(run):
+                    logp, entropy = policy_logprobs(model, mb, cfg.temperature, with_entropy=epoch == 0)
                 old_logp, weights = mb["engine_logp"], None
                 if recompute:
                     old_logp, weights = padded(old[m : m + len(part)], mb["mask"], cfg.tis_cap > 0)
                 mismatch = ((logp.detach() - mb["engine_logp"]).abs() * mb["mask"]).sum() / mb["mask"].sum().clamp(min=1)
                 ref = None
                 if cfg.beta > 0:
-                    with torch.no_grad():
+                    with torch.no_grad(), compute_precision(run):
                         ref, _ = policy_logprobs(run.ref_model, mb, cfg.temperature)
                 advantages = torch.tensor([g.advantages[j] for g, j in part], device=run.device)
                 loss, metrics = grpo_loss(
@@ -613,15 +618,21 @@ def setup(cfg, reward_fn=None) -> Run:
     run.sampler = PromptSampler(len(samples), cfg.seed, *dp_rank(cfg, run), labels)
 
     run.model, run.processor = load_policy(cfg, str(last) if cfg.resume and last else cfg.model)
+    if cfg.engine == "hf" and run.world > 1 and any(s.images for s in samples):
+        # transformers' generate runs the sharded vision tower only on ranks whose prompts have images.
+        raise SystemExit("engine=hf with several processes takes text-only data (use --text_only or --engine vllm)")
     run.tokenizer = getattr(run.processor, "tokenizer", run.processor)
     run.ref_model = None
     if cfg.beta > 0:  # the frozen reference exists only when the KL term is on
         run.ref_model, _ = load_policy(cfg, cfg.model)
         run.ref_model.requires_grad_(False).eval()
+    run.compute_dtype = getattr(torch, policy_dtype(cfg))
+    if run.rank == 0:
+        print(f"precision: compute {policy_dtype(cfg)}, master weights and optimiser {cfg.master_dtype}")
     if run.world > 1:
-        shard(run.model)
+        shard(run.model, run.compute_dtype)
         if run.ref_model is not None:
-            shard(run.ref_model)
+            shard(run.ref_model, run.compute_dtype)
     if cfg.warm_start_steps and not (cfg.resume and last):
         warm_start(cfg, run)
 
@@ -633,7 +644,7 @@ def setup(cfg, reward_fn=None) -> Run:
     run.scheduler = get_scheduler(cfg.lr_scheduler, run.optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total)
     # The engine before the trainer state: starting vLLM re-seeds every global generator.
     run.engine = make_engine(cfg, run)
-    run.engine.update_weights(rollout.full_parameters(run.model))  # the engine starts from the trainer's weights
+    run.engine.update_weights(rollout.full_parameters(run.model, run.compute_dtype))  # the engine starts from the trainer's weights
     run.probe = make_probe(run)
     run.probe_diff = check_sync(-1, cfg, run)
     run.start_step = 0
@@ -648,7 +659,9 @@ def setup(cfg, reward_fn=None) -> Run:
 PROBE = [{"role": "user", "content": "Which imaging modality shows a fractured wrist bone best? Answer briefly."}]
 
 
-def make_probe(run) -> dict:
+def make_probe(run) -> dict | None:
+    if getattr(run.engine, "shares_trainer_model", False):
+        return None
     prompt_ids = rollout.encode_prompts(run.processor, [PROBE])["input_ids"][0].tolist()
     (c,) = run.engine.generate([PROBE], n=1, settings=rollout.SamplingSettings(temperature=0.0, max_new_tokens=16))
     return {"prompt_ids": prompt_ids, "completion_ids": c.token_ids or [run.tokenizer.eos_token_id]}
@@ -656,10 +669,12 @@ def make_probe(run) -> dict:
 
 def check_sync(step: int, cfg, run) -> float:
     """Mean |engine - trainer| log-prob over the probe's tokens; stops the run above `sync_probe_max`."""
+    if getattr(run.engine, "shares_trainer_model", False):
+        return 0.0  # the engine is the trainer's own model
     p = run.probe
     (engine,) = run.engine.score([p["prompt_ids"]], [p["completion_ids"]])
     ids = torch.tensor([p["prompt_ids"] + p["completion_ids"]], device=run.device)
-    with torch.no_grad():
+    with torch.no_grad(), compute_precision(run):
         logits = run.model(input_ids=ids, use_cache=False).logits[0, len(p["prompt_ids"]) - 1 : -1].float()
     trainer = torch.log_softmax(logits, -1).gather(-1, ids[0, len(p["prompt_ids"]) :, None])[:, 0]
     diff = (torch.tensor(engine, device=trainer.device) - trainer).abs().mean().item()
@@ -678,11 +693,14 @@ def load_policy(cfg, path: str):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     on_gpu = torch.cuda.is_available()
-    dtype = getattr(torch, policy_dtype(cfg))
+    if cfg.master_dtype not in ("float32", "bfloat16"):
+        raise SystemExit(f"master_dtype must be float32 or bfloat16, not {cfg.master_dtype!r}")
     is_vlm = hasattr(AutoConfig.from_pretrained(path), "vision_config")
     cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
-    model = cls.from_pretrained(path, dtype=dtype)
-    processor = (AutoProcessor if is_vlm else AutoTokenizer).from_pretrained(path)
+    # Master weights: the optimiser's copy (float32 as the release; AdamW at lr 1e-6 barely moves bf16 weights).
+    model = cls.from_pretrained(path, dtype=getattr(torch, cfg.master_dtype))
+    pixels = dict(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels) if is_vlm else {}
+    processor = (AutoProcessor if is_vlm else AutoTokenizer).from_pretrained(path, **pixels)
     if on_gpu:
         model.to(torch.device("cuda", torch.cuda.current_device()))
     if is_vlm and cfg.freeze_vision:
@@ -701,15 +719,24 @@ def policy_dtype(cfg) -> str:
     return ("bfloat16" if torch.cuda.is_available() else "float32") if cfg.dtype == "auto" else cfg.dtype
 
 
-def shard(model) -> None:
-    """FSDP2: shard each transformer block, then the root (the same code on GPU and CPU/gloo)."""
-    from torch.distributed.fsdp import fully_shard
+def shard(model, compute_dtype: torch.dtype) -> None:
+    """FSDP2: shard each transformer block, then the root (the same code on GPU and CPU/gloo); blocks
+    compute in `compute_dtype` over the master weights and reduce gradients in float32 (as verl)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     blocks = set(getattr(model, "_no_split_modules", None) or [])
     for module in model.modules():
         if type(module).__name__ in blocks:
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+def compute_precision(run):
+    """bf16 compute over float32 master weights in one process (with several, FSDP2's policy does it)."""
+    if run.world == 1 and run.compute_dtype != next(run.model.parameters()).dtype:
+        return torch.autocast(run.device.type, dtype=run.compute_dtype)
+    return contextlib.nullcontext()
 
 
 def make_engine(cfg, run):
@@ -719,6 +746,7 @@ def make_engine(cfg, run):
         return rollout.VLLMRollout(  # the engine offsets its seed by the tensor-parallel group itself
             cfg.model, seed=cfg.seed, dtype=policy_dtype(cfg), gpu_memory_utilization=cfg.gpu_memory_utilization,
             tensor_parallel_size=cfg.tensor_parallel_size, enforce_eager=cfg.enforce_eager, sleep_level=cfg.sleep_level,
+            **({"mm_processor_kwargs": {"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels}} if rollout._is_vlm(run.model.config) else {}),
             max_model_len=min(cfg.max_prompt_length + cfg.max_completion_length, max_positions(run.model.config)),
         )  # fmt: skip
     raise ValueError(f"engine must be 'vllm' or 'hf', not {cfg.engine!r}")
@@ -780,7 +808,8 @@ def warm_start(cfg, run) -> None:
             g.scores = {"total": [1.0]}
             seqs.append((g, 0))
         mb = micro_batch(seqs, run.processor, run.device)
-        logp, _ = policy_logprobs(run.model, mb, 1.0)
+        with compute_precision(run):
+            logp, _ = policy_logprobs(run.model, mb, 1.0)
         loss = -(logp * mb["mask"]).sum() / mb["mask"].sum()
         loss.backward()
         opt.step()
@@ -873,6 +902,10 @@ def save_checkpoint(cfg, run, step: int) -> Path:
         tmp.rename(out)  # a checkpoint is complete exactly when its final name exists
         for old in Path(cfg.output_dir).glob("checkpoint-*.tmp"):
             shutil.rmtree(old, ignore_errors=True)  # leftovers of a run killed while saving
+        if cfg.save_total_limit > 0:  # the one just written is the newest, so it is always kept
+            done = sorted((p for p in Path(cfg.output_dir).glob("checkpoint-*") if p.is_dir() and not p.name.endswith(".tmp")), key=read_step)
+            for old in done[: -cfg.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
     barrier(run)
     return out
 
@@ -942,7 +975,7 @@ def plot_log(log_path: Path, png: Path) -> None:
     if not lines:
         return
     steps = [x["step"] for x in lines]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     for key in sorted({k for x in lines for k in x if k.startswith("reward_")}):
         axes[0].plot(steps, [x.get(key, float("nan")) for x in lines], label=key.removeprefix("reward_"))
     axes[0].set_title("reward components (mean)")
@@ -951,6 +984,11 @@ def plot_log(log_path: Path, png: Path) -> None:
     axes[1].set_title("completion length (tokens)")
     axes[2].plot(steps, [x.get("entropy", float("nan")) for x in lines])
     axes[2].set_title("entropy (nats/token)")
+    axes[3].plot(steps, [x.get("sync_probe_diff", float("nan")) for x in lines], label="sync probe |engine - trainer|")
+    axes[3].plot(steps, [x.get("judge_failures", 0) / max(x.get("judge_asked", 0), 1) for x in lines], label="judge failure share")
+    axes[3].set_yscale("symlog", linthresh=1e-6)
+    axes[3].set_title("health")
+    axes[3].legend(fontsize=8)
     for ax in axes:
         ax.set_xlabel("step")
     fig.tight_layout()
@@ -977,22 +1015,24 @@ def main(cfg: Config, reward_fn=None) -> Path:
     run.acc.init_trackers("medix-grpo", config={k: v for k, v in asdict(cfg).items() if not isinstance(v, list)})
     ckpt = None
     bar = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps, disable=run.rank != 0, desc="grpo")
-    for step in bar:
-        metrics, groups = train_step(step, cfg, run)
-        metrics = {"step": step + 1, **reduce_metrics(run, metrics)}
-        if run.rank == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            plot_log(log_path, out / "rewards.png")
-            bar.set_postfix({k.removeprefix("reward_"): f"{v:.3f}" for k, v in metrics.items() if k.startswith("reward_")})
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), file=sys.stderr)
-        run.acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step + 1)
-        check_judge(cfg, run, metrics)
-        if run.rank == 0 and cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
-            write_samples(out / "samples.md", step + 1, groups)
-        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-            ckpt = save_checkpoint(cfg, run, step + 1)
-    run.engine.close()  # before accelerate's end_training, which closes the process group vLLM shares
+    try:
+        for step in bar:
+            metrics, groups = train_step(step, cfg, run)
+            metrics = {"step": step + 1, **reduce_metrics(run, metrics)}
+            if run.rank == 0:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                plot_log(log_path, out / "rewards.png")
+                bar.set_postfix({k.removeprefix("reward_"): f"{v:.3f}" for k, v in metrics.items() if k.startswith("reward_")})
+                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), file=sys.stderr)
+            run.acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step + 1)
+            check_judge(cfg, run, metrics)
+            if run.rank == 0 and cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
+                write_samples(out / "samples.md", step + 1, groups)
+            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+                ckpt = save_checkpoint(cfg, run, step + 1)
+    finally:  # also on a stop (SystemExit): the engine's memory and worker go with it
+        run.engine.close()  # before accelerate's end_training, which closes the process group vLLM shares
     run.acc.end_training()
     return ckpt or last_checkpoint(out)
 
@@ -1000,7 +1040,7 @@ def main(cfg: Config, reward_fn=None) -> Path:
 def check_judge(cfg, run, metrics: dict) -> None:
     """Stop a run whose judge fails for more than `judge_failure_max` of its calls, `judge_failure_steps`
     steps in a row (the metrics are the same on every process, so all stop together)."""
-    share = metrics["judge_failures"] / metrics["judge_pairs"] if metrics.get("judge_pairs") else 0.0
+    share = metrics["judge_failures"] / metrics["judge_asked"] if metrics.get("judge_asked") else 0.0
     run.judge_bad_steps = run.judge_bad_steps + 1 if share > cfg.judge_failure_max else 0
     if run.judge_bad_steps >= cfg.judge_failure_steps:
         raise SystemExit(

@@ -32,7 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import data  # noqa: E402
 import rewards  # noqa: E402
 import train_grpo  # noqa: E402
-from tests.kit import REPO, free_vllm, smollm2_dir  # noqa: E402
+from tests.kit import REPO, smollm2_dir  # noqa: E402
 
 
 def reward_fn(completions, answer=None, modality=None, **_):
@@ -65,12 +65,12 @@ def ours(args, engine: str) -> dict:
     times, tokens = [], []
     for step in range(cfg.steps):
         t = time.perf_counter()
-        m = train_grpo.train_step(step, cfg, run)
+        m, _ = train_grpo.train_step(step, cfg, run)
         if step:  # the first step warms up (compilation, allocator)
             times.append(time.perf_counter() - t)
             tokens.append(m["completion_len_mean"])
     if engine == "vllm":
-        free_vllm(run.engine.llm)  # so a later engine can start in this process
+        run.engine.close()  # so a later engine can start in this process
     del run
     return {"seconds_per_step": statistics.median(times), "steps": times, "completion_len_mean": statistics.mean(tokens)}
 

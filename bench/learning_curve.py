@@ -108,7 +108,7 @@ def main():
     deadline = t_start + args.minutes * 60 - 60  # leave a minute for the final evaluation
     step, step_seconds = 0, []
     while time.perf_counter() + (max(step_seconds) if step_seconds else 0) < deadline:
-        m = {"step": step + 1, **train_grpo.train_step(step, cfg, run)}
+        m = {"step": step + 1, **train_grpo.train_step(step, cfg, run)[0]}
         step_seconds.append(m["seconds_step"])
         with open(log, "a") as f:
             f.write(json.dumps(m) + "\n")

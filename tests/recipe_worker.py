@@ -44,6 +44,8 @@ def main(recipe: str, out: Path, phase: str, sleep: bool) -> None:
              "--max_prompt_length", "2048", "--steps", "2", "--save_every", "1", "--micro_batch_size", "2",
              "--enforce_eager", "--log_samples_every", "1", "--max_filter_tries", "4", "--dtype", "float32",
              "--lr", "1e-3", "--embedder", ""]  # fmt: skip
+    unit = 32 if kind == "qwen3_vl" else 28  # the kit's image sizes: 4 to 16 image tokens
+    flags += ["--min_pixels", str(4 * unit * unit), "--max_pixels", str(16 * unit * unit)]
     if phase == "a":
         train_grpo.main(train_grpo.parse_config(flags + ["--output_dir", str(out / "a")]), reward_fn=reward)
         return

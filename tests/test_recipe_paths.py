@@ -3,14 +3,13 @@ with refills and skipped steps, images on some ranks only, old log-probs over se
 TIS and KL, the HF engine under FSDP, tensor-parallel seeds, NaN rewards, the batch std, resume's RNG,
 the logged loss, label-balanced order, and the weight-sync guard."""
 import json
-import os
 
 import pytest
 import torch
 
 import rollout
 import train_grpo
-from tests.kit import slake_images, tiny_text_dir, tiny_vlm_dir, vllm_cpu_env
+from tests.kit import slake_images, tiny_vlm_dir, vllm_cpu_env
 from tests.test_train_grpo import config, toy_reward, write_data
 
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.kit import REPO, SHARED_DATA, slake_images, tiny_vlm_dir
+from tests.kit import REPO, slake_images, tiny_vlm_dir
 from tests.test_rollout_torchrun import _free_port as free_port
 
 RECIPES = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("accelerate"))

@@ -12,7 +12,7 @@ from tests.test_train_grpo import write_data
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["vllm"])
+@pytest.mark.parametrize("engine", ["vllm", "hf"])
 def test_two_process_fsdp2_grpo(tmp_path, engine):
     write_data(tmp_path / "train.jsonl", n=8)
     tiny_text_dir("qwen2")  # built here once, so the ranks do not race for it

@@ -34,6 +34,7 @@ def config(tmp_path, **kw):
         model=str(tiny_text_dir("qwen2")), data=write_data(tmp_path / "train.jsonl"), output_dir=str(tmp_path / "run"),
         engine="hf", prompts_per_step=2, group_size=4, max_completion_length=12, steps=2, lr=1e-3,
         micro_batch_size=3, online_filter=False, save_every=2, log_samples_every=1, seed=3,
+        freeze_vision=True, max_filter_tries=3, clip_high=0.28, save_total_limit=0,  # the defaults before the release's
     )  # fmt: skip
     base.update(kw)
     return train_grpo.Config(**base)
@@ -182,10 +183,53 @@ def test_failed_judge_calls_train_nothing_and_a_dead_judge_stops_the_run(tmp_pat
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 2
     for x in log:  # every call failed: no completion has a total, so nothing was trained on
-        assert x["judge_failures"] == x["judge_pairs"] == x["completions_unscored"] == 8 and x["skipped"] == 1
+        assert x["judge_failures"] == x["judge_asked"] == x["completions_unscored"] == 8 and x["skipped"] == 1
 
 
 def test_an_unreachable_judge_stops_before_the_model_loads(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"^judge: .*127.0.0.1:9"):
         train_grpo.main(config(tmp_path, judge_url=["http://127.0.0.1:9/v1"], embedder=""))
     assert "Loading weights" not in capsys.readouterr().err
+
+
+def test_save_total_limit_keeps_the_last_checkpoints(tmp_path):
+    ckpt = train_grpo.main(config(tmp_path, steps=4, save_every=1, save_total_limit=2), reward_fn=toy_reward)
+    assert sorted(p.name for p in ckpt.parent.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+
+
+@pytest.mark.slow
+def test_bf16_compute_over_float32_master_weights_moves_every_weight(tmp_path):
+    """10 AdamW steps at the recipes' lr 1e-6: float32 master weights change (bf16 compute), bf16 ones barely."""
+    def changed(**kw):
+        ckpt = train_grpo.main(config(tmp_path / str(len(kw)) / kw.get("master_dtype", "f"), steps=10, save_every=10,
+                                      lr=1e-6, log_samples_every=0, **kw), reward_fn=toy_reward)  # fmt: skip
+        before, after = params(config(tmp_path).model), params(ckpt)
+        return sum((before[k].to(after[k].dtype) != after[k]).sum().item() for k in before) / sum(v.numel() for v in before.values())
+
+    float32 = changed()
+    mixed = changed(dtype="bfloat16")
+    bf16_master = changed(dtype="bfloat16", master_dtype="bfloat16")
+    print(f"fraction of weights changed: float32 {float32:.4f}, bf16 compute + float32 master {mixed:.4f}, bf16 master {bf16_master:.4f}")
+    assert mixed == pytest.approx(float32, abs=0.02) and float32 > 0.9
+    assert bf16_master < 0.5 * mixed
+
+
+def test_bf16_compute_loss_and_gradients_match_float32(tmp_path):
+    cfg = config(tmp_path)
+    run = train_grpo.setup(cfg, toy_reward)
+    groups, _ = train_grpo.rollout_and_score(0, cfg, run)
+    train_grpo.set_advantages(cfg, run, groups)
+    mb = train_grpo.micro_batch([(g, j) for g in groups for j in range(cfg.group_size)], run.processor, run.device)
+    adv = torch.tensor([a for g in groups for a in g.advantages])
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        run.model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            logp, _ = train_grpo.policy_logprobs(run.model, mb, 1.0)
+        loss, _ = train_grpo.grpo_loss(logp, logp.detach(), adv, mb["mask"])
+        loss.backward()
+        results.append((loss.item(), torch.cat([p.grad.flatten() for p in run.model.parameters()])))
+    (l32, g32), (l16, g16) = results
+    assert next(run.model.parameters()).dtype == torch.float32 and g16.dtype == torch.float32  # master weights and grads
+    assert l16 == pytest.approx(l32, abs=1e-3)
+    assert (g16 - g32).norm() < 0.05 * g32.norm()  # bf16's ~3 significant digits, accumulated
