@@ -627,6 +627,8 @@ def setup(cfg, reward_fn=None) -> Run:
         run.ref_model, _ = load_policy(cfg, cfg.model)
         run.ref_model.requires_grad_(False).eval()
     run.compute_dtype = getattr(torch, policy_dtype(cfg))
+    if run.compute_dtype == torch.float32 and cfg.master_dtype != "float32":
+        raise SystemExit("dtype float32 needs master_dtype float32 (master weights are at least as precise as the compute)")
     if run.rank == 0:
         print(f"precision: compute {policy_dtype(cfg)}, master weights and optimiser {cfg.master_dtype}")
     if run.world > 1:

@@ -42,7 +42,7 @@ def main(recipe: str, out: Path, phase: str, sleep: bool) -> None:
     flags = ["--config", recipe, "--model", str(tiny_vlm_dir(kind)), "--data", str(out / "train.jsonl"),
              "--prompts_per_step", "2", "--group_size", "4", "--max_completion_length", "8",
              "--max_prompt_length", "2048", "--steps", "2", "--save_every", "1", "--micro_batch_size", "2",
-             "--enforce_eager", "--log_samples_every", "1", "--max_filter_tries", "4", "--dtype", "float32",
+             "--enforce_eager", "--log_samples_every", "1", "--max_filter_tries", "4",
              "--lr", "1e-3", "--embedder", ""]  # fmt: skip
     unit = 32 if kind == "qwen3_vl" else 28  # the kit's image sizes: 4 to 16 image tokens
     flags += ["--min_pixels", str(4 * unit * unit), "--max_pixels", str(16 * unit * unit)]

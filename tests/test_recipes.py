@@ -44,8 +44,11 @@ def test_recipe_runs_two_processes_mixed_images_refills_and_resumes(tmp_path, re
     assert result["finite"]
     log = result["log"]
     assert [x["step"] for x in log] == [1, 2]
-    assert all(x["sync_probe_diff"] < 1e-4 for x in log)  # every rank's engine holds its trainer's weights
-    if any(x.get("groups_filtered", 0) for x in log):
-        assert max(x["filter_tries"] for x in log) > 1  # a refill happened (with the level-2 sleep stand-in)
-    assert sum(x["groups_filtered"] for x in log) > 0
+    # Every rank's engine holds its trainer's weights (bf16 compute: within bf16's rounding, float32 to 1e-6).
+    limit = 0.05 if "dtype: bfloat16" in (REPO / "configs" / recipe).read_text() else 1e-4
+    assert all(x["sync_probe_diff"] < limit for x in log)
+    if "online_filter: true" in (REPO / "configs" / recipe).read_text():  # a refill, with the level-2 sleep stand-in
+        assert sum(x["groups_filtered"] for x in log) > 0 and max(x["filter_tries"] for x in log) > 1
+    else:
+        assert all(x["groups_filtered"] == 0 for x in log)
     assert result["resume_max_diff"] < 1e-5  # resume after step 1 == 2 steps in one go, vLLM engine
