@@ -608,23 +608,34 @@ class VLLMRollout:
                 requests.append({"prompt": text, "multi_modal_data": {"image": images}})
             else:  # tokenized here exactly as policy_inputs does (no extra BOS)
                 requests.append({"prompt_token_ids": tok(text, add_special_tokens=False)["input_ids"]})
-        params = dict(n=n, temperature=max(s.temperature, 0.0), top_p=s.top_p, max_tokens=s.max_new_tokens, logprobs=0)
+        # detokenize=False: vLLM otherwise decodes every step twice over (the incremental text and each
+        # logprob's token string, re-checked against its context), on the same cores as the model; the
+        # text is decoded once below instead, in one batched call (issue 13). flat_logprobs: one list
+        # of floats per completion instead of a dict and a Logprob object per token.
+        params = dict(n=n, temperature=max(s.temperature, 0.0), top_p=s.top_p, max_tokens=s.max_new_tokens, logprobs=0,
+                      detokenize=False, flat_logprobs=True)
         if s.seed is not None:
             if self.cuda:
                 params["seed"] = s.seed  # child i of n gets seed + i
             else:  # per-request seeds fail in the CPU build; re-seed the worker's generator instead
                 self.llm.collective_rpc(_reseed, args=(s.seed,))
         outputs = self.llm.generate(requests, SamplingParams(**params), use_tqdm=False)
-        done = []
+        rows = []
         for i, out in enumerate(outputs):
+            prompt_ids = list(out.prompt_token_ids)
             for c in sorted(out.outputs, key=lambda c: c.index):
                 ids = list(c.token_ids)
-                done.append(Completion(
-                    prompt_index=i, token_ids=ids, text=c.text,
-                    logprobs=[c.logprobs[k][t].logprob for k, t in enumerate(ids)],
-                    prompt_ids=list(out.prompt_token_ids), finish_reason=c.finish_reason or "stop",
-                ))
-        return done  # still awake: a refill may follow; the trainer calls sleep() before its update
+                lp = c.logprobs
+                if getattr(lp, "token_ids", None) == ids:  # flat, one entry (the sampled token) per position
+                    logprobs = list(lp.logprobs)
+                else:  # a sampled token outside its own top list, or an older vLLM: look each one up
+                    logprobs = [lp[k][t].logprob for k, t in enumerate(ids)]
+                rows.append((i, ids, logprobs, prompt_ids, c.finish_reason or "stop"))
+        texts = tok.batch_decode([r[1] for r in rows], skip_special_tokens=True)
+        return [  # still awake: a refill may follow; the trainer calls sleep() before its update
+            Completion(prompt_index=i, token_ids=ids, text=text, logprobs=logprobs, prompt_ids=list(prompt_ids), finish_reason=reason)
+            for (i, ids, logprobs, prompt_ids, reason), text in zip(rows, texts)
+        ]
 
 
 def _gpu_used_gib() -> float:

@@ -598,6 +598,10 @@ def setup(cfg, reward_fn=None) -> Run:
     # silently runs every process as a world of one).
     run.acc = Accelerator(cpu=not torch.cuda.is_available(), log_with=cfg.report_to or None, project_dir=cfg.output_dir)
     run.world, run.rank, run.device = run.acc.num_processes, run.acc.process_index, run.acc.device
+    asked = {"mixed_precision": run.acc.mixed_precision, "distributed_type": run.acc.distributed_type.value}
+    if asked["mixed_precision"] != "no" or asked["distributed_type"] in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise SystemExit(f"the accelerate launcher asks for {asked}: train_grpo.py shards with FSDP2 and sets precision "
+                         "itself (--dtype, --master_dtype); launch with one of configs/accelerate_*.yaml")  # fmt: skip
     set_seed(cfg.seed + run.rank)
     out = Path(cfg.output_dir)
     last = last_checkpoint(out)

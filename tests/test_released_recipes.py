@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 import train_grpo
+from tests.kit import REPO
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RECIPES = ["medix_r1_2b_dapo.yaml", "medix_r1_7b_grpo.yaml", "medix_r1_8b_grpo.yaml", "medix_r1_8b_dapo.yaml",
@@ -194,3 +195,29 @@ DEFAULTS = [
 @pytest.mark.parametrize(("key", "value"), DEFAULTS, ids=[k for k, _ in DEFAULTS])
 def test_config_default_is_the_released_one(key, value):
     assert getattr(train_grpo.Config(), key) == value
+
+
+ACCELERATE_KEYS = {"compute_environment", "distributed_type", "num_machines", "num_processes", "machine_rank",
+                   "main_process_ip", "main_process_port", "same_network", "rdzv_backend", "mixed_precision", "use_cpu"}
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "configs").glob("accelerate_*.yaml")))
+def test_accelerate_configs_say_only_what_happens(name):
+    cfg = yaml.safe_load((REPO / "configs" / name).read_text())
+    assert set(cfg) <= ACCELERATE_KEYS, set(cfg) - ACCELERATE_KEYS  # no fsdp_config: FSDP2 is train_grpo.py's own
+    assert cfg["mixed_precision"] == "no" and cfg["distributed_type"] in ("NO", "MULTI_GPU")
+
+
+def test_a_launcher_asking_for_mixed_precision_is_refused(tmp_path, monkeypatch):
+    from tests.test_train_grpo import config, toy_reward
+
+    from accelerate.state import AcceleratorState
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch` sets from mixed_precision: bf16
+    AcceleratorState._reset_state(True)  # accelerate keeps one state per process: start from the launcher's
+    try:
+        with pytest.raises(SystemExit, match="sets precision itself"):
+            train_grpo.setup(config(tmp_path), toy_reward)
+    finally:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+        AcceleratorState._reset_state(True)
