@@ -33,6 +33,11 @@ def main(out: Path, engine: str):
         report[f"loss_{step}"] = m["loss"]
         report[f"sync_probe_diff_{step}"] = m["sync_probe_diff"]
     ckpt = train_grpo.save_checkpoint(cfg, run, cfg.steps)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    full_optim = get_optimizer_state_dict(run.model, run.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:  # the optimiser state as one process would hold it, for the resume-on-one-process check
+        torch.save(full_optim, out / "full_optimizer.pt")
     # Both ranks hold the same gathered weights.
     full = {n: p.full_tensor() for n, p in run.model.named_parameters()}
     checksum = torch.stack([v.double().sum() for v in full.values()]).sum().reshape(1)

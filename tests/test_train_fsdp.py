@@ -32,3 +32,20 @@ def test_two_process_fsdp2_grpo(tmp_path, engine):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(r0["checkpoint"])  # the checkpoint loads
+
+    if engine == "vllm":  # the sharded optimiser continues on one process (torch.distributed.checkpoint reshards it)
+        import torch
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        import train_grpo
+        from tests.test_train_grpo import toy_reward
+
+        cfg = train_grpo.Config(model=str(tiny_text_dir("qwen2")), data=str(tmp_path / "train.jsonl"), output_dir=str(tmp_path / "run"),
+                                engine="hf", prompts_per_step=2, group_size=4, max_completion_length=10, steps=3, resume=True,
+                                save_total_limit=0, seed=1)  # fmt: skip
+        run = train_grpo.setup(cfg, toy_reward)
+        assert run.start_step == 2
+        saved, loaded = torch.load(tmp_path / "full_optimizer.pt"), get_optimizer_state_dict(run.model, run.optimizer)
+        for name, st in saved["state"].items():
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                assert torch.equal(loaded["state"][name][key], st[key]), (name, key)
