@@ -1,51 +1,24 @@
-"""Rollout: chat prompts in, sampled completions out (token ids, text, per-token logprobs).
-
-Two engines with one small interface:
+"""Rollout: chat prompts in, sampled completions out (token ids, text, per-token log-probs), weights in.
 
     engine = VLLMRollout("Qwen/Qwen2.5-VL-7B-Instruct")       # or HFRollout(path_or_model)
     done = engine.generate(prompts, n=5, settings=SamplingSettings(temperature=1.0, max_new_tokens=512))
-    engine.update_weights(full_parameters(policy))            # in place, from the trainer; no checkpoint
-    engine.sleep(); engine.wake_up()
+    engine.sleep(); engine.update_weights(full_parameters(policy))   # in place, no checkpoint on disk
 
-A prompt is a list of chat messages in the Hugging Face style,
-`[{"role": "user", "content": [{"type": "image", "image": PIL.Image}, {"type": "text", "text": "..."}]}]`
-(content may also be a plain string). `generate` returns one `Completion` per sample, grouped by prompt
-(the n samples of prompt 0 first, then prompt 1, ...). `Completion.logprobs` are the log-probabilities of
-the sampled tokens under the distribution actually sampled from (temperature and top-p applied), which is
-what the GRPO importance ratio needs; the trainer gets its own with `policy_inputs` + `completion_logprobs`,
-which build the same prompt tokens and images the engines saw.
-
-`VLLMRollout` runs an in-process `vllm.LLM` beside the trainer in every process: under `accelerate
-launch`/torchrun it uses vLLM's `external_launcher` executor (one engine per rank, each generating for its
-own prompts; tensor parallel size is a setting). On CUDA it is started with sleep mode and put to sleep
-(level 2: weights and KV cache discarded) after start and after every rollout, so the trainer has the
-memory during its update. `update_weights` wakes the weights only, streams the trainer's tensors into them
-one at a time and resets the prefix cache; `generate` then wakes the KV cache. Weights are never reloaded
-from disk after a sleep (stale or garbage weights after waking from level 2: TRL issue 5312, vLLM issue
-29341); generating after a level-2 sleep without an update is an error, not a silent use of garbage.
-
-Where it departs from other trainers / what was not run here:
-- vLLM's own device-side image normalisation (`mm_device_do_normalize`, on by default for Qwen2.5-VL in
-  vLLM 0.32) is turned off: it made the tiny Qwen2.5-VL's logprobs differ from a transformers forward pass
-  of the same tokens by 1e-3; with it off they agree to 1e-5 (float32), so the importance ratio starts at 1.
-- After an in-place update the prefix cache and the encoder (image embedding) cache are both reset: vLLM's
-  `reload_weights` alone leaves the scheduler believing old image embeddings are cached.
-- On CPU, `dtype="auto"` means float32 (vLLM's own "auto" would run bf16; see `__init__`).
-- On CPU (vLLM's CPU build) sleep mode is refused by vLLM, so sleep/wake are no-ops there, and a
-  per-request sampling seed fails ("CPU Generator does not use offset"): the engine is seeded at start and
-  `SamplingSettings.seed` re-seeds the worker's global generator instead.
-- The CUDA-only paths (sleep levels, waking weights and KV cache separately, GPU memory accounting) are
-  written against vLLM 0.33.0's documented `LLM.sleep(level)` / `LLM.wake_up(tags=[...])` API and were NOT
-  run on a GPU here.
+A prompt is a list of chat messages in the Hugging Face style (content a string, or a list of
+{"type": "image", "image": PIL.Image} / {"type": "text", "text": ...} items). `generate` returns the n
+completions of prompt 0, then of prompt 1, ...; their log-probs are those of the distribution actually
+sampled from (temperature and top-p applied), as the importance ratio needs. `VLLMRollout` is an
+in-process `vllm.LLM` beside the trainer in every process (vLLM's external launcher under torchrun), with
+sleep mode where vLLM offers it (CUDA): after a level-2 sleep it refuses to generate until weights are
+loaded again (TRL issue 5312). The trainer's own forward pass over the same tokens is in policy.py.
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -124,156 +97,6 @@ def encode_prompts(processor, prompts: Sequence[Prompt], padding_side: str = "le
         tok.padding_side = old_side
 
 
-# Processor outputs laid out per token (padded with the prompt); everything else (pixel_values,
-# image_grid_thw, ...) is per image and is concatenated over the rows of a batch.
-_PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
-
-
-def policy_inputs(processor, prompts: Sequence[Prompt | dict], completions: Sequence[Completion], pad_token_id=None):
-    """Model inputs for one forward pass of the policy over (prompt + completion) rows.
-
-    Each prompt is chat messages, or what `encode_prompts(processor, [messages])` returned for it (so a
-    trainer that keeps the encoding encodes each prompt once).
-
-    Prompts are left-padded and completions right-padded, so every completion starts at the same column
-    and `completion_logprobs` keeps only the last T+1 logits. Each row carries its own images (a prompt
-    sampled n times has its pixels n times), so mixed image/text batches keep `image_grid_thw` aligned.
-    Returns a dict: the model's keyword inputs plus `completion_ids` [B, T], `completion_mask` [B, T] and
-    `prompt_rows` [B] (each row's prompt index, so rows of one prompt can share its forward pass).
-    """
-    tok = _tokenizer(processor)
-    pad = tok.pad_token_id if pad_token_id is None else pad_token_id
-    encoded = {}  # one processor call per distinct prompt
-    for c in completions:
-        if c.prompt_index not in encoded:
-            p = prompts[c.prompt_index]
-            encoded[c.prompt_index] = p if isinstance(p, Mapping) else encode_prompts(processor, [p])
-    token_keys = sorted({k for enc in encoded.values() for k in enc if k in _PER_TOKEN})
-    P = max(encoded[c.prompt_index]["input_ids"].shape[1] for c in completions)
-    T = max(1, max(len(c.token_ids) for c in completions))
-    rows: dict[str, list] = {}
-    per_image: dict[str, list] = {}
-    completion_ids = torch.full((len(completions), T), pad, dtype=torch.long)
-    completion_mask = torch.zeros(len(completions), T, dtype=torch.long)
-    for i, c in enumerate(completions):
-        enc = encoded[c.prompt_index]
-        p = enc["input_ids"].shape[1]
-        k = len(c.token_ids)
-        completion_ids[i, :k] = torch.tensor(c.token_ids, dtype=torch.long)
-        completion_mask[i, :k] = 1
-        for key, value in enc.items():
-            if key not in _PER_TOKEN and torch.is_tensor(value):
-                per_image.setdefault(key, []).append(value)
-        for key in token_keys:  # a key some prompts lack (a text prompt's image mask) is zeros there
-            value = enc[key] if key in enc else torch.zeros_like(enc["input_ids"])
-            row = torch.full((P + T,), pad if key == "input_ids" else 0, dtype=value.dtype)
-            row[P - p : P] = value[0]
-            if key == "input_ids":
-                row[P:] = completion_ids[i]
-            elif key == "attention_mask":
-                row[P:] = completion_mask[i]
-            rows.setdefault(key, []).append(row)
-    batch = {key: torch.stack(v) for key, v in rows.items()}
-    batch.update({key: torch.cat(v) for key, v in per_image.items()})
-    batch["completion_ids"], batch["completion_mask"] = completion_ids, completion_mask
-    batch["prompt_rows"] = torch.tensor([c.prompt_index for c in completions])
-    return batch
-
-
-def completion_logprobs(model, batch: dict, temperature: float = 1.0, with_entropy: bool = False, share_prompts: bool = True):
-    """Per-token log-probs [B, T] of `batch["completion_ids"]` under `model` with the logits divided by the
-    sampling temperature (0 = greedy counts as 1), as the rollout engines report them. Padding is 0.
-    Top-p is not applied here (as in TRL): with top_p < 1 the engines' logprobs are those of the
-    renormalised nucleus and differ from these by its log-mass. `with_entropy=True` returns
-    (logp, entropy [B, T], no grad) for the trainer's logs. `share_prompts`: see `_completion_logits`."""
-    ids = batch["completion_ids"].to(model.device)
-    logits = _completion_logits(model, batch, share_prompts).float()
-    if temperature > 0:
-        logits = logits / temperature
-    logp = logits.gather(-1, ids[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
-    mask = batch["completion_mask"].to(logp.device)
-    if not with_entropy:
-        return logp * mask
-    with torch.no_grad():
-        log_all = torch.log_softmax(logits, dim=-1)
-        entropy = -(log_all.exp() * log_all).sum(-1) * mask
-    return logp * mask, entropy
-
-
-def _completion_logits(model, batch: dict, share_prompts: bool) -> torch.Tensor:
-    """Logits [B, T, V] predicting each completion token.
-
-    A GRPO batch holds every prompt n times. With `share_prompts`, each distinct prompt is run once and
-    its KV cache is copied to its n rows, so the prompt's forward and backward are done once, not n times
-    (same gradient; 2.6x fewer tokens for SmolLM2 on PubMedQA with n=4). It applies to text-only inputs
-    without gradient checkpointing (which drops the cache); otherwise one pass over prompt + completion."""
-    inputs = {k: v.to(model.device) for k, v in batch.items() if k not in ("completion_ids", "completion_mask", "prompt_rows")}
-    T = batch["completion_ids"].shape[1]
-    prompt_rows = batch.get("prompt_rows")
-    distinct, rows = torch.unique(prompt_rows, return_inverse=True) if prompt_rows is not None else ((), ())
-    vlm = _is_vlm(model.config)
-    shared = (
-        share_prompts and not vlm and len(distinct) < len(rows)
-        and set(inputs) == {"input_ids", "attention_mask"} and not getattr(model, "is_gradient_checkpointing", False)
-    )  # fmt: skip
-    if not shared:  # only the logits that predict completion tokens: the last T+1 positions, minus the last
-        with _blank_image(model, vlm and "pixel_values" not in inputs):
-            return model(**inputs, logits_to_keep=T + 1, use_cache=False).logits[:, :-1]
-    first = [int((prompt_rows == d).nonzero()[0]) for d in distinct]  # each prompt's first row
-    rows = rows.to(model.device)
-    P = inputs["input_ids"].shape[1] - T
-    ids, attn = inputs["input_ids"], inputs["attention_mask"]
-    head = model(input_ids=ids[first, :P], attention_mask=attn[first, :P], use_cache=True, logits_to_keep=1)
-    cache = head.past_key_values
-    cache.batch_select_indices(rows)  # prompt g's keys and values for each of its rows
-    tail = model(input_ids=ids[:, P:], attention_mask=attn, past_key_values=cache, use_cache=True, logits_to_keep=T)
-    return torch.cat([head.logits[rows], tail.logits[:, :-1]], dim=1)
-
-
-@contextmanager
-def _blank_image(model, on: bool):
-    """While on, the language model's input embeddings get 0 x the vision tower's output for a blank
-    image, at the point where real image features join them. So every FSDP2 rank runs the (sharded)
-    vision blocks once per forward and backward, in the same order, image or not; otherwise their
-    all-gathers and reduce-scatters mismatch across ranks (verl and EasyR1 do the same)."""
-    if not on:
-        yield
-        return
-
-    def add_blank(module, args, kwargs):
-        embeds = kwargs["inputs_embeds"]
-        kwargs["inputs_embeds"] = embeds + 0.0 * _dummy_vision(model).to(embeds.dtype)
-        return args, kwargs
-
-    handle = model.model.language_model.register_forward_pre_hook(add_blank, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def _dummy_vision(model) -> torch.Tensor:
-    """The vision tower run on a blank 2x2-patch image, summed to a scalar."""
-    vc = model.config.vision_config
-    merge = getattr(vc, "spatial_merge_size", 2)
-    grid = torch.tensor([[1, merge, merge]], device=model.device)
-    patch_dim = getattr(vc, "in_channels", 3) * getattr(vc, "temporal_patch_size", 2) * vc.patch_size**2
-    pixels = torch.zeros(merge * merge, patch_dim, dtype=model.dtype, device=model.device)
-    out = model.get_image_features(pixels, grid)
-    return sum(t.float().sum() for t in _tensors(out))
-
-
-def _tensors(x) -> Iterator[torch.Tensor]:
-    if torch.is_tensor(x):
-        yield x
-    elif isinstance(x, Mapping):
-        for v in x.values():
-            yield from _tensors(v)
-    elif isinstance(x, (list, tuple)):
-        for v in x:
-            yield from _tensors(v)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Weights: the trainer's parameters, one full tensor at a time
 
@@ -307,7 +130,7 @@ def full_parameters(model: torch.nn.Module, dtype: torch.dtype | None = None) ->
 # Engines
 
 
-def _is_vlm(config) -> bool:
+def is_vlm(config) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
@@ -321,7 +144,7 @@ class HFRollout:
 
         if isinstance(model, (str, os.PathLike)):
             path = str(model)
-            cls = AutoModelForImageTextToText if _is_vlm(AutoConfig.from_pretrained(path)) else AutoModelForCausalLM
+            cls = AutoModelForImageTextToText if is_vlm(AutoConfig.from_pretrained(path)) else AutoModelForCausalLM
             model = cls.from_pretrained(path, dtype=dtype)
             if device:
                 model = model.to(device)
@@ -425,7 +248,7 @@ def _repack_cpu_gemms(worker) -> None:
 
 
 class VLLMRollout:
-    """The rollout interface on an in-process `vllm.LLM`, colocated with the trainer (see the module doc).
+    """The rollout interface on an in-process `vllm.LLM`, colocated with the trainer.
 
     `model` is a Hugging Face directory or hub id. Under torchrun/accelerate (WORLD_SIZE > 1) the engine
     uses the `external_launcher` executor: every rank builds its own engine (ranks that share one tensor
@@ -475,9 +298,11 @@ class VLLMRollout:
         self.sleep_mode, self.sleep_level = enable_sleep_mode, sleep_level
         from transformers import AutoConfig, AutoProcessor
 
-        if _is_vlm(AutoConfig.from_pretrained(str(model))):
+        if is_vlm(AutoConfig.from_pretrained(str(model))):
             engine_kwargs.setdefault("limit_mm_per_prompt", {"image": max_images_per_prompt, "video": 0})
-            engine_kwargs.setdefault("mm_device_do_normalize", False)  # see the module doc
+            # vLLM's own device-side pixel normalisation made the tiny Qwen2.5-VL's log-probs differ from a
+            # transformers forward of the same tokens by 1e-3; off, they agree to 1e-5 (float32).
+            engine_kwargs.setdefault("mm_device_do_normalize", False)
         if self.cuda:  # the CPU build sizes its KV cache from VLLM_CPU_KVCACHE_SPACE instead
             engine_kwargs.setdefault("gpu_memory_utilization", gpu_memory_utilization)
         if self.sleep_mode:

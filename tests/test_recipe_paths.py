@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import policy
 import rollout
 import train_grpo
 from tests.kit import slake_images, tiny_vlm_dir, vllm_cpu_env
@@ -63,7 +64,7 @@ def test_vision_tower_runs_once_per_forward_with_or_without_images():
                [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "And this?"}]}]]  # fmt: skip
     for p in prompts:  # a text-only micro-batch must run the (FSDP-sharded) tower too, or ranks mismatch
         c = rollout.Completion(0, [5, 6, 7], "x", [0.0] * 3, [])
-        logp = rollout.completion_logprobs(model, rollout.policy_inputs(processor, [p], [c]))
+        logp = policy.completion_logprobs(model, policy.policy_inputs(processor, [p], [c]))
         logp.sum().backward()
         assert len(calls) == 1
         assert all(q.grad is not None for q in model.model.visual.parameters())  # every rank reduces the same grads

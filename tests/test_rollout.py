@@ -12,6 +12,7 @@ from tests.kit import free_vllm, slake_images, tiny_text_dir, tiny_vlm_dir, vllm
 
 vllm_cpu_env()
 
+import policy  # noqa: E402
 import rollout  # noqa: E402
 from rollout import Completion, HFRollout, SamplingSettings  # noqa: E402
 
@@ -41,9 +42,9 @@ def _hf_model(path):
 
 
 def _reference_logprobs(model, processor, prompts, done, temperature):
-    batch = rollout.policy_inputs(processor, prompts, done)
+    batch = policy.policy_inputs(processor, prompts, done)
     with torch.no_grad():
-        ref = rollout.completion_logprobs(model, batch, temperature)
+        ref = policy.completion_logprobs(model, batch, temperature)
     return batch, ref
 
 
@@ -113,13 +114,13 @@ def test_shared_prompt_pass_same_logprobs_and_gradient(kind):
                [{"role": "user", "content": "Modality?"}]]
     done = engine.generate(prompts, n=3, settings=SamplingSettings(temperature=1.0, max_new_tokens=6, seed=1))
     done[1].token_ids, done[1].logprobs = done[1].token_ids[:2], done[1].logprobs[:2]  # ragged completions
-    batch = rollout.policy_inputs(engine.processor, prompts, done)
+    batch = policy.policy_inputs(engine.processor, prompts, done)
     weights = torch.linspace(-1, 1, batch["completion_ids"].numel()).view_as(batch["completion_ids"].float())
     results, calls = [], []
     hook = model.register_forward_hook(lambda m, a, kw, out: calls.append(kw["input_ids"].shape), with_kwargs=True)
     for share in (False, True):
         model.zero_grad()
-        logp = rollout.completion_logprobs(model, batch, 1.0, share_prompts=share)
+        logp = policy.completion_logprobs(model, batch, 1.0, share_prompts=share)
         (logp * weights).sum().backward()
         results.append((logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     hook.remove()

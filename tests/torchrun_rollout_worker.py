@@ -31,6 +31,7 @@ def main(model_dir: str, out_dir: str) -> None:
     from torch.distributed.tensor import DTensor
     from transformers import AutoModelForImageTextToText
 
+    import policy
     import rollout
 
     # The trainer's copy: the checkpoint plus the same seeded perturbation on every rank (as after a step).
@@ -54,9 +55,9 @@ def main(model_dir: str, out_dir: str) -> None:
     before = engine.generate(prompts, settings=greedy)
     seconds = engine.update_weights(rollout.full_parameters(trainer))  # a collective: every rank streams
     after = engine.generate(prompts, n=2, settings=rollout.SamplingSettings(temperature=1.0, max_new_tokens=8))
-    batch = rollout.policy_inputs(engine.processor, prompts, after)
+    batch = policy.policy_inputs(engine.processor, prompts, after)
     with torch.no_grad():
-        ref = rollout.completion_logprobs(reference, batch, 1.0)
+        ref = policy.completion_logprobs(reference, batch, 1.0)
     diff = max((ref[i, : len(c.logprobs)] - torch.tensor(c.logprobs)).abs().max().item() for i, c in enumerate(after))
     greedy_after = engine.generate(prompts, settings=greedy)
     result = dict(

@@ -1,0 +1,168 @@
+"""The trainer's forward pass: (prompt + completion) rows laid out as the engines saw them, and the
+per-token log-probs of the completions under the policy.
+
+    batch = policy_inputs(processor, prompts, completions)      # prompts: chat messages or their encodings
+    logp = completion_logprobs(model, batch, temperature=1.0)   # [B, T], 0 on padding
+
+Prompts are left-padded and completions right-padded, so every completion starts at the same column.
+Each row carries its own images, so mixed image/text batches keep `image_grid_thw` aligned; a VLM
+micro-batch without images runs the vision tower on a blank image (FSDP2 ranks stay in step).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Sequence
+
+import torch
+
+from rollout import Completion, Prompt, _tokenizer, encode_prompts, is_vlm
+
+
+# Processor outputs laid out per token (padded with the prompt); everything else (pixel_values,
+# image_grid_thw, ...) is per image and is concatenated over the rows of a batch.
+_PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+
+
+def policy_inputs(processor, prompts: Sequence[Prompt | dict], completions: Sequence[Completion], pad_token_id=None):
+    """Model inputs for one forward pass of the policy over (prompt + completion) rows.
+
+    Each prompt is chat messages, or what `encode_prompts(processor, [messages])` returned for it (so a
+    trainer that keeps the encoding encodes each prompt once).
+
+    Prompts are left-padded and completions right-padded, so every completion starts at the same column
+    and `completion_logprobs` keeps only the last T+1 logits. Each row carries its own images (a prompt
+    sampled n times has its pixels n times), so mixed image/text batches keep `image_grid_thw` aligned.
+    Returns a dict: the model's keyword inputs plus `completion_ids` [B, T], `completion_mask` [B, T] and
+    `prompt_rows` [B] (each row's prompt index, so rows of one prompt can share its forward pass).
+    """
+    tok = _tokenizer(processor)
+    pad = tok.pad_token_id if pad_token_id is None else pad_token_id
+    encoded = {}  # one processor call per distinct prompt
+    for c in completions:
+        if c.prompt_index not in encoded:
+            p = prompts[c.prompt_index]
+            encoded[c.prompt_index] = p if isinstance(p, Mapping) else encode_prompts(processor, [p])
+    token_keys = sorted({k for enc in encoded.values() for k in enc if k in _PER_TOKEN})
+    P = max(encoded[c.prompt_index]["input_ids"].shape[1] for c in completions)
+    T = max(1, max(len(c.token_ids) for c in completions))
+    rows: dict[str, list] = {}
+    per_image: dict[str, list] = {}
+    completion_ids = torch.full((len(completions), T), pad, dtype=torch.long)
+    completion_mask = torch.zeros(len(completions), T, dtype=torch.long)
+    for i, c in enumerate(completions):
+        enc = encoded[c.prompt_index]
+        p = enc["input_ids"].shape[1]
+        k = len(c.token_ids)
+        completion_ids[i, :k] = torch.tensor(c.token_ids, dtype=torch.long)
+        completion_mask[i, :k] = 1
+        for key, value in enc.items():
+            if key not in _PER_TOKEN and torch.is_tensor(value):
+                per_image.setdefault(key, []).append(value)
+        for key in token_keys:  # a key some prompts lack (a text prompt's image mask) is zeros there
+            value = enc[key] if key in enc else torch.zeros_like(enc["input_ids"])
+            row = torch.full((P + T,), pad if key == "input_ids" else 0, dtype=value.dtype)
+            row[P - p : P] = value[0]
+            if key == "input_ids":
+                row[P:] = completion_ids[i]
+            elif key == "attention_mask":
+                row[P:] = completion_mask[i]
+            rows.setdefault(key, []).append(row)
+    batch = {key: torch.stack(v) for key, v in rows.items()}
+    batch.update({key: torch.cat(v) for key, v in per_image.items()})
+    batch["completion_ids"], batch["completion_mask"] = completion_ids, completion_mask
+    batch["prompt_rows"] = torch.tensor([c.prompt_index for c in completions])
+    return batch
+
+
+def completion_logprobs(model, batch: dict, temperature: float = 1.0, with_entropy: bool = False, share_prompts: bool = True):
+    """Per-token log-probs [B, T] of `batch["completion_ids"]` under `model` with the logits divided by the
+    sampling temperature (0 = greedy counts as 1), as the rollout engines report them. Padding is 0.
+    Top-p is not applied here (as in TRL): with top_p < 1 the engines' logprobs are those of the
+    renormalised nucleus and differ from these by its log-mass. `with_entropy=True` returns
+    (logp, entropy [B, T], no grad) for the trainer's logs. `share_prompts`: see `_completion_logits`."""
+    ids = batch["completion_ids"].to(model.device)
+    logits = _completion_logits(model, batch, share_prompts).float()
+    if temperature > 0:
+        logits = logits / temperature
+    logp = logits.gather(-1, ids[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
+    mask = batch["completion_mask"].to(logp.device)
+    if not with_entropy:
+        return logp * mask
+    with torch.no_grad():
+        log_all = torch.log_softmax(logits, dim=-1)
+        entropy = -(log_all.exp() * log_all).sum(-1) * mask
+    return logp * mask, entropy
+
+
+def _completion_logits(model, batch: dict, share_prompts: bool) -> torch.Tensor:
+    """Logits [B, T, V] predicting each completion token.
+
+    A GRPO batch holds every prompt n times. With `share_prompts`, each distinct prompt is run once and
+    its KV cache is copied to its n rows, so the prompt's forward and backward are done once, not n times
+    (same gradient; 2.6x fewer tokens for SmolLM2 on PubMedQA with n=4). It applies to text-only inputs
+    without gradient checkpointing (which drops the cache); otherwise one pass over prompt + completion."""
+    inputs = {k: v.to(model.device) for k, v in batch.items() if k not in ("completion_ids", "completion_mask", "prompt_rows")}
+    T = batch["completion_ids"].shape[1]
+    prompt_rows = batch.get("prompt_rows")
+    distinct, rows = torch.unique(prompt_rows, return_inverse=True) if prompt_rows is not None else ((), ())
+    vlm = is_vlm(model.config)
+    shared = (
+        share_prompts and not vlm and len(distinct) < len(rows)
+        and set(inputs) == {"input_ids", "attention_mask"} and not getattr(model, "is_gradient_checkpointing", False)
+    )  # fmt: skip
+    if not shared:  # only the logits that predict completion tokens: the last T+1 positions, minus the last
+        with _blank_image(model, vlm and "pixel_values" not in inputs):
+            return model(**inputs, logits_to_keep=T + 1, use_cache=False).logits[:, :-1]
+    first = [int((prompt_rows == d).nonzero()[0]) for d in distinct]  # each prompt's first row
+    rows = rows.to(model.device)
+    P = inputs["input_ids"].shape[1] - T
+    ids, attn = inputs["input_ids"], inputs["attention_mask"]
+    head = model(input_ids=ids[first, :P], attention_mask=attn[first, :P], use_cache=True, logits_to_keep=1)
+    cache = head.past_key_values
+    cache.batch_select_indices(rows)  # prompt g's keys and values for each of its rows
+    tail = model(input_ids=ids[:, P:], attention_mask=attn, past_key_values=cache, use_cache=True, logits_to_keep=T)
+    return torch.cat([head.logits[rows], tail.logits[:, :-1]], dim=1)
+
+
+@contextmanager
+def _blank_image(model, on: bool):
+    """While on, the language model's input embeddings get 0 x the vision tower's output for a blank
+    image, at the point where real image features join them. So every FSDP2 rank runs the (sharded)
+    vision blocks once per forward and backward, in the same order, image or not; otherwise their
+    all-gathers and reduce-scatters mismatch across ranks (verl and EasyR1 do the same)."""
+    if not on:
+        yield
+        return
+
+    def add_blank(module, args, kwargs):
+        embeds = kwargs["inputs_embeds"]
+        kwargs["inputs_embeds"] = embeds + 0.0 * _dummy_vision(model).to(embeds.dtype)
+        return args, kwargs
+
+    handle = model.model.language_model.register_forward_pre_hook(add_blank, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _dummy_vision(model) -> torch.Tensor:
+    """The vision tower run on a blank 2x2-patch image, summed to a scalar."""
+    vc = model.config.vision_config
+    merge = getattr(vc, "spatial_merge_size", 2)
+    grid = torch.tensor([[1, merge, merge]], device=model.device)
+    patch_dim = getattr(vc, "in_channels", 3) * getattr(vc, "temporal_patch_size", 2) * vc.patch_size**2
+    pixels = torch.zeros(merge * merge, patch_dim, dtype=model.dtype, device=model.device)
+    out = model.get_image_features(pixels, grid)
+    return sum(t.float().sum() for t in _tensors(out))
+
+
+def _tensors(x) -> Iterator[torch.Tensor]:
+    if torch.is_tensor(x):
+        yield x
+    elif isinstance(x, Mapping):
+        for v in x.values():
+            yield from _tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v)
