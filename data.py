@@ -38,8 +38,6 @@ from rewards import MODALITIES  # the 16 tags live with the rewards (copied out 
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("mcq", "open", "report")
-
 
 class DataError(ValueError):
     """Bad input: the message names the sample id and the file."""
@@ -80,6 +78,40 @@ def open_image(image, sample_id: str, file: str):
         raise DataError(f"sample {sample_id!r} in {file}: unreadable image {where}: {e}") from None
 
 
+def check_image(image, sample_id: str, file: str) -> None:
+    """A fast check of a training image at load time: its header (format, size) and, for JPEG and PNG,
+    that it is not cut short (the end marker is there); the pixels are decoded only when a prompt is
+    built (`open_image`), which names sample and file for anything this check lets through. Other
+    formats are decoded in full here, as before. About 0.1 ms an image instead of 7 ms."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return
+    if isinstance(image, dict):  # datasets' Image(decode=False) cell
+        image = image.get("bytes") or image.get("path")
+    where = image if isinstance(image, (str, Path)) else "<embedded bytes>"
+    try:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
+            fmt, (w, h), fp = im.format, im.size, im.fp
+            if not (w > 0 and h > 0):
+                raise ValueError(f"image of size {w}x{h}")
+            if fmt not in _END_MARKERS:
+                im.load()  # other formats: decoded in full, as before
+                return
+            fp.seek(0, io.SEEK_END)
+            fp.seek(max(fp.tell() - 4096, 0))
+            if _END_MARKERS[fmt] not in fp.read():  # trailing bytes after the marker are allowed
+                raise ValueError(f"truncated {fmt} (no end marker)")
+    except FileNotFoundError:
+        raise DataError(f"sample {sample_id!r} in {file}: image not found: {where}") from None
+    except Exception as e:  # PIL raises several types for unreadable data
+        raise DataError(f"sample {sample_id!r} in {file}: unreadable image {where}: {e}") from None
+
+
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND", "MPO": b"\xff\xd9"}
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv")  # a --data name ending so is a file, not a hub id
+
+
 # ---------------------------------------------------------------------------------------------
 # MediX-R1 training format
 
@@ -117,7 +149,7 @@ def sample_from_row(row: dict, file: str, base_dir: Path | None = None) -> Sampl
     if base_dir is not None:  # JSONL: paths are relative to the file
         images = [str(base_dir / im) if isinstance(im, str) else im for im in images]
     for im in images:
-        open_image(im, sid, file)  # fail now, not in the middle of a rollout
+        check_image(im, sid, file)  # fail now, not in the middle of a rollout (pixels: when the prompt is built)
     return Sample(
         id=sid, question=question, answer=answer, modality=modality, images=images,
         source=row.get("source") or "", kind="open",
@@ -182,7 +214,7 @@ def load_training_data(path: str | Path, *, on_error: str = "raise", limit: int 
     path = Path(path)
     if path.exists():
         rows, base_dir = _rows(path)
-    elif str(path).count("/") == 1 and not str(path).startswith((".", "/")):  # a hub id: MBZUAI/medix-rl-data
+    elif str(path).count("/") == 1 and not str(path).startswith((".", "/")) and not str(path).endswith(FILE_SUFFIXES):  # a hub id
         rows, base_dir = _hub_rows(str(path)), None
     else:
         raise DataError(f"{path}: no such file or folder")

@@ -14,7 +14,7 @@ vllm_cpu_env()
 
 import policy  # noqa: E402
 import rollout  # noqa: E402
-from rollout import Completion, HFRollout, SamplingSettings  # noqa: E402
+from rollout import HFRollout, SamplingSettings  # noqa: E402
 
 KINDS = ["qwen2_5_vl", "qwen3_vl"]
 TOL = 1e-4
@@ -254,8 +254,3 @@ def test_vllm_refuses_discarded_weights(vllm_engine):
         engine.generate(_prompts()[:1])
     engine.update_weights(rollout.full_parameters(model))
     assert len(engine.generate(_prompts()[:1], settings=SamplingSettings(max_new_tokens=2))) == 1
-
-
-def test_completion_record():
-    c = Completion(prompt_index=0, token_ids=[1], text="a", logprobs=[-0.1], prompt_ids=[2])
-    assert c.finish_reason == "stop"
