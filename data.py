@@ -310,7 +310,7 @@ def build_messages(
 PUBMEDQA_CHOICES = ("yes", "no", "maybe")
 MIMIC_SUMMARY_PROMPT = "Write a short summary of the following report.\n\nReport:\n{report}:"  # as released, colon included
 MIMIC_REPORT_PROMPT = "Generate a detailed report based on the scan."
-_LETTERS = "ABCDEFGHIJ"
+LETTERS = "ABCDEFGHIJ"
 _SLAKE_MODALITY = {"CT": "CT_SCAN", "MRI": "MRI_SCAN", "X-Ray": "X_RAY"}
 _SPLIT_NAMES = ("train", "validation", "valid", "val", "dev", "test")
 PHYSIONET_MIMIC = "https://physionet.org/content/mimic-cxr-jpg/2.0.0/"
@@ -354,17 +354,17 @@ def _mcq(b: Benchmark, sid: str, file: str, stem, options, label, **meta) -> Sam
     """An MCQ Sample: stem only in `question`, options in `choices`, the option's text as reference.
     `label` is an index (0-based) or a letter."""
     question = _text(stem, "question", sid, file)
-    choices = [_text(o, f"option {_LETTERS[i]}", sid, file) for i, o in enumerate(options)]
+    choices = [_text(o, f"option {LETTERS[i]}", sid, file) for i, o in enumerate(options)]
     if len(choices) < 2:
         raise DataError(f"{_where(sid, file)}: fewer than 2 options")
     idx = label
-    if isinstance(label, str) and len(label.strip()) == 1 and label.strip().upper() in _LETTERS:
-        idx = _LETTERS.index(label.strip().upper())
+    if isinstance(label, str) and len(label.strip()) == 1 and label.strip().upper() in LETTERS:
+        idx = LETTERS.index(label.strip().upper())
     if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < len(choices):
         raise DataError(f"{_where(sid, file)}: answer label {label!r} is not one of its {len(choices)} options")
     return Sample(
         id=sid, question=question, answer=choices[idx], source=b.name, kind="mcq", choices=choices,
-        meta={"file": file, "label": _LETTERS[idx], **meta},
+        meta={"file": file, "label": LETTERS[idx], **meta},
     )  # fmt: skip
 
 
@@ -441,7 +441,7 @@ def _pubmedqa_sample(b, sid, file, question, contexts, decision, long_answer, **
     return Sample(
         id=sid, question=f"Context:\n{context}\n\nQuestion:\n{q}", source=b.name, kind="mcq",
         answer=f"{decision}. {long_answer}" if long_answer else decision, choices=list(PUBMEDQA_CHOICES),
-        meta={"file": file, "label": _LETTERS[PUBMEDQA_CHOICES.index(decision)], "decision": decision, **meta},
+        meta={"file": file, "label": LETTERS[PUBMEDQA_CHOICES.index(decision)], "decision": decision, **meta},
     )  # fmt: skip
 
 
@@ -502,7 +502,7 @@ _OPTION_PREFIX = re.compile(r"^\s*\(?([A-J])\s*[:.)]\s*")
 
 def _strip_letter(text: str, i: int) -> str:
     m = _OPTION_PREFIX.match(text)
-    return text[m.end():].strip() if m and m.group(1) == _LETTERS[i] else text
+    return text[m.end():].strip() if m and m.group(1) == LETTERS[i] else text
 
 
 def _conv_pmc_vqa(b, row, n, root, file):  # medix-eval-sets/pmc_vqa: image, question, answer, choices
@@ -516,10 +516,10 @@ def _conv_pmc_vqa(b, row, n, root, file):  # medix-eval-sets/pmc_vqa: image, que
     choices = [_strip_letter(c, i) for i, c in enumerate(choices)]  # "A:text" -> "text" (build_messages adds "A. ")
     answer = s.answer
     m = _OPTION_PREFIX.match(answer)
-    if len(answer) == 1 and answer.upper() in _LETTERS[: len(choices)]:
-        label = _LETTERS.index(answer.upper())
-    elif m and _LETTERS.index(m.group(1)) < len(choices) and answer[m.end():].strip() == choices[_LETTERS.index(m.group(1))]:
-        label = _LETTERS.index(m.group(1))  # "B:text"
+    if len(answer) == 1 and answer.upper() in LETTERS[: len(choices)]:
+        label = LETTERS.index(answer.upper())
+    elif m and LETTERS.index(m.group(1)) < len(choices) and answer[m.end():].strip() == choices[LETTERS.index(m.group(1))]:
+        label = LETTERS.index(m.group(1))  # "B:text"
     else:
         folded = [c.lower() for c in choices]
         label = folded.index(answer.lower()) if answer.lower() in folded else None

@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data import BENCHMARKS, DataError, Sample, benchmark_names, build_messages, load_benchmark
+from data import BENCHMARKS, LETTERS, DataError, Sample, benchmark_names, build_messages, load_benchmark
 from judge_prompts import TRUNCATED, cap, neutralise  # noqa: F401  (TRUNCATED: re-exported for callers)
 from rewards import run_sync
 
@@ -42,48 +42,48 @@ DEFAULT_JUDGE = "Qwen/Qwen3-14B"  # the released evaluation's judge
 
 @dataclass
 class EvalConfig:
-    stage: str = "all"  # which stage(s) to run: generate | judge | score | all
-    model: str = ""  # stage 1: checkpoint or hub id of the policy (with --model_url: the model name there; "" = ask it)
-    model_url: str | None = None  # stage 1: an OpenAI-compatible endpoint serving the policy, instead of loading --model
-    judge: str | None = None  # stage 2: an OpenAI-compatible URL (http://host:port/v1), else a model judged in process (None: the folder's judge, else Qwen/Qwen3-14B)
-    judge_model: str | None = None  # stage 2: the model name at the --judge URL (None: ask its /v1/models)
-    benchmarks: str | None = None  # comma-separated benchmark names, or all / LLM / VLM (None: the folder's list, else all)
-    data_root: str | None = None  # folder of local benchmark copies (see data.load_benchmark)
-    hub: bool = True  # load a benchmark from the Hugging Face hub when it has no local copy (--no_hub: never)
-    on_error: str = "raise"  # a bad sample (missing image, empty question): raise (stop) | skip (logged, counted)
-    limit: int | None = None  # first N samples per benchmark (smoke runs; stages 1-2)
-    output_dir: str | None = None  # generations/, judged/, the report and manifest.json (None: runs/eval/<model name>)
-    overwrite: bool = False  # output_dir holds another model's or other settings' results: delete them instead of stopping
+    stage: str = field(default="all", metadata={"help": "Which stage(s) to run: generate | judge | score | all."})
+    model: str = field(default="", metadata={"help": "Stage 1: checkpoint or hub id of the policy (with --model_url: the model name there; \"\" = ask it)."})
+    model_url: str | None = field(default=None, metadata={"help": "Stage 1: an OpenAI-compatible endpoint serving the policy, instead of loading --model."})
+    judge: str | None = field(default=None, metadata={"help": "Stage 2: an OpenAI-compatible URL (http://host:port/v1), else a model judged in process, or `exact` (closed answers by exact match of the option, no judge model; None: the folder's judge, else Qwen/Qwen3-14B)."})
+    judge_model: str | None = field(default=None, metadata={"help": "Stage 2: the model name at the --judge URL (None: ask its /v1/models)."})
+    benchmarks: str | None = field(default=None, metadata={"help": "Comma-separated benchmark names, or all / LLM / VLM (None: the folder's list, else all)."})
+    data_root: str | None = field(default=None, metadata={"help": "Folder of local benchmark copies (see data.load_benchmark)."})
+    hub: bool = field(default=True, metadata={"help": "Load a benchmark from the Hugging Face hub when it has no local copy (--no_hub: never)."})
+    on_error: str = field(default="raise", metadata={"help": "A bad sample (missing image, empty question): raise (stop) | skip (logged, counted)."})
+    limit: int | None = field(default=None, metadata={"help": "First N samples per benchmark (smoke runs; stages 1-2)."})
+    output_dir: str | None = field(default=None, metadata={"help": "Folder of generations/, judged/, the report and manifest.json (None: runs/eval/<model name>)."})
+    overwrite: bool = field(default=False, metadata={"help": "When output_dir holds another model's or other settings' results: delete them instead of stopping."})
     # stage 1 (generate)
-    engine: str = "auto"  # in-process engine for --model (and an in-process judge): vllm | hf | auto (vllm if installed)
-    max_new_tokens: int = 2048  # the policy's answer budget (the released evaluation: 2,048)
-    format_prompt: bool = False  # prepend the training format instruction (the released evaluation sends the bare question)
-    think_tag: str = "think"  # the reasoning tag named by the format instruction (thinking: the released models)
-    system_prompt: str | None = None  # an optional system turn (the released $SYSTEM_PROMPT)
-    batch_size: int = 64  # in-process engines: prompts (stage 1) or judge conversations (stage 2) per batch
-    max_model_len: int | None = None  # in-process vLLM: context length (None: the model's)
-    seed: int = 0  # in-process vLLM engine seed (greedy decoding does not use it)
-    gpu_memory_utilization: float = 0.85  # in-process vLLM on a GPU: the share of its memory the engine takes
-    model_api_key_env: str = "MODEL_API_KEY"  # env variable holding the --model_url API key (never logged)
+    engine: str = field(default="auto", metadata={"help": "In-process engine for --model (and an in-process judge): vllm | hf | auto (vllm if installed)."})
+    max_new_tokens: int = field(default=2048, metadata={"help": "The policy's answer budget (the released evaluation: 2,048)."})
+    format_prompt: bool = field(default=False, metadata={"help": "Prepend the training format instruction (the released evaluation sends the bare question)."})
+    think_tag: str = field(default="think", metadata={"help": "The reasoning tag named by the format instruction (thinking: the released models)."})
+    system_prompt: str | None = field(default=None, metadata={"help": "An optional system turn (the released $SYSTEM_PROMPT)."})
+    batch_size: int = field(default=64, metadata={"help": "In-process engines: prompts (stage 1) or judge conversations (stage 2) per batch."})
+    max_model_len: int | None = field(default=None, metadata={"help": "In-process vLLM: context length (None: the model's)."})
+    seed: int = field(default=0, metadata={"help": "In-process vLLM engine seed (greedy decoding does not use it)."})
+    gpu_memory_utilization: float = field(default=0.85, metadata={"help": "In-process vLLM on a GPU: the share of its memory the engine takes."})
+    model_api_key_env: str = field(default="MODEL_API_KEY", metadata={"help": "Env variable holding the --model_url API key (never logged)."})
     # HTTP (both stages)
-    concurrency: int = 64  # requests in flight to --model_url / the --judge URL
-    timeout: float = 180.0  # seconds per request attempt (the released client: 180)
-    retries: int = 2  # retries per request after a timeout, connection error, 408/429/5xx or unreadable body
+    concurrency: int = field(default=64, metadata={"help": "Requests in flight to --model_url / the --judge URL."})
+    timeout: float = field(default=180.0, metadata={"help": "Seconds per request attempt (the released client: 180)."})
+    retries: int = field(default=2, metadata={"help": "Retries per request after a timeout, connection error, 408/429/5xx or unreadable body."})
     # stage 2 (judge)
-    judge_rounds: int = 3  # answers per sample in one conversation, each after "re-evaluate": majority (0/1) or mean (0-5)
-    judge_max_tokens: int = 512  # the judge's reply budget (the released: 512)
-    structured: bool = True  # ask for a JSON reply by schema (vLLM `structured_outputs`); dropped where refused
-    judge_thinking: bool = False  # let a Qwen3 judge think (the released prompt ends with /no_think)
-    parse_retries: int = 1  # asks again when a reply does not parse, at most this many times per round
-    retry_failed: bool = True  # a rerun judges again the samples whose judge failed (score null)
-    max_response_chars: int = 8000  # the answer shown to the judge is cut to this many characters
-    judge_api_key_env: str = "JUDGE_API_KEY"  # env variable holding the judge URL's API key (never logged)
-    max_judge_failures: float = 0.02  # the judge and score stages fail when a larger share of samples has no judge score
+    judge_rounds: int = field(default=3, metadata={"help": "Answers per sample in one conversation, each after \"re-evaluate\": majority (0/1) or mean (0-5)."})
+    judge_max_tokens: int = field(default=512, metadata={"help": "The judge's reply budget (the released: 512)."})
+    structured: bool = field(default=True, metadata={"help": "Ask for a JSON reply by schema (vLLM `structured_outputs`); dropped where refused."})
+    judge_thinking: bool = field(default=False, metadata={"help": "Let a Qwen3 judge think (the released prompt ends with /no_think)."})
+    parse_retries: int = field(default=1, metadata={"help": "Asks again when a reply does not parse, at most this many times per round."})
+    retry_failed: bool = field(default=True, metadata={"help": "A rerun judges again the samples whose judge failed (score null)."})
+    max_response_chars: int = field(default=8000, metadata={"help": "The answer shown to the judge is cut to this many characters."})
+    judge_api_key_env: str = field(default="JUDGE_API_KEY", metadata={"help": "Env variable holding the judge URL's API key (never logged)."})
+    max_judge_failures: float = field(default=0.02, metadata={"help": "The judge and score stages fail when a larger share of samples has no judge score."})
     # stage 3 (score)
-    label: str = "ours"  # our column's name in the report
-    compare_to: str = "MediX-R1 8B"  # the published column drawn beside ours in scores.png
-    allow_missing: bool = False  # skip benchmarks that have no data (or no file at a later stage); the report lists them
-    allow_partial: bool = False  # score a benchmark whose generated samples are not all judged (the report says how many)
+    label: str = field(default="ours", metadata={"help": "Our column's name in the report."})
+    compare_to: str = field(default="MediX-R1 8B", metadata={"help": "The published column drawn beside ours in scores.png."})
+    allow_missing: bool = field(default=False, metadata={"help": "Skip benchmarks that have no data (or no file at a later stage); the report lists them."})
+    allow_partial: bool = field(default=False, metadata={"help": "Score a benchmark whose generated samples are not all judged (the report says how many)."})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def openai_messages(messages: list[dict]) -> list[dict]:
 def _generation_record(sample: Sample, response: str, cfg: EvalConfig, finish_reason: str | None = None) -> dict:
     return {
         "id": sample.id, "benchmark": sample.source, "kind": sample.kind, "question": question_text(sample),
-        "reference": sample.answer, "label": sample.meta.get("label"), "response": response,
+        "reference": sample.answer, "label": sample.meta.get("label"), "choices": sample.choices, "response": response,
         "finish_reason": finish_reason, "model": cfg.model or cfg.model_url, "format_prompt": cfg.format_prompt,
     }  # fmt: skip
 
@@ -612,7 +612,11 @@ def judge(cfg: EvalConfig, prepared: bool = False) -> dict:
         stats["parse_failures"] += sum(e is not None and e != "no reply" for e in job.errors)
 
     try:
-        if jobs and _is_url(cfg.judge):
+        if jobs and cfg.judge == EXACT:
+            for job in jobs:
+                writers[job.benchmark].write(exact_match_record(job.rec))
+                stats["written"] += 1
+        elif jobs and _is_url(cfg.judge):
             client = _chat_client(cfg.judge, cfg.judge_model, cfg, cfg.judge_api_key_env)
             run_sync(lambda: _judge_http(client, jobs, cfg, stats, finish))
         elif jobs:
@@ -630,6 +634,30 @@ def judge(cfg: EvalConfig, prepared: bool = False) -> dict:
     stats["failed_share"] = sum(r.get("score") is None for r in judged) / max(1, len(judged))
     _check_failures(sum(r.get("score") is None for r in judged), len(judged), cfg, "judge", f"see {out / 'judged'}")
     return stats
+
+
+EXACT = "exact"  # --judge exact: no judge model, the closed answer's option compared as text
+
+
+def exact_match_record(rec: dict) -> dict:
+    """The judged line for a closed (MCQ, yes/no/maybe) answer without a judge model: 1 when the answer
+    (inside `<answer>` if there is one, else after the reasoning) is the correct option's letter or text."""
+    if rec.get("kind") != "mcq" or not rec.get("choices"):
+        raise SystemExit(f"--judge exact scores closed answers only; {rec.get('benchmark')} sample {rec.get('id')!r} "
+                         "is open-ended or a report: use a judge model")  # fmt: skip
+    response = final_answer(str(rec.get("response") or ""))
+    tagged = re.search(r"<answer>(.*?)</answer>", response, re.DOTALL | re.IGNORECASE)
+    said = _norm_option(tagged.group(1) if tagged else response)
+    letter = str(rec.get("label") or "")
+    correct = rec["choices"][LETTERS.index(letter)] if letter in LETTERS[: len(rec["choices"])] else None
+    score = float(correct is not None and said in {_norm_option(letter), _norm_option(correct)})
+    return {"id": rec["id"], "score": score, "rounds": [score], "failure": None, "template": "EXACT", "judge": EXACT,
+            "replies": [], "answer": said}  # fmt: skip
+
+
+def _norm_option(text: str) -> str:
+    """'(B).', 'b)', ' Yes. ' -> 'b', 'yes': lower case, outer brackets and trailing punctuation dropped."""
+    return re.sub(r"^[\s(\[]+|[\s)\].:;,!]+$", "", str(text)).lower()
 
 
 def _check_failures(failed: int, total: int, cfg: EvalConfig, stage: str, where: str) -> None:
@@ -1063,6 +1091,8 @@ def generation_identity(cfg: EvalConfig) -> dict:
 
 def judge_identity(cfg: EvalConfig) -> dict:
     """The judge, its templates and settings; checks the judge is there (served, or on disk)."""
+    if cfg.judge == EXACT:
+        return {"judge": EXACT, "template": "exact match of the chosen option"}
     if _is_url(cfg.judge):
         served = served_models(cfg.judge, "--judge", cfg.judge_api_key_env, cfg.timeout)
         cfg.judge_model = _pick_served(cfg.judge_model, served, "--judge", cfg.judge, "--judge_model")

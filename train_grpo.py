@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 import data
+import policy
 import rollout
 
 
@@ -118,6 +119,12 @@ class Config:
     warm_start_steps: int = field(default=0, metadata={"help": "AdamW steps on format-correct answers built from the data, before GRPO (0: none)."})
     warm_start_batch_size: int = field(default=4, metadata={"help": "Sequences per warm-start step."})
     warm_start_lr: float = field(default=2e-5, metadata={"help": "Learning rate of the warm start."})
+    # -- in-training validation (greedy answers through the training engine, scored by evaluate.py's own stages)
+    eval_every: int = field(default=0, metadata={"help": "Steps between validations, plus one before the first step and one at the end (0: never)."})
+    eval_data: str = field(default="PubMedQA", metadata={"help": "The validation set: a benchmark of evaluate.py (its data must be present)."})
+    eval_data_root: str = field(default="", metadata={"help": "Folder of local benchmark copies (evaluate.py's --data_root)."})
+    eval_limit: int = field(default=64, metadata={"help": "Validate on the first N samples of eval_data (0: all)."})
+    eval_judge: str = field(default="exact", metadata={"help": "evaluate.py's judge for validation: exact (closed answers, no model), a URL or a model."})
     # -- checkpoints and logging
     save_every: int = field(default=5, metadata={"help": "Steps between checkpoints, plus one at the end (the release's save_freq) (TRL: --save_steps)."})
     save_total_limit: int = field(default=3, metadata={"help": "Keep only the last N checkpoints; 0 keeps all (the release's save_limit)."})
@@ -433,7 +440,7 @@ def micro_batch(rows: list[tuple[Group, int]], processor, device) -> dict:
             prompts.append(g.encoded)
         completions.append(dataclasses.replace(g.completions[j], prompt_index=k))
         valid.append(g.valid[j])
-    batch = rollout.policy_inputs(processor, prompts, completions)
+    batch = policy.policy_inputs(processor, prompts, completions)
     mask = batch["completion_mask"].float() * torch.tensor(valid, dtype=torch.float32)[:, None]
     engine_logp = torch.zeros_like(mask)
     for i, c in enumerate(completions):
@@ -443,7 +450,7 @@ def micro_batch(rows: list[tuple[Group, int]], processor, device) -> dict:
 
 def policy_logprobs(model, mb, temperature: float, with_entropy: bool = False):
     """Log-probs [B, T] of the completion tokens under `model`, and their entropies (or None)."""
-    out = rollout.completion_logprobs(model, mb["batch"], temperature, with_entropy=with_entropy)
+    out = policy.completion_logprobs(model, mb["batch"], temperature, with_entropy=with_entropy)
     return out if with_entropy else (out, None)
 
 
@@ -622,6 +629,7 @@ def setup(cfg, reward_fn=None) -> Run:
         samples = [s for s in samples if not s.images]
     run.samples = samples
     run.reward = reward_fn or make_reward(cfg, run.rank)  # before the model loads: a dead judge fails fast
+    run.val_samples = load_validation(cfg) if cfg.eval_every and run.rank == 0 else []
     run.judge_bad_steps = 0
     labels = [s.answer.strip().lower() for s in samples] if cfg.balance_labels else None
     run.sampler = PromptSampler(len(samples), cfg.seed, *dp_rank(cfg, run), labels)
@@ -708,7 +716,7 @@ def load_policy(cfg, path: str):
     on_gpu = torch.cuda.is_available()
     if cfg.master_dtype not in ("float32", "bfloat16"):
         raise SystemExit(f"master_dtype must be float32 or bfloat16, not {cfg.master_dtype!r}")
-    is_vlm = hasattr(AutoConfig.from_pretrained(path), "vision_config")
+    is_vlm = rollout.is_vlm(AutoConfig.from_pretrained(path))
     cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
     # Master weights: the optimiser's copy (float32 as the release; AdamW at lr 1e-6 barely moves bf16 weights).
     model = cls.from_pretrained(path, dtype=getattr(torch, cfg.master_dtype))
@@ -759,7 +767,7 @@ def make_engine(cfg, run):
         return rollout.VLLMRollout(  # the engine offsets its seed by the tensor-parallel group itself
             cfg.model, seed=cfg.seed, dtype=policy_dtype(cfg), gpu_memory_utilization=cfg.gpu_memory_utilization,
             tensor_parallel_size=cfg.tensor_parallel_size, enforce_eager=cfg.enforce_eager, sleep_level=cfg.sleep_level,
-            **({"mm_processor_kwargs": {"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels}} if rollout._is_vlm(run.model.config) else {}),
+            **({"mm_processor_kwargs": {"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels}} if rollout.is_vlm(run.model.config) else {}),
             max_model_len=min(cfg.max_prompt_length + cfg.max_completion_length, max_positions(run.model.config)),
         )  # fmt: skip
     raise ValueError(f"engine must be 'vllm' or 'hf', not {cfg.engine!r}")
@@ -956,6 +964,51 @@ def barrier(run):
 
 
 # ---------------------------------------------------------------------------------------------
+# In-training validation: evaluate.py's stages on greedy answers from the training engine
+
+
+def validate(step: int, cfg, run) -> dict:
+    """Greedy answers to `eval_data` from the engine (which holds the current weights), written as
+    evaluate.py's generations, judged (`eval_judge`) and scored by evaluate.py: `val/accuracy`, the
+    strict format rate `val/format`, and each closed answer's share `val/answer_<x>`."""
+    import evaluate
+    import rewards
+
+    out = Path(cfg.output_dir) / "val" / f"step-{step}"
+    shutil.rmtree(out, ignore_errors=True)  # a resumed run validates this step again
+    ecfg = evaluate.EvalConfig(
+        model=cfg.model, output_dir=str(out), benchmarks=cfg.eval_data, judge=cfg.eval_judge, think_tag=cfg.think_tag,
+        format_prompt=True, max_judge_failures=1.0, label=f"step {step}",
+    )  # fmt: skip
+    prompts = [data.build_messages(s, think_tag=cfg.think_tag, one_shot=cfg.one_shot) for s in run.val_samples]
+    done = run.engine.generate(prompts, n=1, settings=rollout.SamplingSettings(temperature=0.0, max_new_tokens=cfg.max_completion_length))
+    path = evaluate.generations_path(out, cfg.eval_data)
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps(evaluate._generation_record(s, c.text, ecfg, c.finish_reason)) + "\n"
+                            for s, c in zip(run.val_samples, done)))  # fmt: skip
+    evaluate.judge(ecfg, prepared=True)
+    summary = evaluate.score(ecfg, prepared=True)
+    texts = [c.text for c in done]
+    metrics = {
+        "val/accuracy": summary["benchmarks"][cfg.eval_data]["score"],
+        "val/format": sum(rewards.format_reward(texts, think_tag=cfg.think_tag)) / len(texts),
+    }
+    answers = [r.get("answer") for r in evaluate.read_jsonl(evaluate.judged_path(out, cfg.eval_data)).values()]
+    for a in sorted({a for a in answers if a is not None}, key=answers.count, reverse=True)[:4]:
+        metrics[f"val/answer_{a[:20]}"] = answers.count(a) / len(answers)
+    return metrics
+
+
+def load_validation(cfg) -> list:
+    from data import load_benchmark
+
+    try:
+        return load_benchmark(cfg.eval_data, cfg.eval_data_root or None, limit=cfg.eval_limit or None, hub=False)
+    except data.DataError as e:
+        raise SystemExit(f"--eval_data {cfg.eval_data}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
 # Logging
 
 
@@ -1003,7 +1056,11 @@ def plot_log(log_path: Path, png: Path) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     for key in sorted({k for x in lines for k in x if k.startswith("reward_")}):
         axes[0].plot(steps, [x.get(key, float("nan")) for x in lines], label=key.removeprefix("reward_"))
-    axes[0].set_title("reward components (mean)")
+    for key in ("val/accuracy", "val/format"):
+        pts = [(x["step"], x[key]) for x in lines if key in x]
+        if pts:
+            axes[0].plot(*zip(*pts), "o--", label=key)
+    axes[0].set_title("reward components (mean), validation")
     axes[0].legend(fontsize=8)
     axes[1].plot(steps, [x.get("completion_len_mean", float("nan")) for x in lines])
     axes[1].set_title("completion length (tokens)")
@@ -1040,10 +1097,17 @@ def main(cfg: Config, reward_fn=None) -> Path:
     run.acc.init_trackers(cfg.project, config={k: v for k, v in asdict(cfg).items() if not isinstance(v, list)}, init_kwargs=tracker_kwargs(cfg))
     ckpt = None
     bar = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps, disable=run.rank != 0, desc="grpo")
+    val = {}  # step -> validation metrics (rank 0)
     try:
+        if run.val_samples and run.start_step == 0:
+            val[0] = validate(0, cfg, run)
+            print("validation before training:", " ".join(f"{k}={v:.3f}" for k, v in val[0].items()))
         for step in bar:
             metrics, groups = train_step(step, cfg, run)
             metrics = {"step": step + 1, **reduce_metrics(run, metrics)}
+            if run.val_samples and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                val[step + 1] = validate(step + 1, cfg, run)
+                metrics.update(val[step + 1])
             if run.rank == 0:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(metrics) + "\n")
@@ -1059,6 +1123,12 @@ def main(cfg: Config, reward_fn=None) -> Path:
     finally:  # also on a stop (SystemExit): the engine's memory and worker go with it
         run.engine.close()  # before accelerate's end_training, which closes the process group vLLM shares
     run.acc.end_training()
+    if len(val) > 1:
+        first, last = min(val), max(val)
+        print(f"\nvalidation on {len(run.val_samples)} {cfg.eval_data} questions (judge: {cfg.eval_judge}):")
+        print(f"| | step {first} | step {last} |\n|---|---|---|")
+        for key in sorted(set(val[first]) | set(val[last])):
+            print(f"| {key} | {val[first].get(key, 0):.3f} | {val[last].get(key, 0):.3f} |")
     return ckpt or last_checkpoint(out)
 
 

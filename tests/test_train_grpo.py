@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_grpo
-from tests.kit import REPO, free_vllm, tiny_text_dir, vllm_cpu_env
+from tests.kit import REPO, SHARED_DATA, free_vllm, tiny_text_dir, vllm_cpu_env
 from tests.test_judge_client import server  # noqa: F401 - the fault-injecting judge endpoint (a fixture)
 
 
@@ -250,3 +250,23 @@ def test_two_steps_on_a_tiny_checkpoint_give_pinned_values(tmp_path):
     assert [x["loss"] for x in log] == pytest.approx([0.0, 0.0], abs=1e-6)  # ratio 1, centred advantages
     assert [x["grad_norm"] for x in log] == pytest.approx(PINNED["grad_norm"], rel=1e-4)
     assert checksum == pytest.approx(PINNED["checksum"], rel=1e-6)
+
+
+def test_in_training_validation_scores_as_evaluate_py_does(tmp_path):
+    cfg = config(tmp_path, eval_every=1, eval_data="PubMedQA", eval_data_root=str(SHARED_DATA), eval_limit=6, steps=1,
+                 save_every=1, max_prompt_length=4096)  # fmt: skip
+    train_grpo.main(cfg, reward_fn=toy_reward)
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert {"val/accuracy", "val/format"} <= set(log[0]) and log[0]["step"] == 1
+    # evaluate.py's command line on the same generations, in a fresh folder, gives the same score.
+    gens = tmp_path / "run" / "val" / "step-1" / "generations" / "PubMedQA.jsonl"
+    again = tmp_path / "again"
+    (again / "generations").mkdir(parents=True)
+    (again / "generations" / "PubMedQA.jsonl").write_text(gens.read_text())
+    for stage in ("judge", "score"):
+        proc = subprocess.run([sys.executable, "evaluate.py", "--stage", stage, "--output_dir", str(again), "--judge", "exact",
+                               "--benchmarks", "PubMedQA", "--model", cfg.model], cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((again / "summary.json").read_text())
+    assert summary["benchmarks"]["PubMedQA"]["score"] == log[0]["val/accuracy"]
+    assert summary["benchmarks"]["PubMedQA"]["n"] == 6
