@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -133,6 +134,7 @@ class Config:
     report_to: list[str] = field(default_factory=list, metadata={"help": "Trackers that get every step's metrics: tensorboard, wandb (WANDB_MODE=offline works without network), ... or none."})
     project: str = field(default="medix-grpo", metadata={"help": "Tracker project (wandb's project)."})
     run_name: str = field(default="", metadata={"help": "Tracker run name (wandb's run; tensorboard's folder under output_dir/tensorboard); empty: the output_dir's name."})
+    verbose: bool = field(default=False, metadata={"help": "Show vLLM's and transformers' logs and every metric of each step (else one short line per step)."})
     demo: bool = field(default=False, metadata={"help": "The bundled demo: SmolLM2-135M-Instruct on the PubMedQA questions, on a CPU in a few minutes."})
 
 
@@ -144,7 +146,7 @@ DEMO = dict(
     group_size=4, max_completion_length=64, temperature=1.0, one_shot=True, steps=3, lr=3e-5,
     embedder="", w_embed=0.0, micro_batch_size=4, warm_start_steps=8, warm_start_batch_size=2,
     save_every=3, log_samples_every=1, balance_labels=True, online_filter=False, enforce_eager=True,
-    seed=0, clip_high=0.28,
+    seed=0, clip_high=0.28, eval_every=3, eval_data="PubMedQA", eval_data_root="demo", eval_limit=32,
 )  # fmt: skip
 
 
@@ -1081,11 +1083,33 @@ def plot_log(log_path: Path, png: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+BRIEF = ("step", "skipped", "groups_filtered", "judge_failures", "seconds_step")  # the short line's keys, with rewards
+
+
+def quiet_logs() -> None:
+    """Only errors from vLLM and transformers (their warnings include the expected "Failed to load
+    weights" of a tied lm_head, which is re-packed after every sync), and no loading bars."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
+    logging.getLogger("vllm").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(cfg: Config, reward_fn=None) -> Path:
     """Train; returns the last checkpoint. `reward_fn(completions, answer=, modality=)` -> dict of
     lists with a "total" key replaces the composite reward (tests use a dense toy reward)."""
     from tqdm import tqdm
 
+    if not cfg.verbose:
+        quiet_logs()
     run = setup(cfg, reward_fn)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -1113,7 +1137,8 @@ def main(cfg: Config, reward_fn=None) -> Path:
                     f.write(json.dumps(metrics) + "\n")
                 plot_log(log_path, out / "rewards.png")
                 bar.set_postfix({k.removeprefix("reward_"): f"{v:.3f}" for k, v in metrics.items() if k.startswith("reward_")})
-                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()), file=sys.stderr)
+                shown = metrics if cfg.verbose else {k: v for k, v in metrics.items() if k in BRIEF or k.startswith(("reward_", "val/"))}
+                bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
             run.acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step + 1)
             check_judge(cfg, run, metrics)
             if run.rank == 0 and cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
@@ -1129,7 +1154,10 @@ def main(cfg: Config, reward_fn=None) -> Path:
         print(f"| | step {first} | step {last} |\n|---|---|---|")
         for key in sorted(set(val[first]) | set(val[last])):
             print(f"| {key} | {val[first].get(key, 0):.3f} | {val[last].get(key, 0):.3f} |")
-    return ckpt or last_checkpoint(out)
+    ckpt = ckpt or last_checkpoint(out)
+    if run.rank == 0:
+        print(f"\ncheckpoint: {ckpt}\nlog: {log_path}\nplot: {out / 'rewards.png'}\nsamples: {out / 'samples.md'}")
+    return ckpt
 
 
 def check_judge(cfg, run, metrics: dict) -> None:
@@ -1177,7 +1205,7 @@ TRL_NAMES = {
     "num_generations": "group_size", "learning_rate": "lr", "epsilon": "clip_low", "epsilon_high": "clip_high",
     "importance_sampling_level": "importance_level", "max_steps": "steps", "per_device_train_batch_size": "micro_batch_size",
     "num_iterations": "epochs_per_batch", "lr_scheduler_type": "lr_scheduler", "save_steps": "save_every",
-    "model_name_or_path": "model", "dataset_name": "data",
+    "model_name_or_path": "model", "dataset_name": "data", "eval_steps": "eval_every",
 }  # fmt: skip
 # TRL names with no counterpart here: the one-line reason they are refused.
 TRL_REFUSED = {
@@ -1289,6 +1317,7 @@ _AT_LEAST = {
     "save_every": 1, "save_total_limit": 0, "log_samples_every": 0, "warm_start_steps": 0, "warm_start_batch_size": 1,
     "warmup_steps": 0, "judge_concurrency": 1, "judge_retries": 0, "judge_failure_steps": 1, "min_pixels": 1,
     "beta": 0.0, "clip_low": 0.0, "clip_high": 0.0, "tis_cap": 0.0, "weight_decay": 0.0, "sync_probe_max": 0.0,
+    "eval_every": 0, "eval_limit": 0,
 }  # fmt: skip
 
 

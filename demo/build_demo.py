@@ -51,6 +51,12 @@ def main(shared: Path):
     for name, data in (("train.jsonl", rows), ("heldout.jsonl", heldout)):
         with open(HERE / name, "w") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in data)
+    # The held-out questions again in PubMedQA's own release format, so evaluate.py (and the trainer's
+    # validation, which runs its stages) loads them as the PubMedQA benchmark: --data_root demo.
+    held = pool[N_PUBMEDQA_TRAIN : N_PUBMEDQA_TRAIN + N_PUBMEDQA_HELDOUT]
+    (HERE / "pubmedqa").mkdir(exist_ok=True)
+    (HERE / "pubmedqa" / "ori_pqal.json").write_text(json.dumps({p: pqa[p] for p in held}, ensure_ascii=False))
+    (HERE / "pubmedqa" / "test_ground_truth.json").write_text(json.dumps({p: pqa[p]["final_decision"] for p in held}))
     print(f"demo: {len(rows)} training samples, {len(heldout)} held out")
 
 
