@@ -58,6 +58,7 @@ class EvalConfig:
     engine: str = field(default="auto", metadata={"help": "In-process engine for --model (and an in-process judge): vllm | hf | auto (vllm if installed)."})
     max_new_tokens: int = field(default=2048, metadata={"help": "The policy's answer budget (the released evaluation: 2,048)."})
     format_prompt: bool = field(default=False, metadata={"help": "Prepend the training format instruction (the released evaluation sends the bare question)."})
+    one_shot: bool = field(default=False, metadata={"help": "With --format_prompt: add the one example of the output format (as train_grpo.py --one_shot)."})
     think_tag: str = field(default="think", metadata={"help": "The reasoning tag named by the format instruction (thinking: the released models)."})
     system_prompt: str | None = field(default=None, metadata={"help": "An optional system turn (the released $SYSTEM_PROMPT)."})
     batch_size: int = field(default=64, metadata={"help": "In-process engines: prompts (stage 1) or judge conversations (stage 2) per batch."})
@@ -231,7 +232,7 @@ def _generation_record(sample: Sample, response: str, cfg: EvalConfig, finish_re
 
 
 def _policy_messages(sample: Sample, cfg: EvalConfig) -> list[dict]:
-    return build_messages(sample, think_tag=cfg.think_tag, instruction=cfg.format_prompt, system=cfg.system_prompt)
+    return build_messages(sample, think_tag=cfg.think_tag, instruction=cfg.format_prompt, one_shot=cfg.one_shot, system=cfg.system_prompt)
 
 
 def _engine_kind(engine: str) -> str:
@@ -650,7 +651,8 @@ def exact_match_record(rec: dict) -> dict:
     said = _norm_option(tagged.group(1) if tagged else response)
     letter = str(rec.get("label") or "")
     correct = rec["choices"][LETTERS.index(letter)] if letter in LETTERS[: len(rec["choices"])] else None
-    score = float(correct is not None and said in {_norm_option(letter), _norm_option(correct)})
+    forms = {letter, correct, f"{letter}. {correct}", f"{letter}) {correct}", f"({letter}) {correct}"} if correct else set()
+    score = float(said in {_norm_option(f) for f in forms})
     return {"id": rec["id"], "score": score, "rounds": [score], "failure": None, "template": "EXACT", "judge": EXACT,
             "replies": [], "answer": said}  # fmt: skip
 
@@ -955,7 +957,7 @@ REPORT_FILES = ("report.md", "summary.json", "scores.png")
 STAGES = ("generate", "judge", "score")
 # Settings that shape the answers or the judgements: kept in the manifest, adopted by a later stage
 # that does not name its own model or judge, compared when it does.
-GENERATION_KEYS = ("model", "model_url", "max_new_tokens", "format_prompt", "think_tag", "system_prompt")
+GENERATION_KEYS = ("model", "model_url", "max_new_tokens", "format_prompt", "one_shot", "think_tag", "system_prompt")
 JUDGE_KEYS = ("judge", "judge_model", "judge_rounds", "judge_max_tokens", "structured", "judge_thinking", "max_response_chars")
 _WHERE_KEYS = ("model", "model_url", "judge")  # where a model lives, not what it is (the fingerprint says that): not compared
 _SAMPLE_BYTES = 1 << 20

@@ -1,142 +1,157 @@
-"""A real learning curve on a CPU: SmolLM2-135M-Instruct on PubMedQA with the composite reward.
+"""Does GRPO here make a model better than its warm start? SmolLM2-135M-Instruct on PubMedQA, 3 seeds.
 
-    python bench/learning_curve.py [--minutes 20] [--warm_start_steps 8] [--context]
+    python bench/learning_curve.py [--seeds 0 1 2] [--steps 8] [--eval_every 4] [--test_limit 500]
 
-Recipe (DESIGN.md, issue 8): the model never writes the tags from the instruction alone, so binary
-format rewards give no gradient; a short supervised warm start on format-correct answers built from
-the training questions (tag, the paper's long answer as the reasoning, the decision as the answer),
-then GRPO with VLLMRollout: 2 prompts x 8 completions, 96 new tokens, lr 3e-5, the one-shot format
-example in the prompt, label-balanced prompt sampling, the judge off (accuracy comes from the
-exact-match rule: the answer must be the decision word), no embedder. Training questions: the demo
-set's 48 PubMedQA questions; held out: demo/heldout.jsonl (64 other questions), scored greedy before
-anything, after the warm start, and at the end, with the share of yes / no / maybe answers beside the
-labels' shares so that a collapse to the majority answer is visible.
-
-By default the question is given without its abstract (`--context` adds it): on 2 CPU cores the
-update's cost grows with the prompt, and the abstracts triple it.
-Writes bench/results/learning_curve/{log.jsonl, rewards.png, summary.json}.
+1. Data: PubMedQA's 500 labelled questions outside its test split (with their abstracts) are the pool;
+   48 of them are held out for in-training validation (written in PubMedQA's release format, so the
+   trainer's validation runs evaluate.py's stages on them), the other 452 train.
+2. Warm start (once): the model never writes the tags from the instruction alone, so binary format
+   rewards give no gradient; 8 supervised steps on format-correct answers built from the pool.
+3. GRPO from the warm start, one run per seed, with the commands printed: `train_grpo.py` with vLLM,
+   2 prompts x 8 completions, 96 new tokens, lr 3e-5, the one-shot example, label-balanced sampling,
+   accuracy by exact match (no judge), validation every `--eval_every` steps.
+4. Test: `evaluate.py --judge exact` on the 500-question test split for the base model, the warm start
+   and each seed's GRPO checkpoint; the majority-answer baseline beside them; mean and 95% interval.
+Writes bench/results/learning_curve/ (summary.json, table.md, each run's folder).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
+import math
+import random
+import subprocess
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import data  # noqa: E402
-import rewards  # noqa: E402
-import rollout  # noqa: E402
-import train_grpo  # noqa: E402
-from tests.kit import REPO, smollm2_dir  # noqa: E402
+from tests.kit import REPO, SHARED_DATA, smollm2_dir  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "learning_curve"
 LABELS = ("yes", "no", "maybe")
+T975 = {1: 12.71, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # Student's t, two-sided 95%
 
 
-def pubmedqa_rows(path: Path, context: bool) -> list[dict]:
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    rows = [r for r in rows if r["source"] == "pubmedqa"]
-    if not context:  # keep the question line and the instruction to answer yes / no / maybe
-        for r in rows:
-            r["problem"] = "\n".join(x for x in r["problem"].splitlines() if not x.startswith("Context:"))
-    return rows
+def write_data(n_val: int) -> tuple[Path, Path]:
+    pqa = json.loads((SHARED_DATA / "pubmedqa" / "ori_pqal.json").read_text())
+    test = set(json.loads((SHARED_DATA / "pubmedqa" / "test_ground_truth.json").read_text()))
+    pool = sorted(set(pqa) - test)
+    random.Random(0).shuffle(pool)
+    val, train = pool[:n_val], pool[n_val:]
+    rows = [{"id": f"pubmedqa-{p}", "image": [], "source": "pubmedqa", "solution": f"<OTHER> {pqa[p]['final_decision']}",
+             "problem": "Context: " + " ".join(pqa[p]["CONTEXTS"]) + f"\nQuestion: {pqa[p]['QUESTION']}\nAnswer yes, no or maybe.",
+             "long_answer": pqa[p]["LONG_ANSWER"]} for p in train]  # fmt: skip
+    (OUT / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    root = OUT / "val_data"
+    (root / "pubmedqa").mkdir(parents=True)
+    (root / "pubmedqa" / "ori_pqal.json").write_text(json.dumps({p: pqa[p] for p in val}))
+    (root / "pubmedqa" / "test_ground_truth.json").write_text(json.dumps({p: pqa[p]["final_decision"] for p in val}))
+    return OUT / "train.jsonl", root
 
 
-def heldout_eval(run, samples, max_tokens: int) -> dict:
-    """Greedy answers on held-out questions: accuracy, strict format, and the share of each answer."""
-    prompts = [data.build_messages(s, one_shot=True) for s in samples]
-    done = run.engine.generate(prompts, n=1, settings=rollout.SamplingSettings(temperature=0.0, max_new_tokens=max_tokens))
-    answers = []
-    for c in done:
-        a = rewards.parse_completion(c.text, think_tag="think").answer
-        a = (a or "").strip().strip(".").lower()
-        answers.append(a if a in LABELS else "other")
-    labels = [s.answer for s in samples]
-    n = len(samples)
-    shares = Counter(answers)
-    return {
-        "accuracy": sum(a == lab for a, lab in zip(answers, labels)) / n,
-        "strict_format": sum(rewards.format_reward([c.text for c in done], think_tag="think")) / n,
-        "answer_shares": {k: shares.get(k, 0) / n for k in (*LABELS, "other")},
-        "label_shares": {k: labels.count(k) / n for k in LABELS},
-        "example": done[0].text[:400],
-    }
+def run(cmd: list[str], log: Path) -> float:
+    print("$", " ".join(cmd), flush=True)
+    t = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise SystemExit(f"failed ({proc.returncode}): see {log}")
+    return time.perf_counter() - t
+
+
+def warm_start(model: str, train: Path, steps: int) -> Path:
+    """The supervised warm start alone (train_grpo's), saved as a Hugging Face checkpoint."""
+    import train_grpo
+
+    cfg = train_grpo.Config(model=model, data=str(train), output_dir=str(OUT / "warm"), engine="hf", warm_start_steps=steps,
+                            warm_start_batch_size=4, one_shot=True, max_completion_length=96, steps=1, embedder="")  # fmt: skip
+    r = train_grpo.setup(cfg, reward_fn=lambda c, **k: {"total": [0.0] * len(c)})
+    return train_grpo.save_checkpoint(cfg, r, 0)
+
+
+def test_accuracy(name: str, model: str, limit: int) -> dict:
+    out = OUT / "test" / name
+    cmd = [sys.executable, "evaluate.py", "--model", model, "--benchmarks", "PubMedQA", "--data_root", str(SHARED_DATA),
+           "--judge", "exact", "--format_prompt", "--one_shot", "--think_tag", "think", "--max_new_tokens", "96",
+           "--limit", str(limit), "--output_dir", str(out)]  # fmt: skip
+    seconds = run(cmd, OUT / f"test-{name}.log")
+    judged = [json.loads(x) for x in (out / "judged" / "PubMedQA.jsonl").read_text().splitlines()]
+    gens = {r["id"]: r for r in map(json.loads, (out / "generations" / "PubMedQA.jsonl").read_text().splitlines())}
+    n = len(judged)
+    answers = [r["answer"] if r["answer"] in LABELS else "other" for r in judged]
+    labels = [gens[r["id"]]["choices"][ord(gens[r["id"]]["label"]) - 65] for r in judged]
+    return {"accuracy": sum(r["score"] for r in judged) / n, "n": n, "seconds": seconds,
+            "answer_shares": {a: answers.count(a) / n for a in (*LABELS, "other")},
+            "label_shares": {a: labels.count(a) / n for a in LABELS}}  # fmt: skip
+
+
+def wilson(p: float, n: int) -> tuple[float, float]:
+    z = 1.96
+    c = (p + z * z / (2 * n)) / (1 + z * z / n)
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return c - h, c + h
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--minutes", type=float, default=20.0, help="wall-clock budget for everything")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=8, help="GRPO steps per seed")
+    ap.add_argument("--eval_every", type=int, default=4)
+    ap.add_argument("--n_val", type=int, default=48)
+    ap.add_argument("--test_limit", type=int, default=500)
     ap.add_argument("--warm_start_steps", type=int, default=8)
-    ap.add_argument("--context", action="store_true", help="give the abstract with each question")
     args = ap.parse_args()
-    t_start = time.perf_counter()
+    import shutil
+
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
-    train_file, held_file = OUT / "train.jsonl", OUT / "heldout.jsonl"
-    for src, dst in ((REPO / "demo" / "train.jsonl", train_file), (REPO / "demo" / "heldout.jsonl", held_file)):
-        dst.write_text("".join(json.dumps(r) + "\n" for r in pubmedqa_rows(src, args.context)))
-    heldout = data.load_training_data(held_file)
-
-    cfg = train_grpo.Config(
-        model=str(smollm2_dir()), data=str(train_file), output_dir=str(OUT / "run"), engine="vllm",
-        prompts_per_step=2, group_size=8, max_completion_length=96, temperature=1.0, one_shot=True, lr=3e-5,
-        embedder="", w_embed=0.0, micro_batch_size=8, warm_start_steps=0, warm_start_batch_size=4,
-        balance_labels=True, online_filter=False, steps=10**6, save_every=10**9,
-    )  # fmt: skip
-    run = train_grpo.setup(cfg)
-    summary = {"settings": {**vars(args), "group_size": cfg.group_size, "prompts_per_step": cfg.prompts_per_step,
-                            "max_completion_length": cfg.max_completion_length, "lr": cfg.lr}}  # fmt: skip
-    summary["heldout_before"] = heldout_eval(run, heldout, cfg.max_completion_length)
-    print("held out, before:", json.dumps(summary["heldout_before"]))
-
-    t = time.perf_counter()
-    cfg.warm_start_steps = args.warm_start_steps
-    train_grpo.warm_start(cfg, run)
-    run.engine.update_weights(rollout.full_parameters(run.model))
-    summary["warm_start_seconds"] = time.perf_counter() - t
-    summary["heldout_after_warm_start"] = heldout_eval(run, heldout, cfg.max_completion_length)
-    print("held out, after the warm start:", json.dumps(summary["heldout_after_warm_start"]))
-
-    log = OUT / "log.jsonl"
-    deadline = t_start + args.minutes * 60 - 60  # leave a minute for the final evaluation
-    step, step_seconds = 0, []
-    while time.perf_counter() + (max(step_seconds) if step_seconds else 0) < deadline:
-        m = {"step": step + 1, **train_grpo.train_step(step, cfg, run)[0]}
-        step_seconds.append(m["seconds_step"])
-        with open(log, "a") as f:
-            f.write(json.dumps(m) + "\n")
-        train_grpo.plot_log(log, OUT / "rewards.png")
-        print(f"step {step + 1}: " + " ".join(f"{k}={m[k]:.3f}" for k in ("reward_total", "reward_format", "reward_llm", "reward_modality", "completion_len_mean", "entropy", "seconds_step") if k in m))
-        step += 1
-    summary["heldout_after"] = heldout_eval(run, heldout, cfg.max_completion_length)
-    lines = [json.loads(x) for x in log.read_text().splitlines()]
-    first, last = lines[: min(5, len(lines))], lines[-min(5, len(lines)) :]
-    mean = lambda xs, k: sum(x[k] for x in xs) / len(xs)  # noqa: E731
-    summary.update({
-        "grpo_steps": len(lines), "seconds_per_step": sum(step_seconds) / len(step_seconds),
-        "minutes_total": (time.perf_counter() - t_start) / 60,
-        **{f"{k}_first5": mean(first, k) for k in ("reward_format", "reward_llm", "reward_total", "completion_len_mean", "entropy")},
-        **{f"{k}_last5": mean(last, k) for k in ("reward_format", "reward_llm", "reward_total", "completion_len_mean", "entropy")},
-    })  # fmt: skip
+    t0 = time.perf_counter()
+    base = str(smollm2_dir())
+    train, val_root = write_data(args.n_val)
+    warm = str(warm_start(base, train, args.warm_start_steps))
+    summary = {"settings": vars(args), "warm_start_minutes": (time.perf_counter() - t0) / 60, "runs": {}}
+    for seed in args.seeds:
+        out = OUT / f"grpo-seed{seed}"
+        cmd = [sys.executable, "train_grpo.py", "--model", warm, "--data", str(train), "--output_dir", str(out),
+               "--seed", str(seed), "--steps", str(args.steps), "--engine", "vllm", "--enforce_eager", "--text_only",
+               "--prompts_per_step", "2", "--group_size", "8", "--max_completion_length", "96", "--lr", "3e-5",
+               "--one_shot", "--balance_labels", "--online_filter", "false", "--embedder", "", "--micro_batch_size", "8",
+               "--save_every", str(args.steps), "--log_samples_every", "2", "--eval_every", str(args.eval_every),
+               "--eval_data", "PubMedQA", "--eval_data_root", str(val_root), "--eval_limit", str(args.n_val),
+               "--max_prompt_length", "1536"]  # fmt: skip
+        seconds = run(cmd, OUT / f"grpo-seed{seed}.log")
+        log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+        summary["runs"][seed] = {"minutes": seconds / 60, "val": {x["step"]: {k: v for k, v in x.items() if k.startswith("val/")} for x in log if "val/accuracy" in x},
+                                 "reward_format": [x.get("reward_format") for x in log], "reward_llm": [x.get("reward_llm") for x in log],
+                                 "checkpoint": str(out / f"checkpoint-{args.steps}")}  # fmt: skip
+        (OUT / "summary.json").write_text(json.dumps(summary, indent=1))
+    tests = {"base": test_accuracy("base", base, args.test_limit), "warm start": test_accuracy("warm", warm, args.test_limit)}
+    for seed in args.seeds:
+        tests[f"GRPO seed {seed}"] = test_accuracy(f"seed{seed}", summary["runs"][seed]["checkpoint"], args.test_limit)
+    summary["test"] = tests
+    grpo = [tests[f"GRPO seed {s}"]["accuracy"] for s in args.seeds]
+    mean = sum(grpo) / len(grpo)
+    sd = math.sqrt(sum((a - mean) ** 2 for a in grpo) / (len(grpo) - 1)) if len(grpo) > 1 else 0.0
+    half = T975.get(len(grpo) - 1, 1.96) * sd / math.sqrt(len(grpo)) if len(grpo) > 1 else float("nan")
+    labels = tests["base"]["label_shares"]
+    majority = max(labels.values())
+    n = tests["base"]["n"]
+    rows = [("majority answer", majority, wilson(majority, n), labels)]
+    for name in ("base", "warm start"):
+        rows.append((name, tests[name]["accuracy"], wilson(tests[name]["accuracy"], n), tests[name]["answer_shares"]))
+    share = {a: sum(tests[f"GRPO seed {s}"]["answer_shares"][a] for s in args.seeds) / len(args.seeds) for a in (*LABELS, "other")}
+    rows.append((f"warm start + GRPO ({len(grpo)} seeds)", mean, (mean - half, mean + half), share))
+    table = ["| model | test accuracy | 95% interval | answers yes / no / maybe / other |", "|---|---|---|---|"]
+    for name, acc, (lo, hi), sh in rows:
+        table.append(f"| {name} | {acc:.3f} | {lo:.3f} - {hi:.3f} | " + " / ".join(f"{sh.get(a, 0):.2f}" for a in (*LABELS, "other")) + " |")
+    table.append(f"\nGRPO seeds: {', '.join(f'{a:.3f}' for a in grpo)}; labels yes / no / maybe: "
+                 + " / ".join(f"{labels[a]:.2f}" for a in LABELS) + f"; n = {n}; {(time.perf_counter() - t0) / 60:.0f} min in all")
+    summary["minutes"] = (time.perf_counter() - t0) / 60
     (OUT / "summary.json").write_text(json.dumps(summary, indent=1))
-    print("\n| | held-out accuracy | strict format | yes / no / maybe / other |")
-    print("|---|---|---|---|")
-    for k in ("heldout_before", "heldout_after_warm_start", "heldout_after"):
-        h = summary[k]
-        sh = " / ".join(f"{h['answer_shares'][x]:.2f}" for x in (*LABELS, "other"))
-        print(f"| {k} | {h['accuracy']:.3f} | {h['strict_format']:.3f} | {sh} |")
-    print("labels yes / no / maybe:", " / ".join(f"{summary['heldout_before']['label_shares'][x]:.2f}" for x in LABELS))
-    print(f"GRPO steps: {len(lines)} at {summary['seconds_per_step']:.0f} s; strict format (train, mean of first 5 vs last 5 steps): "
-          f"{summary['reward_format_first5']:.3f} -> {summary['reward_format_last5']:.3f}; "
-          f"exact-match accuracy {summary['reward_llm_first5']:.3f} -> {summary['reward_llm_last5']:.3f}")
-    print(f"wrote {OUT}")
+    (OUT / "table.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
 
 
 if __name__ == "__main__":
