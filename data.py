@@ -1,28 +1,14 @@
-"""Samples, the 16 modality tags, MediX-R1 training data, and chat prompts.
+"""Samples, the 16 modality tags, MediX-R1 training data, the 17 benchmarks, and chat prompts.
 
-    from data import load_training_data, build_messages
+    from data import load_training_data, build_messages, load_benchmark
     samples = load_training_data("demo/train.jsonl")          # or a .parquet file / save_to_disk dir
     messages = build_messages(samples[0])                      # ready for processor.apply_chat_template
-    bench = load_benchmark("PubMedQA", data_root="benchmarks")  # one of the 17 (BENCHMARKS), see below
+    bench = load_benchmark("PubMedQA", data_root="benchmarks")  # one of the 17 (BENCHMARKS)
 
-Training data is MediX-R1's format (`MBZUAI/medix-rl-data`): columns `id`, `image` (a list of
-images), `source`, `problem`, `solution = "<TAG> answer"`. It loads from a parquet file (or a
-folder of them), a `datasets.save_to_disk` folder, or JSONL whose image paths are relative to the
-JSONL file. Bad input (a missing or unreadable image, a solution without a known tag, an empty
-question or answer) raises `DataError` naming the sample id and the file, or with
-`on_error="skip"` is logged, skipped and counted. Nothing is dropped silently.
-
-The 17 evaluation benchmarks (`BENCHMARKS`, `load_benchmark`) load from a local copy in
-`data_root/<folder>` (the Hugging Face copy MediX-R1's evaluation reads, or the original release
-files where people have those), else from the hub; their section at the end says how.
-
-Departures from the released code (EasyR1's dataset + `medical_format.jinja`):
-- the reasoning tag is a setting, `think` by default (the paper's); `thinking` reproduces the
-  released models;
-- images go before the question as separate content items (the released template splits the
-  prompt at one `<image>` marker, which breaks on text-only samples);
-- an optional one-shot example of the output format (off by default): a small policy that never
-  writes the tags gets no reward signal at all from binary format rewards (DESIGN.md).
+Training data is MediX-R1's format (`MBZUAI/medix-rl-data`: `id`, `image` list, `source`, `problem`,
+`solution = "<TAG> answer"`). Bad input (a missing or unreadable image, an unknown tag, an empty field,
+a repeated id) raises `DataError` naming the sample and the file, or with `on_error="skip"` is
+skipped and counted. Benchmarks load from local copies in `data_root/<folder>`, else from the hub.
 """
 from __future__ import annotations
 
@@ -299,7 +285,7 @@ def build_messages(
 # Without a local copy it falls back to `datasets.load_dataset(hf_id, config, split=...)`; when
 # that fails too, the error says where to get the data and where to put it.
 #
-# Normalised as the paper describes (DESIGN.md, "Its evaluation"): MCQ `question` is the stem
+# Normalised as the paper describes: MCQ `question` is the stem
 # only (build_messages lists the choices as "A. ..."), the reference is the option's text;
 # PubMedQA has its context, the yes/no/maybe choices (strings: the released YAML turned them
 # into booleans) and "decision. long answer" as reference; report tasks carry their fixed prompts.

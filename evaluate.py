@@ -276,7 +276,7 @@ class LocalJudge:
             # The engine in this process, not in an EngineCore child: a child outlives a kill -9 of
             # this process and keeps its memory (issue 14); rollout.VLLMRollout does the same.
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-            # Seeded engine, not per-request seeds: those fail in vLLM's CPU build (DESIGN.md).
+            # Seeded engine, not per-request seeds: those fail in vLLM's CPU build ("CPU Generator does not use offset").
             self.llm = LLM(model=model, seed=seed, max_model_len=max_model_len, enforce_eager=not cuda,
                            **({"gpu_memory_utilization": gpu_memory_utilization} if cuda else {"dtype": "float32"}))  # fmt: skip
         else:

@@ -1,29 +1,13 @@
 """The reward judge's prompt (does a predicted answer match the reference? YES or NO) and its parser.
 
-Stdlib only, so the file can be copied into other code. rewards.py sends these messages to any
-OpenAI-compatible chat endpoint; evaluate.py keeps its own BASE/MIMIC templates but makes its texts
-safe with the same `neutralise` and `cap`.
-
-The candidate answer is untrusted text written by the policy being trained. Four defences keep a
-completion from earning the reward by talking to the judge instead of answering:
-
-1. Delimiting: the candidate sits inside `<candidate>...</candidate>`; any text in it that looks
-   like one of the prompt's own delimiters is neutralised, so it cannot close the block and write
-   "instructions" outside it, and the control tokens of common chat templates are made inert
-   (`neutralise`), so it cannot end the turn either. The system turn says the block is data to
-   grade, never to obey.
-2. A length cap: the candidate is cut to `MAX_CANDIDATE_CHARS` (the reference, trusted but
-   unbounded, to `MAX_REFERENCE_CHARS`), so a long answer cannot bury the question.
-3. A strict parser: the judge's whole reply must be the single word YES or NO (case, spaces,
-   quotes, markdown and a final full stop tolerated); anything else is `None` ("could not
-   score"), never a YES. The released parser (`"YES" in reply.upper()`) scores "NO, not YES" as 1.
-4. Judge-free screens (`is_bare_verdict`, `addresses_judge`) that rewards.py applies before any
-   call, so a weak judge (SmolLM2 says YES to nearly anything) is never asked about them: an answer
-   that is only a verdict word ("YES", "correct") is scored by string comparison with the
-   reference alone, and an answer that tells the grader what to do scores 0.
-
-`medix_r1_prompt` and `parse_medix_r1_reply` are the released MediX-R1 prompt and parser, kept for
-the `preset="medix-r1"` reproduction only.
+Stdlib only, so it copies into other code with rewards.py. The candidate answer is untrusted text from
+the policy being trained, so it is delimited (`<candidate>`, its look-alike delimiters and the control
+tokens of common chat templates made inert by `neutralise`, which evaluate.py's judge uses too), capped
+in length, and the parser is strict: the whole reply must be YES or NO, anything else is None ("could
+not score"), never a YES (the released parser scores "NO, not YES" as 1). Answers that are a bare
+verdict word or that address the grader are screened before any call (`is_bare_verdict`,
+`addresses_judge`). `medix_r1_prompt` / `parse_medix_r1_reply` are the released ones, for the
+`preset="medix-r1"` reproduction only.
 """
 from __future__ import annotations
 

@@ -291,7 +291,7 @@ class ChatClient:
     request with 400, so a hosted API works with the same settings. The API key is read from the
     environment variable `api_key_env` at each call and never stored, printed or logged.
 
-    aiohttp, not httpx or the openai SDK: those stalled beyond 16 requests in flight (DESIGN.md).
+    aiohttp, not httpx or the openai SDK: those stalled beyond 16 requests in flight (measured here).
     """
 
     def __init__(

@@ -1,25 +1,14 @@
-"""GRPO for medical VLMs (MediX-R1) on Accelerate + FSDP2, with vLLM colocated for rollouts.
+"""GRPO for medical VLMs (MediX-R1): a hand-written loop on Accelerate + FSDP2 with vLLM colocated.
 
     python train_grpo.py --demo                                   # a few CPU steps on the bundled data
-    accelerate launch --config_file configs/accelerate_single.yaml train_grpo.py \
-        --model Qwen/Qwen2.5-VL-3B-Instruct --data demo/train.jsonl --judge_url http://127.0.0.1:8000/v1
-    accelerate launch --config_file configs/accelerate_fsdp2.yaml train_grpo.py --config configs/medix_r1_8b_dapo.yaml
+    accelerate launch --config_file configs/accelerate_fsdp2.yaml train_grpo.py \
+        --config configs/medix_r1_8b_dapo.yaml --judge_url http://judge:8000/v1   # flags override the YAML
 
-One step (`train_step`): sample prompts; n completions each from the rollout engine (woken,
-generate, back to sleep); every reward component (rewards.py); drop groups with no signal and
-refill; group advantages; policy log-probs and the clipped loss in micro-batches; optimiser steps;
-the new weights streamed into the engine in place; one log line.
-
-Where it departs from MediX-R1's released trainer (EasyR1/verl):
-- one process per GPU running both the trainer and its own vLLM engine (no Ray, no separate
-  rollout workers); FSDP2 applied with `fully_shard` on each decoder/vision block, the same code on
-  GPU and CPU (accelerate would silently skip FSDP on a CPU: DESIGN.md);
-- `old_logp` are the rollout engine's own log-probs (no extra forward pass); optionally the
-  trainer recomputes them and weights tokens by a truncated importance ratio (`tis_cap`); the
-  engine-trainer mismatch is logged either way;
-- the online filter reads a chosen reward component (`filter_key`, NeMo-RL issue 2431);
-- optional helpers for small policies (all off by default): a supervised warm start, the one-shot
-  format example in the prompt, partial format credit, label-balanced prompt sampling.
+`train_step` is the whole step on one screen, one `Group` record per prompt flowing through it:
+rollout (refilled when the online filter drops groups), rewards, advantages, the engine put to sleep,
+the clipped loss over micro-batches and optimiser steps, the weights streamed into the engine, a
+check that the engine holds them, one log line. `python train_grpo.py --help` explains every setting;
+README.md says where the trainer departs from MediX-R1's released one (EasyR1/verl).
 """
 from __future__ import annotations
 
@@ -140,7 +129,7 @@ class Config:
 
 # The demo: SmolLM2-135M-Instruct on the bundled PubMedQA questions, on a CPU in a few minutes. A
 # short supervised warm start first (the model never writes the tags on its own, so binary format
-# rewards would give no gradient: DESIGN.md), judge off (accuracy by exact match), no embedder.
+# rewards would give no gradient), judge off (accuracy by exact match), no embedder.
 DEMO = dict(
     data="demo/train.jsonl", text_only=True, output_dir="runs/demo", engine="vllm", prompts_per_step=2,
     group_size=4, max_completion_length=64, temperature=1.0, one_shot=True, steps=3, lr=3e-5,
