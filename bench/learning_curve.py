@@ -105,6 +105,8 @@ def main():
     args = ap.parse_args()
     import shutil
 
+    import train_grpo
+
     shutil.rmtree(OUT, ignore_errors=True)
     OUT.mkdir(parents=True)
     t0 = time.perf_counter()
@@ -122,7 +124,7 @@ def main():
                "--eval_data", "PubMedQA", "--eval_data_root", str(val_root), "--eval_limit", str(args.n_val),
                "--max_prompt_length", "1536"]  # fmt: skip
         seconds = run(cmd, OUT / f"grpo-seed{seed}.log")
-        log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+        log = train_grpo.read_log(out / "log.jsonl")
         summary["runs"][seed] = {"minutes": seconds / 60, "val": {x["step"]: {k: v for k, v in x.items() if k.startswith("val/")} for x in log if "val/accuracy" in x},
                                  "reward_format": [x.get("reward_format") for x in log], "reward_llm": [x.get("reward_llm") for x in log],
                                  "checkpoint": str(out / f"checkpoint-{args.steps}")}  # fmt: skip

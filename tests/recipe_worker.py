@@ -53,7 +53,7 @@ def main(recipe: str, out: Path, phase: str, sleep: bool) -> None:
     a = out / "a" / "checkpoint-2"
     if os.environ["RANK"] == "0":  # accelerate's end_training has closed the process group
         wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
-        log = [json.loads(x) for x in (out / "a" / "log.jsonl").read_text().splitlines()]
+        log = train_grpo.read_log(out / "a" / "log.jsonl")
         result = {
             "finite": all(torch.isfinite(v).all().item() for v in wa.values()),
             "resume_max_diff": max((wa[k] - wb[k]).abs().max().item() for k in wa),

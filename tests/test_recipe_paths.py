@@ -134,7 +134,7 @@ def test_nan_rewards_are_left_out_not_spread(tmp_path):
     cfg = config(tmp_path, data=write_data(tmp_path / "n.jsonl", n=8, answers=("x", "y")), scale_rewards="batch",
                  online_filter=True, filter_low=-1.0, filter_high=2.0, prompts_per_step=2, max_filter_tries=4)  # fmt: skip
     train_grpo.main(cfg, reward_fn=reward)
-    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    log = train_grpo.read_log(tmp_path / "run" / "log.jsonl")
     assert sum(x["rewards_nan"] for x in log) > 0 and sum(x["groups_unscored"] for x in log) > 0
     assert all(x["groups_filtered"] == 0 for x in log)  # a NaN group is not counted as filtered
     assert all(abs(x["adv_mean"]) < 10 and x["loss"] == x["loss"] for x in log)  # no +-5000, no NaN

@@ -1,6 +1,5 @@
 """train_grpo.py end to end on tiny offline models: steps, checkpoints, resume, SIGKILL, filtering, learning."""
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -53,8 +52,11 @@ def test_two_steps_change_the_weights_and_write_a_loadable_checkpoint(tmp_path):
     before, after = params(cfg.model), params(ckpt)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert len(changed) > len(before) // 2
-    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    log = train_grpo.read_log(tmp_path / "run" / "log.jsonl")
     assert [x["step"] for x in log] == [1, 2]
+    header = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])["run"]  # what produced the numbers
+    assert header["accuracy_reward"] == "custom reward_fn" and header["world_size"] == 1 and header["versions"]["torch"]
+    assert header["compute_dtype"] == header["master_dtype"] == "float32" and header["config"]["seed"] == 3
     for key in ("reward_total", "loss", "clip_frac", "kl", "entropy", "logp_mismatch", "grad_norm", "completion_len_mean",
                 "groups_filtered", "seconds_rollout", "seconds_reward", "seconds_update", "seconds_sync", "peak_memory_gb"):
         assert key in log[0], key
@@ -83,8 +85,8 @@ def test_two_steps_then_resume_two_equals_four_in_one_go(tmp_path):
     two = train_grpo.main(config(tmp_path / "b", steps=4, save_every=2, resume=True), reward_fn=toy_reward)
     a, b = params(one), params(two)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    logs = [(tmp_path / d / "run" / "log.jsonl").read_text().splitlines() for d in "ab"]
-    rewards = [[json.loads(x)["reward_total"] for x in log] for log in logs]
+    logs = [train_grpo.read_log(tmp_path / d / "run" / "log.jsonl") for d in "ab"]
+    rewards = [[x["reward_total"] for x in log] for log in logs]
     assert rewards[0] == pytest.approx(rewards[1], abs=1e-6) and len(rewards[1]) == 4
 
 
@@ -112,10 +114,10 @@ def test_sigkill_while_writing_a_checkpoint_resumes_from_the_last_complete_one(t
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     run = tmp_path / "run"
     assert (run / "checkpoint-3.tmp").exists() and train_grpo.last_checkpoint(run).name == "checkpoint-2"
-    assert len((run / "log.jsonl").read_text().splitlines()) == 3  # step 3 was logged before the kill
+    assert len(train_grpo.read_log(run / "log.jsonl")) == 3  # step 3 was logged before the kill
     ckpt = train_grpo.main(config(tmp_path, steps=4, save_every=1, resume=True), reward_fn=toy_reward)
     assert ckpt.name == "checkpoint-4" and not list(run.glob("*.tmp"))
-    assert [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert [x["step"] for x in train_grpo.read_log(run / "log.jsonl")] == [1, 2, 3, 4]
 
 
 def test_online_filter_drops_flat_groups_and_refills(tmp_path):
@@ -150,7 +152,7 @@ def test_dense_toy_reward_rises_within_a_few_dozen_steps(tmp_path):
     cfg = config(tmp_path, steps=30, prompts_per_step=4, group_size=8, max_completion_length=16, lr=1e-2,
                  micro_batch_size=16, save_every=30, log_samples_every=0, temperature=1.0)  # fmt: skip
     train_grpo.main(cfg, reward_fn=toy_reward)
-    r = [json.loads(x)["reward_total"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    r = [x["reward_total"] for x in train_grpo.read_log(tmp_path / "run" / "log.jsonl")]
     first, last = sum(r[:5]) / 5, sum(r[-5:]) / 5
     print(f"toy reward: first 5 steps {first:.3f}, last 5 steps {last:.3f}")
     assert last > first + 0.1 and last > 1.5 * first  # measured: 0.20 -> 0.46 (steps 1-5 vs 26-30)
@@ -180,7 +182,7 @@ def test_failed_judge_calls_train_nothing_and_a_dead_judge_stops_the_run(tmp_pat
             train_grpo.main(cfg)
     finally:
         train_grpo.setup = setup
-    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    log = train_grpo.read_log(tmp_path / "run" / "log.jsonl")
     assert len(log) == 2
     for x in log:  # every call failed: no completion has a total, so nothing was trained on
         assert x["judge_failures"] == x["judge_asked"] == x["completions_unscored"] == 8 and x["skipped"] == 1
@@ -244,7 +246,7 @@ def test_two_steps_on_a_tiny_checkpoint_give_pinned_values(tmp_path):
     """Pinned: 2 steps of the tiny Qwen2 from the kit, fixed seed, HF engine, toy reward. A change here means
     the step computes something else (torchtune keeps such tests); re-pin only for an intended change."""
     ckpt = train_grpo.main(config(tmp_path, log_samples_every=0), reward_fn=toy_reward)
-    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    log = train_grpo.read_log(tmp_path / "run" / "log.jsonl")
     checksum = sum(v.double().abs().sum().item() for v in params(ckpt).values())
     assert [x["reward_total"] for x in log] == pytest.approx(PINNED["reward_total"], abs=1e-6)
     assert [x["loss"] for x in log] == pytest.approx([0.0, 0.0], abs=1e-6)  # ratio 1, centred advantages
@@ -256,7 +258,7 @@ def test_in_training_validation_scores_as_evaluate_py_does(tmp_path):
     cfg = config(tmp_path, eval_every=1, eval_data="PubMedQA", eval_data_root=str(SHARED_DATA), eval_limit=6, steps=1,
                  save_every=1, max_prompt_length=4096)  # fmt: skip
     train_grpo.main(cfg, reward_fn=toy_reward)
-    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    log = train_grpo.read_log(tmp_path / "run" / "log.jsonl")
     assert {"val/accuracy", "val/format"} <= set(log[0]) and log[0]["step"] == 1
     # evaluate.py's command line on the same generations, in a fresh folder, gives the same score.
     gens = tmp_path / "run" / "val" / "step-1" / "generations" / "PubMedQA.jsonl"
