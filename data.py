@@ -254,6 +254,12 @@ def format_instruction(think_tag: str = "think", one_shot: bool = False) -> str:
     return text + "Question: \n"
 
 
+def question_text(sample: Sample) -> str:
+    """What the policy is asked, without the format instruction: the question, then MCQ options as
+    released ("A. ..."; the stem only is in `question`)."""
+    return sample.question + "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(sample.choices))
+
+
 def build_messages(
     sample: Sample, *, think_tag: str = "think", instruction: bool = True, one_shot: bool = False,
     system: str | None = None,
@@ -263,9 +269,7 @@ def build_messages(
     The instruction and the question are in the user turn, as released; images (loaded now, RGB)
     come before the question text. Text-only samples get a plain string content, which text-only
     tokenizers' templates need."""
-    text = (format_instruction(think_tag, one_shot) if instruction else "") + sample.question
-    if sample.choices:  # the stem only is in `question`; options are listed as released: "A. ..."
-        text += "\n" + "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(sample.choices))
+    text = (format_instruction(think_tag, one_shot) if instruction else "") + question_text(sample)
     images = sample.load_images()
     content: Any = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": text}]
     if not images:

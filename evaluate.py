@@ -30,8 +30,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
-from data import BENCHMARKS, LETTERS, DataError, Sample, benchmark_names, build_messages, load_benchmark
+from data import BENCHMARKS, LETTERS, DataError, Sample, benchmark_names, build_messages, load_benchmark, question_text
 from judge_prompts import TRUNCATED, cap, neutralise  # noqa: F401  (TRUNCATED: re-exported for callers)
 from rewards import run_sync
 
@@ -130,14 +131,29 @@ def generations_path(output_dir: str | Path, name: str) -> Path:
 
 
 def read_jsonl(path: str | Path, *, repair: bool = False) -> dict[str, dict]:
-    """The records of a results file by id (a repeated id: the last line wins). A torn last line (a
-    killed run was writing it) is skipped; with `repair` (the stage about to append to this file)
-    it is also cut off the file, so appending goes on from a clean line end. Any other bad line
-    raises ValueError naming the file and line."""
+    """The records of a results file by id (a repeated id: the last line wins); see `jsonl_lines`."""
+    out: dict[str, dict] = {}
+    for n, rec in jsonl_lines(path, repair=repair):
+        if "id" not in rec:
+            raise ResultsError(f"{path}:{n}: a results line needs an 'id'")
+        out[str(rec["id"])] = rec
+    return out
+
+
+def jsonl_lines(path: str | Path, *, repair: bool = False) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of a results file (none when it does not exist). A torn last line (a
+    killed run was writing it) is skipped; with `repair` (the stage about to append to this file) it
+    is also cut off the file, so appending goes on from a clean line end. Any other bad line raises
+    ResultsError naming the file and line."""
     path = Path(path)
     if not path.is_file():
-        return {}
+        return
     data = path.read_bytes()
+    if data and not data.endswith(b"\n") and _is_json(data[data.rfind(b"\n") + 1 :]):
+        data += b"\n"  # a complete last line without its newline (written by hand): kept
+        if repair:
+            with open(path, "ab") as f:
+                f.write(b"\n")
     if data and not data.endswith(b"\n"):
         keep = data.rfind(b"\n") + 1
         logger.warning("%s: %s a torn last line (%d bytes) left by a killed run", path, "cut" if repair else "skipped", len(data) - keep)
@@ -145,7 +161,6 @@ def read_jsonl(path: str | Path, *, repair: bool = False) -> dict[str, dict]:
             with open(path, "r+b") as f:
                 f.truncate(keep)
         data = data[:keep]
-    out: dict[str, dict] = {}
     for n, line in enumerate(data.decode("utf-8").split("\n"), 1):
         if not line.strip():
             continue
@@ -153,10 +168,17 @@ def read_jsonl(path: str | Path, *, repair: bool = False) -> dict[str, dict]:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise ResultsError(f"{path}:{n}: not JSON: {e}") from None
-        if not isinstance(rec, dict) or "id" not in rec:
-            raise ResultsError(f"{path}:{n}: a results line needs an 'id'")
-        out[str(rec["id"])] = rec
-    return out
+        if not isinstance(rec, dict):
+            raise ResultsError(f"{path}:{n}: a results line is a JSON object")
+        yield n, rec
+
+
+def _is_json(raw: bytes) -> bool:
+    try:
+        json.loads(raw)
+        return True
+    except ValueError:
+        return False
 
 
 class _Appender:
@@ -192,14 +214,6 @@ def _is_url(s: str | None) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # Stage 1: generate
-
-
-def question_text(sample: Sample) -> str:
-    """What the policy is asked (without the format instruction): the question, MCQ options as "A. ..."."""
-    text = sample.question
-    if sample.choices:
-        text += "\n" + "\n".join(f"{chr(65 + i)}. {c}" for i, c in enumerate(sample.choices))
-    return text
 
 
 def _image_data_url(image) -> str:
@@ -747,25 +761,13 @@ def judged_path(output_dir: str | Path, name: str) -> Path:
 
 def read_judged(path: str | Path, name: str) -> BenchmarkScore:
     """Score one benchmark's judged JSONL file. Each line: at least `id` and `score` (0/1, or 0-5
-    for the MIMIC tasks; `null` = the judge failed, counted as wrong). A torn last line (a killed
-    run) is skipped with a warning; any other bad line raises ValueError naming file and line."""
+    for the MIMIC tasks; `null` = the judge failed, counted as wrong), read by `jsonl_lines`."""
     b = BENCHMARKS[name]
     rubric = b.kind == "report"
-    path = Path(path)
-    lines = path.read_text(encoding="utf-8").split("\n")
     scores: dict[str, float | None] = {}
     duplicates = 0
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == len(lines):  # no newline after it: the line a killed run was writing
-                logger.warning("%s:%d: skipped a torn last line (%s)", path, n, e)
-                continue
-            raise ResultsError(f"{path}:{n}: not JSON: {e}") from None
-        if not isinstance(rec, dict) or "id" not in rec or "score" not in rec:
+    for n, rec in jsonl_lines(path):
+        if "id" not in rec or "score" not in rec:
             raise ResultsError(f"{path}:{n}: a judged line needs 'id' and 'score'")
         s = rec["score"]
         if s is not None:

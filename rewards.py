@@ -508,19 +508,15 @@ class OpenAIJudge:
         urls: str | Sequence[str],
         model: str | None = None,
         *,
-        concurrency: int = 64,
-        timeout: float = 30.0,
-        retries: int = 2,
-        backoff: float = 0.5,
-        api_key_env: str = "JUDGE_API_KEY",
         structured: bool | None = None,
         template: str = "default",
         max_tokens: int = 4,
         cache_size: int = 100_000,
+        **transport,  # ChatClient's: concurrency, timeout, retries, backoff, api_key_env
     ):
         if template not in ("default", "medix-r1"):
             raise ValueError(f"unknown judge template {template!r}")
-        self.client = ChatClient(urls, model, concurrency=concurrency, timeout=timeout, retries=retries, backoff=backoff, api_key_env=api_key_env)
+        self.client = ChatClient(urls, model, **transport)
         self.template = template
         structured = template == "default" if structured is None else structured
         # The released request: temperature 0, 4 tokens, thinking off (Qwen3 templates read the flag).

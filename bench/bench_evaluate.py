@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,18 +112,8 @@ def main() -> None:
 
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TQDM_DISABLE", "1")  # the stage's progress bars: not part of the measurement's output
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--latency", str(args.latency)])
-    url = f"http://127.0.0.1:{port}/v1"
+    server, url = BR.start_endpoint(__file__, args.latency)
     try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(url + "/models", timeout=1).read()
-                break
-            except OSError:
-                time.sleep(0.1)
         gens = generations(args.samples)
         requests = ROUNDS * len(gens)
         with tempfile.TemporaryDirectory() as tmp:

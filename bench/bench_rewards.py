@@ -213,6 +213,23 @@ def embedding_throughput(completions, answers, threads: int) -> dict:
             "load_seconds": load_s, "torch_threads": threads}
 
 
+def start_endpoint(script: str, latency: float):
+    """Run `script --serve PORT --latency L` (a fake endpoint) in its own process; returns it and its
+    base URL once it answers (a process of its own, so its CPU use is not the client's)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, script, "--serve", str(port), "--latency", str(latency)])
+    url = f"http://127.0.0.1:{port}/v1"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url + "/models", timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    return server, url
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--prompts", type=int, default=512)
@@ -229,18 +246,8 @@ def main() -> None:
     if args.serve:
         return serve(args.serve, args.latency)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--latency", str(args.latency)])
-    url = f"http://127.0.0.1:{port}/v1"
+    server, url = start_endpoint(__file__, args.latency)
     try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(url + "/models", timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
         completions, answers, modalities = make_batch(args.prompts, args.group)
         ours(url, completions[:50], answers[:50], modalities[:50], 8)  # warm-up: imports, first connections
 

@@ -17,6 +17,7 @@ Importable by tests and by bench/ scripts (`from tests.kit import ...`). Everyth
   transformers' (vLLM then normalises pixels itself; rollout.VLLMRollout does this for you).
 - `slake_images()`: paths of real medical JPEGs (SLAKE) from the shared data folder, for image prompts.
 - `vllm_cpu_env()`, `free_vllm(llm)`: the environment for an in-process vLLM on these CPUs; shutting one down.
+- `serve_app(app)`: an aiohttp application served on 127.0.0.1 from a thread (the fake endpoints).
 """
 from __future__ import annotations
 
@@ -329,3 +330,26 @@ def free_vllm(llm) -> None:
     destroy_model_parallel()
     destroy_distributed_environment()
     gc.collect()
+
+
+@contextmanager
+def serve_app(app):
+    """Serve an aiohttp `web.Application` on 127.0.0.1 from a thread; yields its base URL (fake endpoints)."""
+    import asyncio
+    import threading
+
+    from aiohttp import web
+
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app, access_log=None)
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

@@ -18,7 +18,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,7 +27,7 @@ from aiohttp import web
 
 import evaluate as E
 from data import load_benchmark
-from tests.kit import REPO, SHARED_DATA
+from tests.kit import REPO, SHARED_DATA, serve_app
 from tests.test_judge_vllm import vllm_url  # noqa: F401  (the module-scoped SmolLM2 server fixture, reused)
 
 
@@ -106,19 +105,9 @@ def serve_forever(port: int, delay: float) -> None:
 @pytest.fixture(scope="module")
 def fake():
     server = FakeOpenAI()
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(server.app(), access_log=None)
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = site._server.sockets[0].getsockname()[1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    server.url = f"http://127.0.0.1:{port}/v1"
-    yield server
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    with serve_app(server.app()) as base:
+        server.url = f"{base}/v1"
+        yield server
 
 
 @pytest.fixture(autouse=True)

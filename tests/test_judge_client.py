@@ -8,7 +8,6 @@ that is not YES/NO), strict (400 when the body has vLLM's `structured_outputs`).
 import asyncio
 import json
 import logging
-import threading
 import time
 from collections import Counter
 
@@ -17,6 +16,7 @@ from aiohttp import web
 
 import judge_prompts as jp
 import rewards as R
+from tests.kit import serve_app
 
 
 class FaultServer:
@@ -81,19 +81,9 @@ def server():
     app = web.Application()
     app.router.add_get("/{mode}/v1/models", fs.models)
     app.router.add_post("/{mode}/v1/chat/completions", fs.chat)
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(app)
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = site._server.sockets[0].getsockname()[1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    fs.url = lambda mode: f"http://127.0.0.1:{port}/{mode}/v1"
-    yield fs
-    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    with serve_app(app) as base:
+        fs.url = lambda mode: f"{base}/{mode}/v1"
+        yield fs
 
 
 @pytest.fixture(autouse=True)
