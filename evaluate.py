@@ -63,7 +63,7 @@ class EvalConfig:
     think_tag: str = field(default="think", metadata={"help": "The reasoning tag named by the format instruction (thinking: the released models)."})
     system_prompt: str | None = field(default=None, metadata={"help": "An optional system turn (the released $SYSTEM_PROMPT)."})
     batch_size: int = field(default=64, metadata={"help": "In-process engines: prompts (stage 1) or judge conversations (stage 2) per batch."})
-    max_model_len: int | None = field(default=None, metadata={"help": "In-process vLLM: context length (None: the model's)."})
+    max_model_len: int | None = field(default=None, metadata={"help": "In-process vLLM: context length (None: 4096 for the policy, the model's own for a local judge)."})
     seed: int = field(default=0, metadata={"help": "In-process vLLM engine seed (greedy decoding does not use it)."})
     gpu_memory_utilization: float = field(default=0.85, metadata={"help": "In-process vLLM on a GPU: the share of its memory the engine takes."})
     model_api_key_env: str = field(default="MODEL_API_KEY", metadata={"help": "Env variable holding the --model_url API key (never logged)."})
