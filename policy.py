@@ -139,7 +139,8 @@ def _blank_image(model, on: bool):
         kwargs["inputs_embeds"] = embeds + 0.0 * _dummy_vision(model).to(embeds.dtype)
         return args, kwargs
 
-    handle = model.model.language_model.register_forward_pre_hook(add_blank, with_kwargs=True)
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model: the one it wraps
+    handle = hf.model.language_model.register_forward_pre_hook(add_blank, with_kwargs=True)
     try:
         yield
     finally:

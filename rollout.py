@@ -114,16 +114,79 @@ def full_parameters(model: torch.nn.Module, dtype: torch.dtype | None = None) ->
     (DTensor) at a time so no device ever holds a second full copy of the model (vLLM issue 15254).
     The gather is a collective: every rank must consume this iterator in the same order. vLLM's
     `reload_weights` consumes it lazily and holds at most one layer's tensors before processing them.
-    With `dtype`, each tensor is cast after the gather (bf16 copies of float32 master weights)."""
+    With `dtype`, each tensor is cast after the gather (bf16 copies of float32 master weights).
+
+    A peft LoRA model streams merged weights under the base model's names: each LoRA-wrapped linear
+    layer's `weight` is base + scaling x B @ A (computed in float32), its adapter matrices are not
+    sent, and peft's `base_model.model.` prefix and `.base_layer` infix are dropped (`merged_parameters`)."""
+    if _lora_layers(model):
+        yield from merged_parameters(model, dtype)
+        return
+    for name, param in model.named_parameters():
+        yield _hf_name(name), _cast(_full(param), dtype)  # the engine's (compute) dtype
+
+
+def merged_parameters(model: torch.nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """`full_parameters` of a peft LoRA model: the model with its active adapters merged, one full tensor at
+    a time, in the base model's Hugging Face naming (what vLLM and `from_pretrained` expect)."""
+    layers = _lora_layers(model)
+    adapter_params = {f"{name}.{p}" for name, layer in layers.items() for p, _ in layer.named_parameters() if not p.startswith("base_layer.")}
+    for name, param in model.named_parameters():
+        if name in adapter_params:
+            continue  # folded into its layer's base weight below
+        owner, _, leaf = name.rpartition(".")
+        layer = layers.get(owner.removesuffix(".base_layer")) if owner.endswith(".base_layer") and leaf == "weight" else None
+        tensor = _full(param) if layer is None else merged_weight(layer, _full(param))
+        yield base_name(name), _cast(tensor, dtype)
+
+
+def merged_weight(layer, weight: torch.Tensor, lora_weights=None) -> torch.Tensor:
+    """A LoRA linear layer's merged weight: base + sum over its active adapters of scaling x B @ A, in float32
+    (then the base's dtype). `lora_weights(adapter) -> (A, B)`; by default the layer's own, gathered whole
+    under FSDP2 (collectives, in the same order on every rank)."""
+    if getattr(layer, "disable_adapters", False):
+        return weight
+    out = weight.float()
+    for adapter in layer.active_adapters:
+        if adapter not in layer.lora_A or adapter in getattr(layer, "merged_adapters", ()):
+            continue
+        a, b = lora_weights(adapter) if lora_weights else (_full(layer.lora_A[adapter].weight), _full(layer.lora_B[adapter].weight))
+        delta = b.float() @ a.float()
+        out = out + layer.scaling[adapter] * (delta.T if getattr(layer, "fan_in_fan_out", False) else delta)
+    return out.to(weight.dtype)
+
+
+def base_name(name: str) -> str:
+    """A peft model's parameter name as the base model's (Hugging Face) name: wrapper prefixes, peft's
+    `base_model.model.` and the `.base_layer` infix of wrapped layers dropped."""
+    name = _hf_name(name).removeprefix("base_model.model.")
+    return name.replace(".base_layer.", ".")
+
+
+def _lora_layers(model: torch.nn.Module) -> dict:
+    """peft's LoRA layers of `model` by module name ({} for a model without adapters); found by their
+    attributes, so this file does not import peft."""
+    if not hasattr(model, "peft_config"):
+        return {}
+    return {name: m for name, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer") and hasattr(m, "scaling")}
+
+
+def _full(param: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter (an FSDP2 DTensor gathered: a collective)."""
+    tensor = param.detach()
+    return tensor.full_tensor() if _is_dtensor(tensor) else tensor
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor if dtype is None else tensor.to(dtype)
+
+
+def _is_dtensor(tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch without distributed
-        DTensor = ()
-    for name, param in model.named_parameters():
-        tensor = param.detach()
-        if isinstance(tensor, DTensor):
-            tensor = tensor.full_tensor()
-        yield _hf_name(name), tensor if dtype is None else tensor.to(dtype)  # the engine's (compute) dtype
+        return False
+    return isinstance(tensor, DTensor)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -49,6 +49,12 @@ class Config:
     master_dtype: str = field(default="float32", metadata={"help": "What the optimiser updates (master weights and AdamW state): float32 | bfloat16."})
     min_pixels: int = field(default=262144, metadata={"help": "Smallest image size in pixels after the processor's resize (trainer and engine; the release's)."})
     max_pixels: int = field(default=4194304, metadata={"help": "Largest image size in pixels after the processor's resize (trainer and engine; the release's)."})
+    # -- LoRA (peft; TRL's names)
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of every weight; the engine gets the merged weights at each sync; checkpoints hold the adapter (adapter/) and, at the end, the merged model."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha: the update is scaled by lora_alpha / lora_r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch's input while training (the rollout engine and the sync probe run without)."})
+    lora_target_modules: list[str] = field(default_factory=list, metadata={"help": "Module names (or suffixes) that get adapters; none or all-linear: every linear layer but the output head. The vision tower's only when --freeze_vision is off."})
     # -- rollout
     engine: str = field(default="vllm", metadata={"help": "Rollout engine: vllm (colocated, sleep mode on GPU) | hf (transformers generate)."})
     prompts_per_step: int = field(default=8, metadata={"help": "Prompts per rollout batch on each process (released: 512 over 8 GPUs)."})
@@ -625,14 +631,17 @@ def setup(cfg, reward_fn=None) -> Run:
     labels = [s.answer.strip().lower() for s in samples] if cfg.balance_labels else None
     run.sampler = PromptSampler(len(samples), cfg.seed, *dp_rank(cfg, run), labels)
 
-    run.model, run.processor = load_policy(cfg, str(last) if cfg.resume and last else cfg.model)
+    if cfg.use_peft:  # LoRA resumes from the base model and the checkpoint's adapter
+        run.model, run.processor = load_policy(cfg, cfg.model, adapter=str(last / "adapter") if cfg.resume and last else None)
+    else:
+        run.model, run.processor = load_policy(cfg, str(last) if cfg.resume and last else cfg.model)
     if cfg.engine == "hf" and run.world > 1 and any(s.images for s in samples):
         # transformers' generate runs the sharded vision tower only on ranks whose prompts have images.
         raise SystemExit("engine=hf with several processes takes text-only data (use --text_only or --engine vllm)")
     run.tokenizer = getattr(run.processor, "tokenizer", run.processor)
     run.ref_model = None
     if cfg.beta > 0:  # the frozen reference exists only when the KL term is on
-        run.ref_model, _ = load_policy(cfg, cfg.model)
+        run.ref_model, _ = load_policy(cfg, cfg.model, lora=False)
         run.ref_model.requires_grad_(False).eval()
     run.compute_dtype = getattr(torch, policy_dtype(cfg))
     if run.compute_dtype == torch.float32 and cfg.master_dtype != "float32":
@@ -684,8 +693,11 @@ def check_sync(step: int, cfg, run) -> float:
     p = run.probe
     (engine,) = run.engine.score([p["prompt_ids"]], [p["completion_ids"]])
     ids = torch.tensor([p["prompt_ids"] + p["completion_ids"]], device=run.device)
+    training = run.model.training
+    run.model.eval()  # as the engine: no (LoRA) dropout
     with torch.no_grad(), compute_precision(run):
         logits = run.model(input_ids=ids, use_cache=False).logits[0, len(p["prompt_ids"]) - 1 : -1].float()
+    run.model.train(training)
     trainer = torch.log_softmax(logits, -1).gather(-1, ids[0, len(p["prompt_ids"]) :, None])[:, 0]
     if hasattr(run.model, "reshard"):  # FSDP2 keeps the root's parameters gathered after a forward without backward
         run.model.reshard()
@@ -700,8 +712,9 @@ def check_sync(step: int, cfg, run) -> float:
     return diff
 
 
-def load_policy(cfg, path: str):
-    """A Qwen-VL (image-text-to-text) or a causal LM, and its processor or tokenizer."""
+def load_policy(cfg, path: str, adapter: str | None = None, *, lora: bool | None = None):
+    """A Qwen-VL (image-text-to-text) or a causal LM, and its processor or tokenizer; with LoRA
+    (`cfg.use_peft`, unless `lora` says otherwise) wrapped by peft, with the adapter at `adapter` or a new one."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     on_gpu = torch.cuda.is_available()
@@ -721,7 +734,29 @@ def load_policy(cfg, path: str):
                 p.requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.use_peft if lora is None else lora:
+        model = add_lora(cfg, model, is_vlm, adapter)
     return model, processor
+
+
+VISION_MODULES = r"(.*\.)?visual\..*"  # the vision tower and its merger (Qwen-VL), as peft's exclude_modules regex
+
+
+def add_lora(cfg, model, is_vlm: bool, adapter: str | None = None):
+    """peft's LoRA around `model`: only the adapters train. Targets: `lora_target_modules`, by default every
+    linear layer but the output head (peft's all-linear); the vision tower's only when `freeze_vision` is off.
+    With `adapter` (a checkpoint's adapter/ folder), its saved adapter, trainable, instead of a new one."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    targets = list(cfg.lora_target_modules) or ["all-linear"]
+    config = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        exclude_modules=VISION_MODULES if is_vlm and cfg.freeze_vision else None,
+    )  # fmt: skip
+    return get_peft_model(model, config)
 
 
 def policy_dtype(cfg) -> str:
@@ -901,7 +936,12 @@ def save_checkpoint(cfg, run, step: int) -> Path:
     if run.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        run.model.save_pretrained(tmp, state_dict=state)
+        if cfg.use_peft:  # the adapter (peft keeps its tensors only); at the end, the merged model beside it
+            run.model.save_pretrained(tmp / "adapter", state_dict=state)
+            if step == cfg.steps:
+                run.model.get_base_model().save_pretrained(tmp, state_dict=merged_state_dict(run.model, state))
+        else:
+            run.model.save_pretrained(tmp, state_dict=state)
         run.processor.save_pretrained(tmp)
     barrier(run)
     # The optimiser with torch.distributed.checkpoint: sharded as trained, resharded on load, so a run
@@ -921,6 +961,22 @@ def save_checkpoint(cfg, run, step: int) -> Path:
             for old in done[: -cfg.save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
     barrier(run)
+    return out
+
+
+def merged_state_dict(model, state: dict) -> dict:
+    """A peft LoRA model's full state dict (`get_model_state_dict`) as the base model's, adapters merged
+    (`rollout.merged_weight`: the same weights `rollout.merged_parameters` streams into the engine), under
+    Hugging Face names (`rollout.base_name`), the adapter tensors dropped. No collective: `state` is whole."""
+    layers = rollout._lora_layers(model)
+    out = {}
+    for key, value in state.items():
+        if any(key.startswith(f"{n}.lora_") for n in layers):
+            continue  # folded into its layer's weight
+        name = key.removesuffix(".base_layer.weight")
+        if name != key and name in layers:
+            value = rollout.merged_weight(layers[name], value, lambda a, n=name: (state[f"{n}.lora_A.{a}.weight"], state[f"{n}.lora_B.{a}.weight"]))
+        out[rollout.base_name(key)] = value
     return out
 
 
@@ -1208,6 +1264,9 @@ def truncate_log(path: Path, step: int) -> None:
             break
         if rec["step"] <= step:
             keep.append(line)
+    logged = [json.loads(x)["step"] for x in keep]
+    if step and (not logged or max(logged) < step):  # e.g. a torn line of a step that has its checkpoint
+        print(f"warning: {path} has no line for steps {max(logged, default=0) + 1}-{step}: their metrics are lost")
     path.write_text("".join(x + "\n" for x in keep))
 
 
@@ -1231,7 +1290,6 @@ TRL_NAMES = {
 TRL_REFUSED = {
     "gradient_accumulation_steps": "does not map: a rollout batch (prompts_per_step x group_size sequences) is split into "
     "--mini_batches optimiser steps of --micro_batch_size sequences per forward/backward; accumulation follows from those",
-    "use_peft": "LoRA is not implemented yet (full fine-tuning only)",
 }
 _BOOL = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
@@ -1337,7 +1395,7 @@ _AT_LEAST = {
     "save_every": 1, "save_total_limit": 0, "log_samples_every": 0, "warm_start_steps": 0, "warm_start_batch_size": 1,
     "warmup_steps": 0, "judge_concurrency": 1, "judge_retries": 0, "judge_failure_steps": 1, "min_pixels": 1,
     "beta": 0.0, "clip_low": 0.0, "clip_high": 0.0, "tis_cap": 0.0, "weight_decay": 0.0, "sync_probe_max": 0.0,
-    "eval_every": 0, "eval_limit": 0,
+    "eval_every": 0, "eval_limit": 0, "lora_r": 1, "lora_dropout": 0.0,
 }  # fmt: skip
 
 
@@ -1357,7 +1415,7 @@ def check_config(cfg: Config, *, custom_reward: bool = False) -> None:
         if not getattr(cfg, name) >= low:  # also NaN
             why = " (a group of one has no advantage)" if name == "group_size" else ""
             _cli_error(f"--{name} must be at least {low}{why}, not {getattr(cfg, name)}")
-    for name in ("lr", "temperature", "max_grad_norm", "judge_timeout"):
+    for name in ("lr", "temperature", "max_grad_norm", "judge_timeout", "lora_alpha"):
         if not getattr(cfg, name) > 0:
             _cli_error(f"--{name} must be above 0, not {getattr(cfg, name)}")
     for name in ("top_p", "gpu_memory_utilization", "judge_failure_max"):
@@ -1369,6 +1427,10 @@ def check_config(cfg: Config, *, custom_reward: bool = False) -> None:
         _cli_error(f"--max_pixels {cfg.max_pixels} is below --min_pixels {cfg.min_pixels}")
     if cfg.dtype == "float32" and cfg.master_dtype != "float32":
         _cli_error("--dtype float32 needs --master_dtype float32 (master weights are at least as precise as the compute)")
+    if cfg.use_peft and importlib.util.find_spec("peft") is None:
+        _cli_error("--use_peft needs the peft package (pip install 'peft>=0.21.2')")
+    if not cfg.lora_dropout < 1:
+        _cli_error(f"--lora_dropout must be below 1, not {cfg.lora_dropout}")
     if not cfg.think_tag.strip():
         _cli_error("--think_tag must not be empty")
     if cfg.filter_key not in REWARD_KEYS and not custom_reward:

@@ -102,17 +102,26 @@ def main():
     ap.add_argument("--n_val", type=int, default=48)
     ap.add_argument("--test_limit", type=int, default=500)
     ap.add_argument("--warm_start_steps", type=int, default=8)
+    ap.add_argument("--keep_warm", action="store_true", help="reuse the data and warm start of the last run")
     args = ap.parse_args()
     import shutil
 
     import train_grpo
 
-    shutil.rmtree(OUT, ignore_errors=True)
-    OUT.mkdir(parents=True)
     t0 = time.perf_counter()
     base = str(smollm2_dir())
-    train, val_root = write_data(args.n_val)
-    warm = str(warm_start(base, train, args.warm_start_steps))
+    warm = OUT / "warm" / "checkpoint-0"
+    if args.keep_warm and warm.is_dir():
+        for old in OUT.iterdir():
+            if old.name not in ("warm", "train.jsonl", "val_data"):
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+        train, val_root = OUT / "train.jsonl", OUT / "val_data"
+    else:
+        shutil.rmtree(OUT, ignore_errors=True)
+        OUT.mkdir(parents=True)
+        train, val_root = write_data(args.n_val)
+        warm = warm_start(base, train, args.warm_start_steps)
+    warm = str(warm)
     summary = {"settings": vars(args), "warm_start_minutes": (time.perf_counter() - t0) / 60, "runs": {}}
     for seed in args.seeds:
         out = OUT / f"grpo-seed{seed}"

@@ -1,5 +1,6 @@
 """Run by tests/test_train_fsdp.py under `torchrun --nproc_per_node 2` (gloo, CPU): two GRPO steps
-with FSDP2 really applied, then checks written to OUT/rank{r}.json for the test to assert on."""
+with FSDP2 really applied (LoRA adapters with a third argument `lora`), then checks written to
+OUT/rank{r}.json for the test to assert on."""
 import json
 import sys
 from pathlib import Path
@@ -15,10 +16,10 @@ from tests.test_train_grpo import toy_reward, write_data  # noqa: E402
 from tests.kit import tiny_text_dir  # noqa: E402
 
 
-def main(out: Path, engine: str):
-    cfg = train_grpo.Config(
+def main(out: Path, engine: str, lora: bool = False):
+    cfg = train_grpo.Config(use_peft=lora, lr=1e-2 if lora else 1e-3,
         model=str(tiny_text_dir("qwen2")), data=str(out / "train.jsonl"), output_dir=str(out / "run"), engine=engine,
-        prompts_per_step=2, group_size=4, max_completion_length=10, steps=2, lr=1e-3, micro_batch_size=4,
+        prompts_per_step=2, group_size=4, max_completion_length=10, steps=2, micro_batch_size=4,
         online_filter=False, save_every=2, log_samples_every=0, seed=1, gpu_memory_utilization=0.3, enforce_eager=True,
     )  # fmt: skip
     run = train_grpo.setup(cfg, toy_reward)
@@ -67,4 +68,4 @@ def main(out: Path, engine: str):
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2])
+    main(Path(sys.argv[1]), sys.argv[2], lora=sys.argv[3:] == ["lora"])

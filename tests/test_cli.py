@@ -59,7 +59,7 @@ def _case(name: str, tmp_path) -> tuple[list[str], str]:
         "missing data": (["--model", model, "--data", str(tmp_path / "nope.jsonl")], "nope.jsonl: no such file or folder"),
         "missing relative data": (["--model", model, "--data", "nodir/train.jsonl"], "--data nodir/train.jsonl: no such file or folder"),
         "unknown tracker": (ok + ["--report_to", "neptune"], "--report_to neptune: unknown tracker"),
-        "--use_peft": (ok + ["--use_peft"], "--use_peft: LoRA is not implemented yet"),
+        "lora_r 0": (ok + ["--use_peft", "--lora_r", "0"], "--lora_r must be at least 1"),
         "--gradient_accumulation_steps": (ok + ["--gradient_accumulation_steps", "4"], "--gradient_accumulation_steps: does not map"),
         "--bf16 with a bad value": (ok + ["--bf16=maybe"], "--bf16 takes true or false, not 'maybe'"),
     }
@@ -72,7 +72,7 @@ CASES = [
     "bad importance_level", "bad scale_rewards", "bad on_judge_failure", "bad reward_preset", "unknown filter_key",
     "group_size 0", "group_size 1", "steps -1", "prompts_per_step 0", "micro_batch_size 0", "save_every 0", "eval_limit -1",
     "temperature 0", "top_p 2", "filter bounds", "nonexistent local model", "relative local model", "missing data",
-    "missing relative data", "unknown tracker", "--use_peft", "--gradient_accumulation_steps", "--bf16 with a bad value",
+    "missing relative data", "unknown tracker", "lora_r 0", "--gradient_accumulation_steps", "--bf16 with a bad value",
 ]  # fmt: skip
 
 
@@ -95,7 +95,7 @@ def test_user_error_stops_in_one_line_in_process(tmp_path, name):
 
 
 CLI_CASES = ["unknown flag", "--config without a value", "malformed YAML", "unknown YAML key", "bad engine", "group_size 0",
-             "steps -1", "prompts_per_step 0", "nonexistent local model", "missing data", "unknown filter_key", "--use_peft"]  # fmt: skip
+             "steps -1", "prompts_per_step 0", "nonexistent local model", "missing data", "unknown filter_key", "lora_r 0"]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", CLI_CASES)
@@ -161,9 +161,9 @@ def test_trl_names_in_yaml_and_the_equals_form_of_config(tmp_path):
     (tmp_path / "trl.yaml").write_text("num_generations: 6\nlearning_rate: 2.0e-6\nbf16: true\nepsilon_high: 0.28\nmax_steps: 4\n")
     cfg = train_grpo.parse_config(_ok(tmp_path) + [f"--config={tmp_path / 'trl.yaml'}", "--max_steps", "5"])
     assert (cfg.group_size, cfg.lr, cfg.dtype, cfg.clip_high, cfg.steps) == (6, 2e-6, "bfloat16", 0.28, 5)  # the flag wins
-    (tmp_path / "peft.yaml").write_text("use_peft: true\n")
-    with pytest.raises(SystemExit, match="use_peft: LoRA is not implemented yet"):
-        train_grpo.parse_config(_ok(tmp_path) + ["--config", str(tmp_path / "peft.yaml")])
+    (tmp_path / "peft.yaml").write_text("use_peft: true\nlora_r: 8\n")  # TRL's LoRA keys (tests/test_lora.py trains with them)
+    cfg = train_grpo.parse_config(_ok(tmp_path) + ["--config", str(tmp_path / "peft.yaml")])
+    assert cfg.use_peft and cfg.lora_r == 8
 
 
 def test_readme_table_lists_every_trl_name():
