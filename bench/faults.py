@@ -696,11 +696,13 @@ def main(argv=None) -> int:
         rows.append(row)
         row.trial(nan_trial, work / "train")
 
-        # 2. kill -9 in training: an uninterrupted reference first (in process, same settings)
+        # 2. kill -9 in training: an uninterrupted reference first, run as the trials are (a child
+        # process: in this one, earlier trials and the caller's environment can change thread counts,
+        # and with them float reduction orders: 3e-5 apart after 4 steps, seen under pytest)
         import train_grpo
 
         ref_cfg = train_config(work / "train", "reference")
-        train_grpo.main(ref_cfg, reward_fn=toy_reward)
+        run([sys.executable, str(Path(__file__).resolve()), "--train-child"] + flags(ref_cfg))
         ref_dir = Path(ref_cfg.output_dir)
         ref = weights(ref_dir / "checkpoint-4")
         ref_rewards = [x["reward_total"] for x in train_grpo.read_log(ref_dir / "log.jsonl")]
