@@ -598,12 +598,7 @@ def test_a_benchmark_outside_the_published_table_is_scored_with_empty_paper_colu
 # ---------------------------------------------------------------------------------------------
 # Chat control tokens never reach a judge verbatim (the evaluation judge and the reward judge)
 
-CONTROL_TOKENS = [
-    "<|im_start|>", "<|im_end|>", "[INST]", "[/INST]", "<<SYS>>", "<</SYS>>", "<|begin_of_text|>", "<|start_header_id|>",
-    "<|end_header_id|>", "<|eot_id|>", "<start_of_turn>", "<end_of_turn>", "<|user|>", "<|assistant|>", "<|end|>",
-    "<|system|>", "<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>", "<|endoftext|>",
-    "</s>", "<s>",
-]  # fmt: skip
+from tests.test_judge_prompts import CONTROL_TOKENS  # noqa: E402 - one list of the templates' tokens
 
 
 def _attack(token: str) -> str:
