@@ -123,7 +123,7 @@ def full_parameters(model: torch.nn.Module, dtype: torch.dtype | None = None) ->
         yield from merged_parameters(model, dtype)
         return
     for name, param in model.named_parameters():
-        yield _hf_name(name), _cast(_full(param), dtype)  # the engine's (compute) dtype
+        yield _hf_name(name), _full(_cast(param.detach(), dtype))  # cast the shard, then gather: half the traffic in bf16
 
 
 def merged_parameters(model: torch.nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -136,8 +136,10 @@ def merged_parameters(model: torch.nn.Module, dtype: torch.dtype | None = None) 
             continue  # folded into its layer's base weight below
         owner, _, leaf = name.rpartition(".")
         layer = layers.get(owner.removesuffix(".base_layer")) if owner.endswith(".base_layer") and leaf == "weight" else None
-        tensor = _full(param) if layer is None else merged_weight(layer, _full(param))
-        yield base_name(name), _cast(tensor, dtype)
+        if layer is None:  # not LoRA-wrapped: cast the shard, then gather
+            yield base_name(name), _full(_cast(param.detach(), dtype))
+        else:  # merged in float32, then cast
+            yield base_name(name), _cast(merged_weight(layer, _full(param)), dtype)
 
 
 def merged_weight(layer, weight: torch.Tensor, lora_weights=None) -> torch.Tensor:

@@ -460,6 +460,7 @@ def optimise(cfg, run, groups: list[Group]) -> dict:
     weights min(p_trainer / p_engine, cap) are computed once and applied throughout."""
     model = run.model
     rows = [(g, j) for g in groups for j in range(len(g.completions))]
+    valid = [ok for g in groups for ok in g.valid]  # per row: has a total
     N, mb_size = len(rows), max(1, cfg.micro_batch_size)
     per_step = math.ceil(N / cfg.mini_batches)
     recompute = cfg.tis_cap > 0 or cfg.mini_batches * cfg.epochs_per_batch > 1
@@ -485,8 +486,8 @@ def optimise(cfg, run, groups: list[Group]) -> dict:
             idx = range(lo, min(lo + per_step, N))
             # Normalisers of the whole optimiser step over all processes (see grpo_loss); FSDP
             # averages gradients over processes, so each process's share is scaled by world size.
-            n_seq = all_sum(run, sum(rows[i][0].valid[rows[i][1]] for i in idx))
-            n_tok = all_sum(run, sum(len(rows[i][0].completions[rows[i][1]].token_ids) for i in idx if rows[i][0].valid[rows[i][1]]))
+            n_seq = all_sum(run, sum(valid[i] for i in idx))
+            n_tok = all_sum(run, sum(len(rows[i][0].completions[rows[i][1]].token_ids) for i in idx if valid[i]))
             step_loss = 0.0
             for m in range(lo, idx.stop, mb_size):
                 part = rows[m : min(m + mb_size, idx.stop)]
@@ -602,6 +603,7 @@ def setup(cfg, reward_fn=None) -> Run:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    check_config(cfg, custom_reward=reward_fn is not None)  # also for a Config made in Python, not parsed
     run = Run()
     # cpu=True on a machine without CUDA: accelerate then sets up gloo under torchrun (otherwise it
     # silently runs every process as a world of one).
@@ -644,8 +646,6 @@ def setup(cfg, reward_fn=None) -> Run:
         run.ref_model, _ = load_policy(cfg, cfg.model, lora=False)
         run.ref_model.requires_grad_(False).eval()
     run.compute_dtype = getattr(torch, policy_dtype(cfg))
-    if run.compute_dtype == torch.float32 and cfg.master_dtype != "float32":
-        raise SystemExit("dtype float32 needs master_dtype float32 (master weights are at least as precise as the compute)")
     if run.rank == 0:
         print(f"precision: compute {policy_dtype(cfg)}, master weights and optimiser {cfg.master_dtype}")
     if run.world > 1:
@@ -718,8 +718,6 @@ def load_policy(cfg, path: str, adapter: str | None = None, *, lora: bool | None
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
     on_gpu = torch.cuda.is_available()
-    if cfg.master_dtype not in ("float32", "bfloat16"):
-        raise SystemExit(f"master_dtype must be float32 or bfloat16, not {cfg.master_dtype!r}")
     is_vlm = rollout.is_vlm(AutoConfig.from_pretrained(path))
     cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
     # Master weights: the optimiser's copy (float32 as the release; AdamW at lr 1e-6 barely moves bf16 weights).
@@ -760,9 +758,7 @@ def add_lora(cfg, model, is_vlm: bool, adapter: str | None = None):
 
 
 def policy_dtype(cfg) -> str:
-    """The trainer's dtype, which the rollout engine uses too (its log-probs are the old policy's)."""
-    if cfg.dtype not in ("auto", "bfloat16", "float32"):
-        raise ValueError(f"dtype must be auto, bfloat16 or float32, not {cfg.dtype!r}")
+    """The trainer's compute dtype, which the rollout engine uses too (its log-probs are the old policy's)."""
     return ("bfloat16" if torch.cuda.is_available() else "float32") if cfg.dtype == "auto" else cfg.dtype
 
 
@@ -1425,14 +1421,17 @@ def check_config(cfg: Config, *, custom_reward: bool = False) -> None:
         _cli_error(f"--filter_low {cfg.filter_low} must be below --filter_high {cfg.filter_high}")
     if cfg.max_pixels < cfg.min_pixels:
         _cli_error(f"--max_pixels {cfg.max_pixels} is below --min_pixels {cfg.min_pixels}")
-    if cfg.dtype == "float32" and cfg.master_dtype != "float32":
-        _cli_error("--dtype float32 needs --master_dtype float32 (master weights are at least as precise as the compute)")
+    if policy_dtype(cfg) == "float32" and cfg.master_dtype != "float32":  # dtype auto is float32 on a CPU
+        _cli_error(f"--dtype {cfg.dtype} needs --master_dtype float32 (master weights are at least as precise as the compute)")
     if cfg.use_peft and importlib.util.find_spec("peft") is None:
         _cli_error("--use_peft needs the peft package (pip install 'peft>=0.21.2')")
     if not cfg.lora_dropout < 1:
         _cli_error(f"--lora_dropout must be below 1, not {cfg.lora_dropout}")
     if not cfg.think_tag.strip():
         _cli_error("--think_tag must not be empty")
+    if cfg.eval_every and (cfg.engine == "hf" or cfg.tensor_parallel_size > 1) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Only rank 0 validates, and these engines generate collectively across processes.
+        _cli_error("--eval_every with several processes needs --engine vllm and --tensor_parallel_size 1")
     if cfg.filter_key not in REWARD_KEYS and not custom_reward:
         _cli_error(f"--filter_key {cfg.filter_key!r} is not a reward component ({', '.join(REWARD_KEYS)})")
     if not _is_hub_id(cfg.model) and not Path(cfg.model).expanduser().is_dir():
