@@ -109,7 +109,9 @@ def _hf_name(name: str) -> str:
     return name[len("module."):] if name.startswith("module.") else name
 
 
-def full_parameters(model: torch.nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def full_parameters(
+    model: torch.nn.Module, dtype: torch.dtype | None = None, *, changed_only: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, full tensor) for every parameter, in Hugging Face naming, gathering one FSDP2 shard
     (DTensor) at a time so no device ever holds a second full copy of the model (vLLM issue 15254).
     The gather is a collective: every rank must consume this iterator in the same order. vLLM's
@@ -118,28 +120,71 @@ def full_parameters(model: torch.nn.Module, dtype: torch.dtype | None = None) ->
 
     A peft LoRA model streams merged weights under the base model's names: each LoRA-wrapped linear
     layer's `weight` is base + scaling x B @ A (computed in float32), its adapter matrices are not
-    sent, and peft's `base_model.model.` prefix and `.base_layer` infix are dropped (`merged_parameters`)."""
+    sent, and peft's `base_model.model.` prefix and `.base_layer` infix are dropped (`merged_parameters`).
+
+    With `changed_only`, the blocks whose parameters no optimiser step changes are left out
+    (`unchanging_parameters`): for an engine that keeps its weights between syncs (`keeps_weights`)
+    and already has them."""
     if _lora_layers(model):
-        yield from merged_parameters(model, dtype)
+        yield from merged_parameters(model, dtype, changed_only=changed_only)
         return
+    skip = unchanging_parameters(model) if changed_only else set()
     for name, param in model.named_parameters():
-        yield _hf_name(name), _full(_cast(param.detach(), dtype))  # cast the shard, then gather: half the traffic in bf16
+        if name not in skip:  # the same names on every rank: the gathers stay paired
+            yield _hf_name(name), _full(_cast(param.detach(), dtype))  # cast the shard, then gather: half the traffic in bf16
 
 
-def merged_parameters(model: torch.nn.Module, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+def merged_parameters(
+    model: torch.nn.Module, dtype: torch.dtype | None = None, *, changed_only: bool = False
+) -> Iterator[tuple[str, torch.Tensor]]:
     """`full_parameters` of a peft LoRA model: the model with its active adapters merged, one full tensor at
     a time, in the base model's Hugging Face naming (what vLLM and `from_pretrained` expect)."""
     layers = _lora_layers(model)
     adapter_params = {f"{name}.{p}" for name, layer in layers.items() for p, _ in layer.named_parameters() if not p.startswith("base_layer.")}
+    skip = unchanging_parameters(model) if changed_only else set()
     for name, param in model.named_parameters():
-        if name in adapter_params:
-            continue  # folded into its layer's base weight below
+        if name in adapter_params or name in skip:
+            continue  # adapters: folded into their layer's base weight below
         owner, _, leaf = name.rpartition(".")
         layer = layers.get(owner.removesuffix(".base_layer")) if owner.endswith(".base_layer") and leaf == "weight" else None
         if layer is None:  # not LoRA-wrapped: cast the shard, then gather
             yield base_name(name), _full(_cast(param.detach(), dtype))
         else:  # merged in float32, then cast
             yield base_name(name), _cast(merged_weight(layer, _full(param)), dtype)
+
+
+def unchanging_parameters(model: torch.nn.Module) -> set[str]:
+    """Names (as `model.named_parameters()` gives them) of the parameters an optimiser step cannot change,
+    which an engine that keeps its weights needs only once.
+
+    A parameter changes when it trains (requires_grad) or is the base weight of a peft LoRA layer (it
+    changes through the merge). Parameters are skipped a whole block at a time: vLLM fuses several
+    Hugging Face tensors into one layer (q/k/v_proj into qkv_proj, gate/up_proj into gate_up_proj, a
+    weight with its bias, a MoE block's experts), and its layerwise reload rebuilds a layer that got
+    some of its tensors but not all from uninitialised memory (`materialize_layer`); one that got none
+    keeps its old tensors. A block is a module of the model's `_no_split_modules` (a decoder layer, a
+    vision block: FSDP2's units too); outside blocks a module's own parameters go together. With
+    requires_grad set per whole module (--freeze_vision freezes all of `visual.`; peft freezes all but
+    its adapters) blocks are all changing or all not; a block with both, as LoRA on q_proj alone makes
+    (its k/v_proj and the biases frozen), is sent whole. requires_grad and the module tree are the same
+    on every rank, so under FSDP2 every rank skips the same gathers, in the same order."""
+    kinds = set(getattr(model, "_no_split_modules", None) or ())
+    # By the class's ancestry: FSDP2 swaps a sharded module's class for a subclass (FSDPQwen2DecoderLayer).
+    blocks = {name for name, m in model.named_modules() if any(c.__name__ in kinds for c in type(m).__mro__)}
+    if not blocks:  # no known boundaries of vLLM's fused layers: send everything
+        return set()
+
+    def unit(name: str) -> str:
+        parts = name.split(".")
+        for i in range(1, len(parts)):
+            if ".".join(parts[:i]) in blocks:
+                return ".".join(parts[:i])
+        return name.rpartition(".")[0]
+
+    lora_bases = {f"{name}.base_layer.weight" for name in _lora_layers(model)}
+    params = list(model.named_parameters())
+    changing = {unit(n) for n, p in params if p.requires_grad or n in lora_bases}
+    return {n for n, _ in params if unit(n) not in changing}
 
 
 def merged_weight(layer, weight: torch.Tensor, lora_weights=None) -> torch.Tensor:
@@ -221,6 +266,9 @@ class HFRollout:
         self.model, self.processor = model.eval(), processor
 
     shares_trainer_model = False
+    # Its weights stay between syncs (with the trainer's own model, update_weights copies nothing anyway):
+    # a sync may send only what changed (full_parameters(..., changed_only=True)).
+    keeps_weights = True
 
     def generate(self, prompts: Sequence[Prompt], n: int = 1, settings: SamplingSettings | None = None) -> list[Completion]:
         from transformers import GenerationConfig
@@ -438,6 +486,13 @@ class VLLMRollout:
         self._wake("kv_cache")
 
     # -- weights --------------------------------------------------------------------------------------
+
+    @property
+    def keeps_weights(self) -> bool:
+        """Whether the engine still holds the last synced weights at the next sync, so that a sync may send
+        only what changed (`full_parameters(..., changed_only=True)`). A level-2 sleep discards them (every
+        sync sends everything); a level-1 sleep offloads and restores them; without sleep mode (CPU) they stay."""
+        return not (self.sleep_mode and self.sleep_level >= 2)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
         """Load the trainer's parameters (Hugging Face names) into the engine in place; returns seconds.

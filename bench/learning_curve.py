@@ -61,22 +61,23 @@ def run(cmd: list[str], log: Path) -> float:
     return time.perf_counter() - t
 
 
-def warm_start(model: str, train: Path, steps: int) -> Path:
+def warm_start(model: str, train: Path, steps: int, out: Path | None = None, balanced: bool = False) -> Path:
     """The supervised warm start alone (train_grpo's), saved as a Hugging Face checkpoint."""
     import train_grpo
 
-    cfg = train_grpo.Config(model=model, data=str(train), output_dir=str(OUT / "warm"), engine="hf", warm_start_steps=steps,
-                            warm_start_batch_size=4, one_shot=True, max_completion_length=96, steps=1, embedder="")  # fmt: skip
+    cfg = train_grpo.Config(model=model, data=str(train), output_dir=str(out or OUT / "warm"), engine="hf", warm_start_steps=steps,
+                            warm_start_batch_size=4, one_shot=True, max_completion_length=96, steps=1, embedder="",
+                            balance_labels=balanced)  # fmt: skip
     r = train_grpo.setup(cfg, reward_fn=lambda c, **k: {"total": [0.0] * len(c)})
     return train_grpo.save_checkpoint(cfg, r, 0)
 
 
-def test_accuracy(name: str, model: str, limit: int) -> dict:
-    out = OUT / "test" / name
+def test_accuracy(name: str, model: str, limit: int, root: Path = OUT) -> dict:
+    out = root / "test" / name
     cmd = [sys.executable, "evaluate.py", "--model", model, "--benchmarks", "PubMedQA", "--data_root", str(SHARED_DATA),
            "--judge", "exact", "--format_prompt", "--one_shot", "--think_tag", "think", "--max_new_tokens", "96",
            "--limit", str(limit), "--output_dir", str(out)]  # fmt: skip
-    seconds = run(cmd, OUT / f"test-{name}.log")
+    seconds = run(cmd, root / f"test-{name}.log")
     judged = [json.loads(x) for x in (out / "judged" / "PubMedQA.jsonl").read_text().splitlines()]
     gens = {r["id"]: r for r in map(json.loads, (out / "generations" / "PubMedQA.jsonl").read_text().splitlines())}
     n = len(judged)
@@ -85,6 +86,77 @@ def test_accuracy(name: str, model: str, limit: int) -> dict:
     return {"accuracy": sum(r["score"] for r in judged) / n, "n": n, "seconds": seconds,
             "answer_shares": {a: answers.count(a) / n for a in (*LABELS, "other")},
             "label_shares": {a: labels.count(a) / n for a in LABELS}}  # fmt: skip
+
+
+def grpo_command(warm: str, train: Path, out: Path, seed: int, args, val_root: Path, extra: tuple[str, ...] = ()) -> list[str]:
+    """The GRPO run of the curve; `extra` flags come last and override (the remedies)."""
+    return [sys.executable, "train_grpo.py", "--model", warm, "--data", str(train), "--output_dir", str(out),
+            "--seed", str(seed), "--steps", str(args.steps), "--engine", "vllm", "--enforce_eager", "--text_only",
+            "--prompts_per_step", "2", "--group_size", "8", "--max_completion_length", "96", "--lr", "3e-5",
+            "--one_shot", "--balance_labels", "--online_filter", "false", "--embedder", "", "--micro_batch_size", "8",
+            "--save_every", str(args.steps), "--log_samples_every", "2", "--eval_every", str(args.eval_every),
+            "--eval_data", "PubMedQA", "--eval_data_root", str(val_root), "--eval_limit", str(args.n_val),
+            "--max_prompt_length", "1536", *extra]  # fmt: skip
+
+
+def run_summary(out: Path, seconds: float, steps: int) -> dict:
+    import train_grpo
+
+    log = train_grpo.read_log(out / "log.jsonl")
+    val = {x["step"]: {k: v for k, v in x.items() if k.startswith("val/")} for x in log if "val/accuracy" in x}
+    for line in (out.parent / f"{out.name}.log").read_text().splitlines():  # step 0 is printed, not logged
+        if line.startswith("validation before training:"):
+            val = {0: dict(kv.split("=") for kv in line.split(":", 1)[1].split()), **val}
+            val[0] = {k: float(v) for k, v in val[0].items()}
+    return {"minutes": seconds / 60, "val": val,
+            "reward_format": [x.get("reward_format") for x in log], "reward_llm": [x.get("reward_llm") for x in log],
+            "entropy": [x.get("entropy") for x in log], "kl": [x.get("kl") for x in log],
+            "checkpoint": str(out / f"checkpoint-{steps}")}  # fmt: skip
+
+
+# Each remedy the literature uses against a policy collapsing onto one answer, one flag set each
+# (seed 0, from the same warm start unless it says otherwise).
+REMEDIES = {
+    "as before": (),
+    "KL to the reference (beta 0.04)": ("--beta", "0.04"),
+    "lower lr (1e-5)": ("--lr", "1e-5"),
+    "larger groups (16)": ("--group_size", "16", "--micro_batch_size", "16"),
+    "label-balanced warm start": (),
+}
+
+
+def remedies(args, base: str, train: Path, val_root: Path) -> None:
+    """One GRPO run per remedy, each tested on the test split; writes remedies/table.md."""
+    root = OUT / "remedies"
+    root.mkdir(exist_ok=True)
+    warm = str(OUT / "warm" / "checkpoint-0")
+    summary = {"settings": vars(args), "runs": {}}
+    rows = ["| remedy | val accuracy (step 0 -> last) | val answers yes / no / maybe | entropy first -> last | test accuracy | 95% interval | test answers yes / no / maybe / other | minutes |",
+            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, extra in REMEDIES.items():
+        slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+        start = warm
+        if name == "label-balanced warm start":
+            start = str(warm_start(base, train, args.warm_start_steps, root / "warm-balanced", balanced=True))
+            summary["warm start balanced"] = test_accuracy("warm-balanced", start, args.test_limit, root)
+        out = root / slug
+        seconds = run(grpo_command(start, train, out, 0, args, val_root, extra), root / f"{slug}.log")
+        r = summary["runs"][name] = run_summary(out, seconds, args.steps)
+        r["test"] = t = test_accuracy(slug, r["checkpoint"], args.test_limit, root)
+        (root / "summary.json").write_text(json.dumps(summary, indent=1))
+        val = list(r["val"].values())
+        lo, hi = wilson(t["accuracy"], t["n"])
+        rows.append(f"| {name} | {val[0]['val/accuracy']:.3f} -> {val[-1]['val/accuracy']:.3f} | "
+                    + " / ".join(f"{val[-1].get(f'val/answer_{a}', 0):.2f}" for a in LABELS)
+                    + f" | {r['entropy'][0]:.2f} -> {r['entropy'][-1]:.2f} | {t['accuracy']:.3f} | {lo:.3f} - {hi:.3f} | "
+                    + " / ".join(f"{t['answer_shares'][a]:.2f}" for a in (*LABELS, "other")) + f" | {r['minutes']:.1f} |")  # fmt: skip
+        (root / "table.md").write_text("\n".join(rows) + "\n")
+    if "warm start balanced" in summary:
+        t = summary["warm start balanced"]
+        rows.append(f"\nThe label-balanced warm start alone: test accuracy {t['accuracy']:.3f}, answers "
+                    + " / ".join(f"{t['answer_shares'][a]:.2f}" for a in (*LABELS, "other")) + ".")
+    (root / "table.md").write_text("\n".join(rows) + "\n")
+    print("\n".join(rows))
 
 
 def wilson(p: float, n: int) -> tuple[float, float]:
@@ -103,14 +175,17 @@ def main():
     ap.add_argument("--test_limit", type=int, default=500)
     ap.add_argument("--warm_start_steps", type=int, default=8)
     ap.add_argument("--keep_warm", action="store_true", help="reuse the data and warm start of the last run")
+    ap.add_argument("--remedies", action="store_true", help="one seed per remedy against collapse (reuses the warm start)")
     args = ap.parse_args()
     import shutil
-
-    import train_grpo
 
     t0 = time.perf_counter()
     base = str(smollm2_dir())
     warm = OUT / "warm" / "checkpoint-0"
+    if args.remedies:
+        if not warm.is_dir():
+            raise SystemExit(f"--remedies reuses the warm start of a full run: {warm} is missing")
+        return remedies(args, base, OUT / "train.jsonl", OUT / "val_data")
     if args.keep_warm and warm.is_dir():
         for old in OUT.iterdir():
             if old.name not in ("warm", "train.jsonl", "val_data"):
@@ -125,18 +200,9 @@ def main():
     summary = {"settings": vars(args), "warm_start_minutes": (time.perf_counter() - t0) / 60, "runs": {}}
     for seed in args.seeds:
         out = OUT / f"grpo-seed{seed}"
-        cmd = [sys.executable, "train_grpo.py", "--model", warm, "--data", str(train), "--output_dir", str(out),
-               "--seed", str(seed), "--steps", str(args.steps), "--engine", "vllm", "--enforce_eager", "--text_only",
-               "--prompts_per_step", "2", "--group_size", "8", "--max_completion_length", "96", "--lr", "3e-5",
-               "--one_shot", "--balance_labels", "--online_filter", "false", "--embedder", "", "--micro_batch_size", "8",
-               "--save_every", str(args.steps), "--log_samples_every", "2", "--eval_every", str(args.eval_every),
-               "--eval_data", "PubMedQA", "--eval_data_root", str(val_root), "--eval_limit", str(args.n_val),
-               "--max_prompt_length", "1536"]  # fmt: skip
-        seconds = run(cmd, OUT / f"grpo-seed{seed}.log")
-        log = train_grpo.read_log(out / "log.jsonl")
-        summary["runs"][seed] = {"minutes": seconds / 60, "val": {x["step"]: {k: v for k, v in x.items() if k.startswith("val/")} for x in log if "val/accuracy" in x},
-                                 "reward_format": [x.get("reward_format") for x in log], "reward_llm": [x.get("reward_llm") for x in log],
-                                 "checkpoint": str(out / f"checkpoint-{args.steps}")}  # fmt: skip
+        cmd = grpo_command(warm, train, out, seed, args, val_root)
+        seconds = run(cmd, OUT / f"{out.name}.log")
+        summary["runs"][seed] = run_summary(out, seconds, args.steps)
         (OUT / "summary.json").write_text(json.dumps(summary, indent=1))
     tests = {"base": test_accuracy("base", base, args.test_limit), "warm start": test_accuracy("warm", warm, args.test_limit)}
     for seed in args.seeds:
