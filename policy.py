@@ -1,6 +1,8 @@
-"""The trainer's forward pass: (prompt + completion) rows laid out as the engines saw them, and the
-per-token log-probs of the completions under the policy.
+"""The trainer's model: loading (a Qwen-VL or a causal LM, LoRA through peft, the vision tower frozen
+or not), FSDP2 sharding, and its forward pass: (prompt + completion) rows laid out as the engines saw
+them, and the per-token log-probs of the completions under the policy.
 
+    model, processor = load_policy(cfg, "Qwen/Qwen2.5-VL-3B-Instruct")
     batch = policy_inputs(processor, prompts, completions)      # prompts: chat messages or their encodings
     logp = completion_logprobs(model, batch, temperature=1.0)   # [B, T], 0 on padding
 
@@ -167,3 +169,70 @@ def _tensors(x) -> Iterator[torch.Tensor]:
     elif isinstance(x, (list, tuple)):
         for v in x:
             yield from _tensors(v)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading, LoRA and sharding
+
+
+def load_policy(cfg, path: str, adapter: str | None = None, *, lora: bool | None = None):
+    """A Qwen-VL (image-text-to-text) or a causal LM, and its processor or tokenizer; with LoRA
+    (`cfg.use_peft`, unless `lora` says otherwise) wrapped by peft, with the adapter at `adapter` or a new one."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    on_gpu = torch.cuda.is_available()
+    vlm = is_vlm(AutoConfig.from_pretrained(path))
+    cls = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
+    # Master weights: the optimiser's copy (float32 as the release; AdamW at lr 1e-6 barely moves bf16 weights).
+    model = cls.from_pretrained(path, dtype=getattr(torch, cfg.master_dtype))
+    pixels = dict(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels) if vlm else {}
+    processor = (AutoProcessor if vlm else AutoTokenizer).from_pretrained(path, **pixels)
+    if on_gpu:
+        model.to(torch.device("cuda", torch.cuda.current_device()))
+    if vlm and cfg.freeze_vision:
+        for name, p in model.named_parameters():
+            if ".visual." in f".{name}" or name.startswith("visual."):
+                p.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.use_peft if lora is None else lora:
+        model = add_lora(cfg, model, vlm, adapter)
+    return model, processor
+
+
+VISION_MODULES = r"(.*\.)?visual\..*"  # the vision tower and its merger (Qwen-VL), as peft's exclude_modules regex
+
+
+def add_lora(cfg, model, vlm: bool, adapter: str | None = None):
+    """peft's LoRA around `model`: only the adapters train. Targets: `lora_target_modules`, by default every
+    linear layer but the output head (peft's all-linear); the vision tower's only when `freeze_vision` is off.
+    With `adapter` (a checkpoint's adapter/ folder), its saved adapter, trainable, instead of a new one."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    targets = list(cfg.lora_target_modules) or ["all-linear"]
+    config = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        exclude_modules=VISION_MODULES if vlm and cfg.freeze_vision else None,
+    )  # fmt: skip
+    return get_peft_model(model, config)
+
+
+def policy_dtype(cfg) -> str:
+    """The trainer's compute dtype, which the rollout engine uses too (its log-probs are the old policy's)."""
+    return ("bfloat16" if torch.cuda.is_available() else "float32") if cfg.dtype == "auto" else cfg.dtype
+
+
+def shard(model, compute_dtype: torch.dtype) -> None:
+    """FSDP2: shard each transformer block, then the root (the same code on GPU and CPU/gloo); blocks
+    compute in `compute_dtype` over the master weights and reduce gradients in float32 (as verl)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)

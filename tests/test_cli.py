@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import evaluate
+import grpo_config
 import train_grpo
 from tests.kit import REPO, tiny_text_dir
 from tests.test_evaluate_cli import error_lines
@@ -168,7 +169,7 @@ def test_trl_names_in_yaml_and_the_equals_form_of_config(tmp_path):
 
 def test_readme_table_lists_every_trl_name():
     text = (REPO / "README.md").read_text()
-    for name in [*train_grpo.TRL_NAMES, *train_grpo.TRL_REFUSED, "bf16", "run_name", "report_to", "save_total_limit", "beta"]:
+    for name in [*grpo_config.TRL_NAMES, *grpo_config.TRL_REFUSED, "bf16", "run_name", "report_to", "save_total_limit", "beta"]:
         assert f"`{name}`" in text, name
 
 
