@@ -14,6 +14,7 @@ loaded again (TRL issue 5312). The trainer's own forward pass over the same toke
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -144,7 +145,7 @@ def merged_parameters(
     skip = unchanging_parameters(model) if changed_only else set()
     for name, param in model.named_parameters():
         if name in adapter_params or name in skip:
-            continue  # adapters: folded into their layer's base weight below
+            continue  # adapters are folded into their layer's base weight below
         owner, _, leaf = name.rpartition(".")
         layer = layers.get(owner.removesuffix(".base_layer")) if owner.endswith(".base_layer") and leaf == "weight" else None
         if layer is None:  # not LoRA-wrapped: cast the shard, then gather
@@ -350,14 +351,46 @@ def _repack_cpu_gemms(worker) -> None:
     """Runs inside vLLM's CPU worker after `reload_weights`. The CPU build multiplies by packed copies of
     the weights made at load time (`cpu_linear`); reload_weights re-packs the layers it loads, but not a
     tied lm_head, whose weight is the embedding's and never appears in a checkpoint: it kept the old
-    embedding (float32 engine: log-probs off by ~3 after perturbing the embeddings by 0.05). Re-pack every
-    layer that still holds its weight (embeddings and lm_heads; linear layers drop theirs when packed)."""
-    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+    embedding (float32 engine: log-probs off by ~3 after perturbing the embeddings by 0.05). The embedding
+    itself is re-packed whenever it is loaded (vLLM packs every vocabulary embedding, for a head that
+    shares it), so the head takes the embedding's packed copy: the same matrix, and no second packing
+    (re-packing the head cost SmolLM2 0.07 s a sync, and as much again for the embedding before)."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
-    for module in worker.model_runner.get_model().modules():
-        weight = getattr(module, "weight", None)
-        if hasattr(module, "cpu_linear") and isinstance(weight, torch.Tensor) and weight.ndim == 2 and weight.numel():
-            dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+    modules = list(worker.model_runner.get_model().modules())
+    embeddings = {id(m.weight): m for m in modules if hasattr(m, "cpu_linear") and not isinstance(m, ParallelLMHead)}
+    for head in modules:
+        embedding = embeddings.get(id(getattr(head, "weight", None))) if isinstance(head, ParallelLMHead) else None
+        if embedding is not None:
+            head.cpu_linear = embedding.cpu_linear
+
+
+class _QuietKeptLayers(logging.Filter):
+    """Drops vLLM's warnings about layers a reload sent no tensors to (it keeps their old ones): a partial
+    update (`full_parameters(..., changed_only=True)`) leaves out every frozen layer, and even a full one
+    leaves out a tied lm_head and the rotary embedding, each a line per sync; counts what it drops."""
+
+    MESSAGES = ("Failed to load weights", "Following weights were not loaded")
+    LOGGERS = ("vllm.model_executor.model_loader.reload.layerwise", "vllm.model_executor.model_loader.reload.inplace")
+
+    def __init__(self):
+        super().__init__()
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if any(m in str(record.msg) for m in self.MESSAGES):
+            self.dropped += 1
+            return False
+        return True
+
+    def __enter__(self):
+        for name in self.LOGGERS:
+            logging.getLogger(name).addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeFilter(self)
 
 
 class VLLMRollout:
@@ -437,6 +470,7 @@ class VLLMRollout:
         self.processor = AutoProcessor.from_pretrained(str(model))  # renders prompts exactly as the trainer
         self._weights_asleep = self._kv_asleep = False
         self._weights_valid = True  # False after a level-2 sleep until the trainer's weights are loaded
+        self._updates = 0  # update_weights calls so far
         self.sleep()
 
     def close(self) -> None:
@@ -501,9 +535,17 @@ class VLLMRollout:
         is consumed inside the worker (in-process), one tensor at a time."""
         t0 = time.perf_counter()
         self._wake("weights")
-        self.llm.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": iter(named_tensors), "is_checkpoint_format": True}
-        )
+        # vLLM warns about every layer that got no tensors. The engine's first update shows them (a full
+        # one: a tensor missing there by name is a bug); later ones would repeat them, or, for a partial
+        # update, list every frozen layer at every step. The sync probe (train_grpo.check_sync) checks
+        # the result instead.
+        with _QuietKeptLayers() if self._updates else contextlib.nullcontext() as quiet:
+            self.llm.collective_rpc(
+                "reload_weights", kwargs={"weights_iterator": iter(named_tensors), "is_checkpoint_format": True}
+            )
+        if quiet is not None:
+            log.debug("weight update %d: vLLM kept the old tensors of layers that got none (%d warnings)", self._updates, quiet.dropped)
+        self._updates += 1
         if not self.cuda:
             self.llm.collective_rpc(_repack_cpu_gemms)
         self._weights_valid = True
