@@ -877,7 +877,7 @@ BRIEF = ("step", "skipped", "groups_filtered", "judge_failures", "seconds_step")
 
 def quiet_logs() -> None:
     """Only errors from vLLM and transformers (their warnings include the expected "Failed to load
-    weights" of a tied lm_head, which is re-packed after every sync), and no loading bars."""
+    weights" of a tied lm_head, which follows the embedding), and no loading bars."""
     import logging
     import warnings
 
