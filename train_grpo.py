@@ -314,7 +314,7 @@ def reward_means(groups: list[Group]) -> dict:
 
 def micro_batch(rows: list[tuple[Group, int]], processor, device) -> dict:
     """Tensors for (group, completion index) rows: the same prompt tokens and images the engine saw
-    (`rollout.policy_inputs`), the completion mask [B, T] (0 for unscored completions) and the
+    (`policy.policy_inputs`), the completion mask [B, T] (0 for unscored completions) and the
     engine's log-probs [B, T]. This is where groups are flattened into rows."""
     prompts, index, completions, valid = [], {}, [], []
     for g, j in rows:
@@ -471,9 +471,7 @@ def global_std(run, values: torch.Tensor) -> float:
 def dp_rank(cfg, run) -> tuple[int, int]:
     """(rank, size) of this process among the data-parallel replicas: the processes of one vLLM
     tensor-parallel group roll out the same prompts with the same seed (vLLM's external launcher needs it)."""
-    tp = max(cfg.tensor_parallel_size, 1) if cfg.engine == "vllm" else 1
-    if run.world % tp:
-        raise SystemExit(f"tensor_parallel_size={tp} does not divide the {run.world} processes")
+    tp = max(cfg.tensor_parallel_size, 1) if cfg.engine == "vllm" else 1  # check_config: tp divides the world
     return run.rank // tp, run.world // tp
 
 
@@ -564,27 +562,29 @@ def setup(cfg, reward_fn=None) -> Run:
 PROBE = [{"role": "user", "content": "Which imaging modality shows a fractured wrist bone best? Answer briefly."}]
 
 
-def make_probe(run) -> dict | None:
+def make_probe(run) -> Group | None:
+    """A fixed prompt and the engine's greedy answer to it, as a one-completion Group: the trainer scores it
+    through the same micro-batch and forward pass as training (`check_sync`)."""
     if getattr(run.engine, "shares_trainer_model", False):
         return None
-    prompt_ids = rollout.encode_prompts(run.processor, [PROBE])["input_ids"][0].tolist()
     (c,) = run.engine.generate([PROBE], n=1, settings=rollout.SamplingSettings(temperature=0.0, max_new_tokens=16))
-    return {"prompt_ids": prompt_ids, "completion_ids": c.token_ids or [run.tokenizer.eos_token_id]}
+    if not c.token_ids:
+        c = dataclasses.replace(c, token_ids=[run.tokenizer.eos_token_id], logprobs=[0.0])
+    return Group(None, PROBE, rollout.encode_prompts(run.processor, [PROBE]), [c], {"total": [1.0]})
 
 
 def check_sync(step: int, cfg, run) -> float:
     """Mean |engine - trainer| log-prob over the probe's tokens; stops the run above `sync_probe_max`."""
     if getattr(run.engine, "shares_trainer_model", False):
         return 0.0  # the engine is the trainer's own model
-    p = run.probe
-    (engine,) = run.engine.score([p["prompt_ids"]], [p["completion_ids"]])
-    ids = torch.tensor([p["prompt_ids"] + p["completion_ids"]], device=run.device)
+    probe = run.probe.completions[0]
+    (engine,) = run.engine.score([run.probe.encoded["input_ids"][0].tolist()], [probe.token_ids])
     training = run.model.training
     run.model.eval()  # as the engine: no (LoRA) dropout
     with torch.no_grad(), compute_precision(run):
-        logits = run.model(input_ids=ids, use_cache=False).logits[0, len(p["prompt_ids"]) - 1 : -1].float()
+        logp, _ = policy_logprobs(run.model, micro_batch([(run.probe, 0)], run.processor, run.device), 1.0)
     run.model.train(training)
-    trainer = torch.log_softmax(logits, -1).gather(-1, ids[0, len(p["prompt_ids"]) :, None])[:, 0]
+    trainer = logp[0, : len(probe.token_ids)]
     if hasattr(run.model, "reshard"):  # FSDP2 keeps the root's parameters gathered after a forward without backward
         run.model.reshard()
     diff = (torch.tensor(engine, device=trainer.device) - trainer).abs().mean().item()

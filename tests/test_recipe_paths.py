@@ -123,8 +123,12 @@ def test_ranks_of_a_tensor_parallel_group_share_prompts_and_seed():
     assert seeds[0] == seeds[1] != seeds[2] == seeds[3]
     orders = [train_grpo.PromptSampler(20, 5, *train_grpo.dp_rank(cfg, r)).next(6) for r in runs]
     assert orders[0] == orders[1] and orders[2] == orders[3] and not set(orders[0]) & set(orders[2])
-    with pytest.raises(SystemExit, match="does not divide"):
-        train_grpo.dp_rank(cfg, FakeRun(0, 3))
+
+
+def test_a_tensor_parallel_size_that_does_not_divide_the_processes_stops_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit, match="--tensor_parallel_size 2 does not divide the 3 processes"):
+        train_grpo.check_config(config(tmp_path, tensor_parallel_size=2, engine="vllm"))
 
 
 def test_nan_rewards_are_left_out_not_spread(tmp_path):
