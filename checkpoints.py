@@ -37,13 +37,16 @@ def save_checkpoint(cfg, run, step: int) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     # A collective under FSDP2: every process gathers, rank 0 ends up with the full CPU state dict.
     state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    merged = None
+    if cfg.use_peft and step == cfg.steps:  # the merged model: the weights the engine gets (collectives: every rank iterates)
+        merged = {name: t.cpu() for name, t in rollout.merged_parameters(run.model) if run.rank == 0}
     if run.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         if cfg.use_peft:  # the adapter (peft keeps its tensors only); at the end, the merged model beside it
             run.model.save_pretrained(tmp / "adapter", state_dict=state)
-            if step == cfg.steps:
-                run.model.get_base_model().save_pretrained(tmp, state_dict=merged_state_dict(run.model, state))
+            if merged is not None:
+                run.model.get_base_model().save_pretrained(tmp, state_dict=merged)
         else:
             run.model.save_pretrained(tmp, state_dict=state)
         run.processor.save_pretrained(tmp)
@@ -65,22 +68,6 @@ def save_checkpoint(cfg, run, step: int) -> Path:
             for old in done[: -cfg.save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
     barrier(run)
-    return out
-
-
-def merged_state_dict(model, state: dict) -> dict:
-    """A peft LoRA model's full state dict (`get_model_state_dict`) as the base model's, adapters merged
-    (`rollout.merged_weight`: the same weights `rollout.merged_parameters` streams into the engine), under
-    Hugging Face names (`rollout.base_name`), the adapter tensors dropped. No collective: `state` is whole."""
-    layers = rollout._lora_layers(model)
-    out = {}
-    for key, value in state.items():
-        if any(key.startswith(f"{n}.lora_") for n in layers):
-            continue  # folded into its layer's weight
-        name = key.removesuffix(".base_layer.weight")
-        if name != key and name in layers:
-            value = rollout.merged_weight(layers[name], value, lambda a, n=name: (state[f"{n}.lora_A.{a}.weight"], state[f"{n}.lora_B.{a}.weight"]))
-        out[rollout.base_name(key)] = value
     return out
 
 
