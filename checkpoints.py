@@ -37,18 +37,20 @@ def save_checkpoint(cfg, run, step: int) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     # A collective under FSDP2: every process gathers, rank 0 ends up with the full CPU state dict.
     state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    merged = None
-    if cfg.use_peft and step == cfg.steps:  # the merged model: the weights the engine gets (collectives: every rank iterates)
-        merged = {name: t.cpu() for name, t in rollout.merged_parameters(run.model) if run.rank == 0}
     if run.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        if cfg.use_peft:  # the adapter (peft keeps its tensors only); at the end, the merged model beside it
-            run.model.save_pretrained(tmp / "adapter", state_dict=state)
-            if merged is not None:
-                run.model.get_base_model().save_pretrained(tmp, state_dict=merged)
-        else:
-            run.model.save_pretrained(tmp, state_dict=state)
+        # LoRA: the adapter (peft keeps its tensors only); at the end, the merged model beside it.
+        run.model.save_pretrained(tmp / "adapter" if cfg.use_peft else tmp, state_dict=state)
+    if cfg.use_peft and step == cfg.steps:
+        params = {n for n, _ in run.model.named_parameters(remove_duplicate=False)}
+        buffers = {rollout.base_name(k): v for k, v in state.items() if k not in params}  # persistent buffers
+        del state  # before the merge: rank 0 would otherwise hold the model twice
+        # The weights the engine gets, gathered one tensor at a time (collectives: every rank iterates).
+        merged = {name: t.cpu() for name, t in rollout.merged_parameters(run.model) if run.rank == 0}
+        if run.rank == 0:
+            run.model.get_base_model().save_pretrained(tmp, state_dict={**buffers, **merged})
+    if run.rank == 0:
         run.processor.save_pretrained(tmp)
     barrier(run)
     # The optimiser with torch.distributed.checkpoint: sharded as trained, resharded on load, so a run

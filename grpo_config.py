@@ -290,7 +290,8 @@ def check_config(cfg: Config, *, custom_reward: bool = False) -> None:
         _cli_error("--think_tag must not be empty")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # as the launcher set it (accelerate, torchrun)
     if cfg.engine == "vllm" and world % cfg.tensor_parallel_size:
-        _cli_error(f"--tensor_parallel_size {cfg.tensor_parallel_size} does not divide the {world} processes")
+        _cli_error(f"--tensor_parallel_size {cfg.tensor_parallel_size} does not divide the {world} processes "
+                   "(launch tensor_parallel_size x data-parallel processes, e.g. accelerate launch --num_processes)")
     if cfg.eval_every and (cfg.engine == "hf" or cfg.tensor_parallel_size > 1) and world > 1:
         # Only rank 0 validates, and these engines generate collectively across processes.
         _cli_error("--eval_every with several processes needs --engine vllm and --tensor_parallel_size 1")

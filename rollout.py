@@ -164,7 +164,7 @@ def unchanging_parameters(model: torch.nn.Module) -> set[str]:
     weight with its bias, a MoE block's experts), and its layerwise reload rebuilds a layer that got
     some of its tensors but not all from uninitialised memory (`materialize_layer`); one that got none
     keeps its old tensors. A block is a module of the model's `_no_split_modules` (a decoder layer, a
-    vision block: FSDP2's units too); outside blocks a module's own parameters go together. With
+    vision block: FSDP2's units too); outside blocks the parameters of one parent module go together. With
     requires_grad set per whole module (--freeze_vision freezes all of `visual.`; peft freezes all but
     its adapters) blocks are all changing or all not; a block with both, as LoRA on q_proj alone makes
     (its k/v_proj and the biases frozen), is sent whole. requires_grad and the module tree are the same
@@ -180,7 +180,10 @@ def unchanging_parameters(model: torch.nn.Module) -> set[str]:
         for i in range(1, len(parts)):
             if ".".join(parts[:i]) in blocks:
                 return ".".join(parts[:i])
-        return name.rpartition(".")[0]
+        # Outside the listed blocks (Gemma3 lists no vision layer, Idefics3 no text layer): the module's
+        # parent, which holds what vLLM fuses (q/k/v_proj of one attention, gate/up_proj of one MLP).
+        plain = base_name(name)
+        return plain.rsplit(".", 2)[0] if plain.count(".") >= 2 else ""
 
     lora_bases = {f"{name}.base_layer.weight" for name in _lora_layers(model)}
     params = list(model.named_parameters())
@@ -526,7 +529,7 @@ class VLLMRollout:
         """Whether the engine still holds the last synced weights at the next sync, so that a sync may send
         only what changed (`full_parameters(..., changed_only=True)`). A level-2 sleep discards them (every
         sync sends everything); a level-1 sleep offloads and restores them; without sleep mode (CPU) they stay."""
-        return not (self.sleep_mode and self.sleep_level >= 2)
+        return self._updates > 0 and not (self.sleep_mode and self.sleep_level >= 2)  # the first sync sends everything
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> float:
         """Load the trainer's parameters (Hugging Face names) into the engine in place; returns seconds.

@@ -665,7 +665,7 @@ def warm_start(cfg, run) -> None:
     # With --balance_labels the warm start sees the labels in equal shares too: trained on PubMedQA's
     # 55% "yes", it answered "yes" 94% of the time and GRPO's groups then had nothing to compare.
     labels = [s.answer.strip().lower() for s in pool] if cfg.balance_labels else None
-    sampler = PromptSampler(len(pool), cfg.seed, labels=labels)
+    sampler = PromptSampler(len(pool), cfg.seed + 7919, labels=labels)  # not GRPO's order: its first prompts would be these
     run.model.train()
     for step in range(cfg.warm_start_steps):
         seqs = []

@@ -131,8 +131,26 @@ def test_lora_sends_only_the_merged_blocks_after_the_first_sync(tmp_path):
 
 
 def test_keeps_weights_unless_a_level_2_sleep_discards_them():
-    engine = object.__new__(rollout.VLLMRollout)  # the property reads two attributes: no engine started
-    for sleep_mode, level, keeps in [(False, 2, True), (True, 1, True), (True, 2, False)]:
-        engine.sleep_mode, engine.sleep_level = sleep_mode, level
-        assert engine.keeps_weights is keeps
+    engine = object.__new__(rollout.VLLMRollout)  # the property reads three attributes: no engine started
+    for updates, sleep_mode, level, keeps in [(1, False, 2, True), (1, True, 1, True), (1, True, 2, False), (0, False, 2, False)]:
+        engine._updates, engine.sleep_mode, engine.sleep_level = updates, sleep_mode, level
+        assert engine.keeps_weights is keeps  # an engine never synced holds the weights from disk: send all
     assert rollout.HFRollout.keeps_weights
+
+
+def test_outside_the_listed_blocks_what_vllm_fuses_goes_together():
+    """A model whose `_no_split_modules` leaves its attention out (as Gemma3's vision layers, Idefics3's text
+    layers): LoRA-like training of q_proj alone still sends k_proj and v_proj, which vLLM fuses with it."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.kit import tiny_text_dir
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_text_dir("qwen2"))
+    model._no_split_modules = ["Qwen2MLP"]
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("model.layers.0.self_attn.q_proj."))
+    skipped = rollout.unchanging_parameters(model)
+    attn0 = {n for n, _ in model.named_parameters() if n.startswith("model.layers.0.self_attn.")}
+    attn1 = {n for n, _ in model.named_parameters() if n.startswith("model.layers.1.self_attn.")}
+    assert {n for n in attn0 if "k_proj" in n or "v_proj" in n} and not attn0 & skipped
+    assert attn1 and attn1 <= skipped and "model.layers.0.mlp.gate_proj.weight" in skipped
