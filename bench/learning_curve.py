@@ -12,6 +12,9 @@
    accuracy by exact match (no judge), validation every `--eval_every` steps.
 4. Test: `evaluate.py --judge exact` on the 500-question test split for the base model, the warm start
    and each seed's GRPO checkpoint; the majority-answer baseline beside them; mean and 95% interval.
+5. `--remedies [--only WORD ...]`: one seed per remedy against the collapse onto one answer (KL, lower
+   lr, larger groups, a label-balanced warm start, the embedding component), from the same warm start,
+   each tested the same way; remedies/table.md.
 Writes bench/results/learning_curve/ (summary.json, table.md, each run's folder).
 """
 from __future__ import annotations
@@ -121,41 +124,54 @@ REMEDIES = {
     "lower lr (1e-5)": ("--lr", "1e-5"),
     "larger groups (16)": ("--group_size", "16", "--micro_batch_size", "16"),
     "label-balanced warm start": (),
+    # MediX-R1's embedding reward beside exact match: partial credit by similarity to the reference.
+    "embedding component (MiniLM, w_embed 0.3)": ("--embedder", "{minilm}", "--w_embed", "0.3"),
 }
 
 
 def remedies(args, base: str, train: Path, val_root: Path) -> None:
-    """One GRPO run per remedy, each tested on the test split; writes remedies/table.md."""
+    """One GRPO run per remedy (`--only` picks some), each tested on the test split; adds to
+    remedies/summary.json and writes remedies/table.md from all the runs there."""
+    from tests.kit import minilm_dir
+
     root = OUT / "remedies"
     root.mkdir(exist_ok=True)
     warm = str(OUT / "warm" / "checkpoint-0")
-    summary = {"settings": vars(args), "runs": {}}
-    rows = ["| remedy | val accuracy (step 0 -> last) | val answers yes / no / maybe | entropy first -> last | test accuracy | 95% interval | test answers yes / no / maybe / other | minutes |",
-            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    path = root / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {"settings": vars(args), "runs": {}}
     for name, extra in REMEDIES.items():
+        if args.only and not any(o.lower() in name.lower() for o in args.only):
+            continue
         slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
         start = warm
         if name == "label-balanced warm start":
             start = str(warm_start(base, train, args.warm_start_steps, root / "warm-balanced", balanced=True))
             summary["warm start balanced"] = test_accuracy("warm-balanced", start, args.test_limit, root)
         out = root / slug
+        extra = tuple(x.format(minilm=minilm_dir()) for x in extra)
         seconds = run(grpo_command(start, train, out, 0, args, val_root, extra), root / f"{slug}.log")
         r = summary["runs"][name] = run_summary(out, seconds, args.steps)
-        r["test"] = t = test_accuracy(slug, r["checkpoint"], args.test_limit, root)
-        (root / "summary.json").write_text(json.dumps(summary, indent=1))
-        val = list(r["val"].values())
+        r["test"] = test_accuracy(slug, r["checkpoint"], args.test_limit, root)
+        path.write_text(json.dumps(summary, indent=1))
+        (root / "table.md").write_text(remedy_table(summary))
+    print(remedy_table(summary))
+
+
+def remedy_table(summary: dict) -> str:
+    rows = ["| remedy | val accuracy (step 0 -> last) | val answers yes / no / maybe | entropy first -> last | test accuracy | 95% interval | test answers yes / no / maybe / other | minutes |",
+            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, r in summary["runs"].items():
+        val, t = list(r["val"].values()), r["test"]
         lo, hi = wilson(t["accuracy"], t["n"])
         rows.append(f"| {name} | {val[0]['val/accuracy']:.3f} -> {val[-1]['val/accuracy']:.3f} | "
                     + " / ".join(f"{val[-1].get(f'val/answer_{a}', 0):.2f}" for a in LABELS)
                     + f" | {r['entropy'][0]:.2f} -> {r['entropy'][-1]:.2f} | {t['accuracy']:.3f} | {lo:.3f} - {hi:.3f} | "
                     + " / ".join(f"{t['answer_shares'][a]:.2f}" for a in (*LABELS, "other")) + f" | {r['minutes']:.1f} |")  # fmt: skip
-        (root / "table.md").write_text("\n".join(rows) + "\n")
     if "warm start balanced" in summary:
         t = summary["warm start balanced"]
         rows.append(f"\nThe label-balanced warm start alone: test accuracy {t['accuracy']:.3f}, answers "
                     + " / ".join(f"{t['answer_shares'][a]:.2f}" for a in (*LABELS, "other")) + ".")
-    (root / "table.md").write_text("\n".join(rows) + "\n")
-    print("\n".join(rows))
+    return "\n".join(rows) + "\n"
 
 
 def wilson(p: float, n: int) -> tuple[float, float]:
@@ -175,6 +191,7 @@ def main():
     ap.add_argument("--warm_start_steps", type=int, default=8)
     ap.add_argument("--keep_warm", action="store_true", help="reuse the data and warm start of the last run")
     ap.add_argument("--remedies", action="store_true", help="one seed per remedy against collapse (reuses the warm start)")
+    ap.add_argument("--only", nargs="+", help="with --remedies: the remedies whose names contain one of these words")
     args = ap.parse_args()
     import shutil
 
