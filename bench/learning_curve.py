@@ -126,6 +126,8 @@ REMEDIES = {
     "label-balanced warm start": (),
     # MediX-R1's embedding reward beside exact match: partial credit by similarity to the reference.
     "embedding component (MiniLM, w_embed 0.3)": ("--embedder", "{minilm}", "--w_embed", "0.3"),
+    # DAPO's dynamic sampling: only groups whose completions differ in accuracy (the others give no gradient).
+    "online filter on accuracy (4 tries)": ("--online_filter", "true", "--filter_key", "llm", "--max_filter_tries", "4"),
 }
 
 
