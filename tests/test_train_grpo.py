@@ -272,3 +272,40 @@ def test_in_training_validation_scores_as_evaluate_py_does(tmp_path):
     summary = json.loads((again / "summary.json").read_text())
     assert summary["benchmarks"]["PubMedQA"]["score"] == log[0]["val/accuracy"]
     assert summary["benchmarks"]["PubMedQA"]["n"] == 6
+
+
+@pytest.mark.parametrize("balanced", [True, False])
+def test_warm_start_sees_the_labels_in_equal_shares_with_balance_labels(tmp_path, monkeypatch, balanced):
+    """PubMedQA is 55% "yes": a warm start drawn as the data comes teaches that prior; with
+    --balance_labels it draws each label equally often (and not in GRPO's order)."""
+    import data
+    import rollout
+
+    path = tmp_path / "w.jsonl"
+    answers = ["yes"] * 6 + ["no"] * 2 + ["maybe"]
+    path.write_text("".join(json.dumps({"id": f"w{i}", "image": [], "problem": f"Is it {i}?", "solution": f"<OTHER> {a}",
+                                        "long_answer": f"because {i}"}) + "\n" for i, a in enumerate(answers)))  # fmt: skip
+    seen = []
+
+    def record(rows, processor, device):  # the rows of each warm-start step, not turned into tensors
+        seen.extend(g.sample.answer for g, _ in rows)
+        return {"mask": torch.ones(1, 1)}
+
+    weight = torch.nn.Parameter(torch.zeros(1, 1))
+    monkeypatch.setattr(train_grpo, "micro_batch", record)
+    monkeypatch.setattr(train_grpo, "policy_logprobs", lambda model, mb, t: (weight * 1.0, None))
+    monkeypatch.setattr(rollout, "encode_prompts", lambda processor, prompts: {})
+    run = train_grpo.Run()
+    run.samples = data.load_training_data(str(path))
+    run.model, run.world, run.rank, run.compute_dtype = torch.nn.Linear(1, 1), 1, 0, torch.float32
+    run.tokenizer = lambda text, add_special_tokens=False: {"input_ids": [1, 2]}
+    run.tokenizer.eos_token = ""
+    run.processor, run.device = None, "cpu"
+    cfg = train_grpo.Config(warm_start_steps=3, warm_start_batch_size=3, balance_labels=balanced, seed=0)
+    train_grpo.warm_start(cfg, run)
+    counts = {a: seen.count(a) for a in ("yes", "no", "maybe")}
+    assert sum(counts.values()) == 9
+    if balanced:
+        assert counts == {"yes": 3, "no": 3, "maybe": 3}
+    else:  # each sample once per epoch: the data's own shares
+        assert counts == {"yes": 6, "no": 2, "maybe": 1}
