@@ -514,8 +514,7 @@ def setup(cfg, reward_fn=None) -> Run:
     run.reward = reward_fn or make_reward(cfg, run.rank)  # before the model loads: a dead judge fails fast
     run.val_samples = load_validation(cfg) if cfg.eval_every and run.rank == 0 else []
     run.judge_bad_steps = 0
-    labels = [s.answer.strip().lower() for s in samples] if cfg.balance_labels else None
-    run.sampler = PromptSampler(len(samples), cfg.seed, *dp_rank(cfg, run), labels)
+    run.sampler = PromptSampler(len(samples), cfg.seed, *dp_rank(cfg, run), answer_labels(cfg, samples))
 
     if cfg.use_peft:  # LoRA resumes from the base model and the checkpoint's adapter
         run.model, run.processor = load_policy(cfg, cfg.model, adapter=str(last / "adapter") if cfg.resume and last else None)
@@ -662,10 +661,9 @@ def warm_start(cfg, run) -> None:
         raise SystemExit(f"--warm_start_steps needs samples with a `long_answer` column in {cfg.data}")
     t = cfg.think_tag
     opt = torch.optim.AdamW([p for p in run.model.parameters() if p.requires_grad], lr=cfg.warm_start_lr)
-    # With --balance_labels the warm start sees the labels in equal shares too: trained on PubMedQA's
-    # 55% "yes", it answered "yes" 94% of the time and GRPO's groups then had nothing to compare.
-    labels = [s.answer.strip().lower() for s in pool] if cfg.balance_labels else None
-    sampler = PromptSampler(len(pool), cfg.seed + 7919, labels=labels)  # not GRPO's order: its first prompts would be these
+    # With --balance_labels the warm start sees the labels in equal shares too, so a majority label
+    # (PubMedQA's 55% "yes") is not what it is taught most.
+    sampler = PromptSampler(len(pool), cfg.seed + 7919, labels=answer_labels(cfg, pool))  # not GRPO's order: its first prompts would be these
     run.model.train()
     for step in range(cfg.warm_start_steps):
         seqs = []
@@ -686,6 +684,11 @@ def warm_start(cfg, run) -> None:
         opt.zero_grad(set_to_none=True)
         if run.rank == 0:
             print(f"warm start {step + 1}/{cfg.warm_start_steps}: loss {loss.item():.3f}")
+
+
+def answer_labels(cfg, samples) -> list[str] | None:
+    """What `--balance_labels` balances over: each sample's answer (None when it is off)."""
+    return [s.answer.strip().lower() for s in samples] if cfg.balance_labels else None
 
 
 class PromptSampler:
@@ -809,7 +812,7 @@ SAMPLE_COLUMNS = ("sample", "completion", "total", "format", "modality", "llm", 
 
 def sample_rows(groups) -> list[list]:
     """A few completions (two of the first two groups) with their rewards (None: not scored)."""
-    return [[g.sample.id, c.text[:300], *(g.scores.get(k, [None] * (j + 1))[j] for k in SAMPLE_COLUMNS[2:])]
+    return [[g.sample.id, c.text[:300], *(g.scores[k][j] if k in g.scores else None for k in SAMPLE_COLUMNS[2:])]
             for g in groups[:2] for j, c in enumerate(g.completions[:2])]  # fmt: skip
 
 
@@ -824,13 +827,14 @@ def samples_markdown(step: int, rows: list[list]) -> str:
 def write_samples(path: Path, step: int, groups, trackers=()) -> None:
     """The sample table: appended to samples.md, and to each tracker (wandb: a Table; tensorboard: text)."""
     rows = sample_rows(groups)
+    table = samples_markdown(step, rows)
     with open(path, "a") as f:
-        f.write(samples_markdown(step, rows))
+        f.write(table)
     for tracker in trackers:
         if tracker.name == "wandb":
             tracker.log_table("samples", columns=list(SAMPLE_COLUMNS), data=rows, step=step)
         elif tracker.name == "tensorboard":
-            tracker.writer.add_text("samples", samples_markdown(step, rows), global_step=step)
+            tracker.writer.add_text("samples", table, global_step=step)
 
 
 def plot_log(log_path: Path, png: Path) -> None:

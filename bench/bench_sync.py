@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.machine import describe, machine  # noqa: E402
+from bench.machine import Timers, describe, machine  # noqa: E402
 
 
 @dataclass
@@ -33,31 +33,6 @@ class BenchConfig:
     models: list[str] = field(default_factory=lambda: ["smollm2", "tiny_qwen2_5_vl"])  # kit names
     repeats: int = 5  # alternating timed runs of each row; the median counts
     out_dir: str = str(REPO / "bench" / "results")  # where the JSON goes
-
-
-class Timers:
-    """Wraps methods of an object with timers (seconds summed per key since the last `reset`)."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    def reset(self) -> None:
-        self.seconds = {}
-
-    def add(self, key: str, t0: float) -> None:
-        self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t0
-
-    def wrap(self, owner, name: str, key=None):
-        fn = getattr(owner, name)
-
-        def timed(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                self.add(key(*a, **k) if callable(key) else key or name, t0)
-
-        setattr(owner, name, timed)
 
 
 def load(name: str):

@@ -30,7 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.machine import describe, machine  # noqa: E402
+from bench.machine import Timers, describe, machine  # noqa: E402
+from policy import completion_logprobs  # noqa: E402
 
 
 @dataclass
@@ -60,38 +61,9 @@ def model_dir(name: str) -> str:
     return name
 
 
-class Timers:
-    """Wraps train_grpo's helpers (module globals that optimise looks up at call time) with timers."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    def wrap(self, owner, name: str, key: str):
-        fn = getattr(owner, name)
-
-        def timed(*a, **k):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t
-
-        setattr(owner, name, timed)
-        return lambda: setattr(owner, name, fn)
-
-
-def completion_logprobs():
-    try:  # the trainer's forward moved from rollout.py to policy.py
-        from policy import completion_logprobs
-    except ImportError:
-        from rollout import completion_logprobs
-    return completion_logprobs
-
-
 def bare_update(run, batches, temperature: float) -> None:
-    forward = completion_logprobs()
     for mb, n_tok in batches:
-        logp = forward(run.model, mb["batch"], temperature)
+        logp = completion_logprobs(run.model, mb["batch"], temperature)
         loss = -(logp * mb["mask"]).sum() / n_tok
         loss.backward()
     run.optimizer.step()
@@ -130,13 +102,12 @@ def main(cfg: BenchConfig) -> dict:
     restore = [timers.wrap(train_grpo, "micro_batch", "micro_batch"), timers.wrap(train_grpo, "policy_logprobs", "forward"),
                timers.wrap(train_grpo, "grpo_loss", "grpo_loss"), timers.wrap(torch.nn.utils, "clip_grad_norm_", "clip_grad_norm"),
                timers.wrap(run.optimizer, "step", "optimizer_step")]  # fmt: skip
-    bare_timers = Timers()
     ours_s, bare_s, breakdowns = [], [], []
     try:
         train_grpo.optimise(tcfg, run, groups)  # warm-up: AdamW state, allocator
         bare_update(run, batches, tcfg.temperature)
         for _ in range(cfg.repeats):
-            timers.seconds = {}
+            timers.reset()
             t = time.perf_counter()
             train_grpo.optimise(tcfg, run, groups)
             ours_s.append(time.perf_counter() - t)
@@ -145,12 +116,11 @@ def main(cfg: BenchConfig) -> dict:
             bare_update(run, batches, tcfg.temperature)
             bare_s.append(time.perf_counter() - t)
         # The bare forward alone, once, to split the bare time into forward and the rest.
-        forward = completion_logprobs()
         t = time.perf_counter()
         for mb, _ in batches:
             with torch.no_grad():
-                forward(run.model, mb["batch"], tcfg.temperature)
-        bare_timers.seconds["forward_no_grad"] = time.perf_counter() - t
+                completion_logprobs(run.model, mb["batch"], tcfg.temperature)
+        bare_forward_s = time.perf_counter() - t
     finally:
         for r in restore:
             r()
@@ -160,7 +130,7 @@ def main(cfg: BenchConfig) -> dict:
     parts["backward_and_rest"] = ours - sum(parts.values())
     result = {"config": asdict(cfg), "shape": shape, "machine": machine(), "rollout_seconds": rollout_s,
               "ours_seconds": ours, "bare_seconds": bare, "ours_over_bare": ours / bare, "ours_breakdown": parts,
-              "ours_all": ours_s, "bare_all": bare_s, "bare_forward_no_grad_seconds": bare_timers.seconds["forward_no_grad"]}
+              "ours_all": ours_s, "bare_all": bare_s, "bare_forward_no_grad_seconds": bare_forward_s}
     print(f"\nmodel {cfg.model}: {shape['prompts']} prompts x {cfg.group} completions, {n_tok} completion tokens "
           f"(max {cfg.max_new_tokens} each), prompts of {prompt_len} tokens, {len(batches)} micro-batches of <= {mbs}")
     print(f"{'update':<10}{'seconds':>9}")
@@ -169,7 +139,7 @@ def main(cfg: BenchConfig) -> dict:
     print(f"ours/bare {ours / bare:.2f} (target <= 1.1); best of {cfg.repeats} alternating runs; all: ours "
           f"{[round(x, 2) for x in ours_s]}, bare {[round(x, 2) for x in bare_s]}")
     print("ours, by part: " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
-    print(f"bare forward without grad, all micro-batches: {bare_timers.seconds['forward_no_grad']:.2f} s")
+    print(f"bare forward without grad, all micro-batches: {bare_forward_s:.2f} s")
     print(describe(result["machine"]))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
