@@ -354,8 +354,8 @@ def optimise(cfg, run, groups: list[Group]) -> dict:
     sums = dict.fromkeys(("clip_frac", "kl", "entropy", "logp_mismatch", "grad_norm", "tis_weight"), 0.0)
     count = dict.fromkeys(sums, 0)
     losses = []  # one whole-batch loss per optimiser step
-    model.train()
     if recompute:
+        model.eval()  # the old policy as the engine sampled it: no (LoRA) dropout
         with torch.no_grad():
             for m in range(0, N, mb_size):
                 mb = micro_batch(rows[m : m + mb_size], run.processor, run.device)
@@ -367,6 +367,7 @@ def optimise(cfg, run, groups: list[Group]) -> dict:
                     old.append((logp[r, :k], None if weights is None else weights[r, :k]))
                 if weights is not None:
                     add(sums, count, "tis_weight", (weights.sum() / mb["mask"].sum().clamp(min=1)).item())
+    model.train()
     for epoch in range(cfg.epochs_per_batch):
         for lo in range(0, N, per_step):
             idx = range(lo, min(lo + per_step, N))

@@ -22,7 +22,6 @@ Importable by tests and by bench/ scripts (`from tests.kit import ...`). Everyth
 from __future__ import annotations
 
 import fcntl
-import importlib.util
 import os
 import shutil
 from contextlib import contextmanager
@@ -43,13 +42,6 @@ def _locked(name: str):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"package {name!r} is missing: run `bash install.sh cpu`")
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 def smollm2_dir() -> Path:

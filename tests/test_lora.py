@@ -147,3 +147,14 @@ def test_lora_on_a_tiny_vlm_learns_the_toy_reward_and_the_merged_checkpoint_load
     out = llm.generate(["Question number 1"], SamplingParams(max_tokens=4, temperature=0))
     assert len(out[0].outputs[0].token_ids) == 4
     free_vllm(llm)
+
+
+def test_recomputed_old_logprobs_are_the_engine_s_without_lora_dropout(tmp_path):
+    """Several optimiser steps per batch with a TIS cap: the trainer recomputes the old policy's log-probs
+    before the first step, on-policy, so p_trainer / p_engine is 1 token for token. LoRA dropout drawn in
+    that pass (train mode) would make it noise; the engine samples without dropout."""
+    cfg = lora_config(tmp_path, lora_dropout=0.5, mini_batches=2, tis_cap=10.0, steps=2, save_every=2, lr=1e-1)
+    run = train_grpo.setup(cfg, reward_fn=toy_reward)
+    train_grpo.train_step(0, cfg, run)  # peft starts B at 0 (no LoRA output to drop out): the second step tells
+    metrics, _ = train_grpo.train_step(1, cfg, run)
+    assert metrics["tis_weight"] == pytest.approx(1.0, abs=1e-3)
