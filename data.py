@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from rewards import MODALITIES  # the 16 tags live with the rewards (copied out alone); re-exported here
+from judge_prompts import MAX_REFERENCE_CHARS
+from rewards import MAX_ANSWER_CHARS, MODALITIES  # the 16 tags live with the rewards (copied out alone); re-exported here
 
 logger = logging.getLogger(__name__)
 
@@ -225,7 +226,18 @@ def load_training_data(path: str | Path, *, on_error: str = "raise", limit: int 
         logger.warning("data: skipped %d bad samples of %d in %s", skipped, skipped + len(samples), path)
     if not samples:
         raise DataError(f"{path}: no usable samples")
+    warn_long_answers(samples, MAX_ANSWER_CHARS, str(path), "answer", "a completion's answer over that many characters is never "
+                      "scored (rewards.MAX_ANSWER_CHARS), so these can never earn accuracy")  # fmt: skip
     return samples
+
+
+def warn_long_answers(samples: list[Sample], limit: int, where: str, noun: str, consequence: str) -> None:
+    """One warning line for the samples whose reference answer is longer than `limit` characters."""
+    long = [s.id for s in samples if len(s.answer) > limit]
+    if long:
+        what = noun if len(long) == 1 else noun + "s"
+        logger.warning("%s: %d %s longer than %d characters (first ids: %s): %s", where, len(long), what, limit,
+                       ", ".join(map(repr, long[:5])), consequence)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -795,4 +807,6 @@ def load_benchmark(
         logger.warning("%s: skipped %d bad samples of %d in %s", name, skipped, skipped + len(samples), file)
     if not samples:
         raise DataError(f"benchmark {name!r}: no usable samples in {file}")
+    warn_long_answers(samples, MAX_REFERENCE_CHARS, name, "reference", f"the evaluation judge prompt shows the first {MAX_REFERENCE_CHARS} "
+                      "characters of a reference (judge_prompts.MAX_REFERENCE_CHARS)")  # fmt: skip
     return samples

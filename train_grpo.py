@@ -237,11 +237,24 @@ def rollout_and_score(step: int, cfg, run) -> tuple[list[Group], dict]:
 
 
 def new_groups(cfg, run, indices: list[int], counts: dict) -> list[Group]:
-    """A group per sampled prompt, with its prompt encoded once; prompts over the limit skipped and counted."""
-    groups = []
-    for i in indices:
+    """A group per sampled prompt, with its prompt encoded once; prompts over the limit skipped and counted.
+    A sample whose prompt cannot be built (an image that does not decode) stops the run, or with
+    --skip_bad_samples is logged, counted (`samples_bad`), never drawn again and replaced by another
+    draw here, before generation: each process still hands the engine as many prompts as it drew."""
+    groups, queue = [], list(indices)
+    counts.setdefault("samples_bad", 0)
+    while queue:
+        i = queue.pop(0)
         s = run.samples[i]
-        messages = data.build_messages(s, think_tag=cfg.think_tag, one_shot=cfg.one_shot)
+        try:
+            messages = data.build_messages(s, think_tag=cfg.think_tag, one_shot=cfg.one_shot)
+        except data.DataError as e:
+            if not cfg.skip_bad_samples:
+                raise SystemExit(f"{e} (--skip_bad_samples skips such samples, logged in bad_samples.jsonl)") from None
+            skip_bad_sample(cfg, run, i, e)
+            counts["samples_bad"] += 1
+            queue += run.sampler.next(1)
+            continue
         encoded = rollout.encode_prompts(run.processor, [messages])
         if encoded["input_ids"].shape[1] > cfg.max_prompt_length:
             print(f"skipped: sample {s.id!r} in {s.meta.get('file')}: prompt of {encoded['input_ids'].shape[1]} tokens > max_prompt_length")
@@ -249,6 +262,17 @@ def new_groups(cfg, run, indices: list[int], counts: dict) -> list[Group]:
             continue
         groups.append(Group(s, messages, encoded))
     return groups
+
+
+def skip_bad_sample(cfg, run, i: int, error: Exception) -> None:
+    """Keep sample `i` out of the sampler from now on; say so in one line and in output_dir/bad_samples.jsonl."""
+    s = run.samples[i]
+    run.sampler.mark_bad(i)
+    print(f"skipped bad sample: {error}")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "bad_samples.jsonl", "a") as f:  # one short line per write: processes may share the file
+        f.write(json.dumps({"id": s.id, "file": s.meta.get("file"), "error": str(error)}) + "\n")
 
 
 def rollout_seed(cfg, run, step: int, attempt: int) -> int:
@@ -696,11 +720,14 @@ class PromptSampler:
     """Epoch-wise shuffled sample order for this process; its position is part of checkpoints.
 
     With `labels`, each epoch goes round-robin over the labels (smaller ones recycled), so a
-    majority answer (PubMedQA: 55% "yes") is not what the policy sees most."""
+    majority answer (PubMedQA: 55% "yes") is not what the policy sees most. A sample found bad mid-run
+    (`mark_bad`: its image cannot be decoded) is never drawn again, also after a resume (the bad
+    indices are part of `state_dict`); with several processes, each keeps those it met itself."""
 
     def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, labels: list[str] | None = None):
         self.n, self.seed, self.rank, self.world, self.labels = n, seed, rank, world, labels
         self.epoch, self.pos = 0, 0
+        self.bad: set[int] = set()  # samples found bad mid-run (`mark_bad`): never drawn again
         self._order = self._make_order()
 
     def _make_order(self) -> list[int]:
@@ -723,18 +750,26 @@ class PromptSampler:
     def next(self, k: int) -> list[int]:
         out = []
         while len(out) < k:
+            if len(self.bad) >= self.n:
+                raise SystemExit(f"every sample of the {self.n} is bad (each logged above): no prompt left to train on")
             if self.pos >= len(self._order):
                 self.epoch, self.pos = self.epoch + 1, 0
                 self._order = self._make_order()
-            out.append(self._order[self.pos])
+            i = self._order[self.pos]
             self.pos += 1
+            if i not in self.bad:
+                out.append(i)
         return out
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
+    def mark_bad(self, i: int) -> None:
+        self.bad.add(i)
+
+    def state_dict(self) -> dict:  # plain ints and lists: loadable with torch.load(weights_only=True)
+        return {"epoch": self.epoch, "pos": self.pos, "bad": sorted(self.bad)}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.pos = state["epoch"], state["pos"]
+        self.bad = set(state.get("bad", []))  # checkpoints written before bad samples were kept have none
         self._order = self._make_order()
 
 

@@ -1,0 +1,123 @@
+"""Bad samples met mid-run in training (an image that passes the load-time check but cannot be decoded),
+and the warnings about references too long to score, given when data loads."""
+import io
+import json
+import logging
+import random
+import struct
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+import train_grpo
+from data import load_benchmark, load_training_data
+from tests.test_train_grpo import config, toy_reward
+
+
+def broken_png(path):
+    """A real PNG whose signature, IHDR and IEND are intact but whose compressed pixel data (IDAT) is
+    not: `data.check_image` passes it at load time, decoding it fails."""
+    rng = random.Random(0)
+    im = Image.new("RGB", (32, 32))
+    im.putdata([tuple(rng.randrange(256) for _ in range(3)) for _ in range(32 * 32)])
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    raw = bytearray(buf.getvalue())
+    at = raw.find(b"IDAT")
+    length = struct.unpack(">I", raw[at - 4 : at])[0]
+    for k in range(at + 4 + 20, at + 4 + length - 20, 7):  # inside the zlib stream, past its header
+        raw[k] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def write_data_with_a_broken_image(tmp_path, n=4, seed=3):
+    """n text-only rows, the one the sampler draws first (seed `seed`) with a broken image instead, id 'bad'."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    broken_png(tmp_path / "broken.png")
+    first = train_grpo.PromptSampler(n, seed).next(1)[0]
+    rows = [{"id": f"q{i}", "image": [], "source": "toy", "problem": f"Question number {i}: is it so?",
+             "solution": f"<OTHER> {('yes', 'no')[i % 2]}"} for i in range(n)]  # fmt: skip
+    rows[first].update(id="bad", image=["broken.png"])
+    path = tmp_path / "with_bad.jsonl"  # not train.jsonl: tests.test_train_grpo.config writes that one
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path), first
+
+
+def test_the_broken_png_passes_the_load_time_check_and_fails_when_decoded(tmp_path):
+    path = broken_png(tmp_path / "b.png")
+    data.check_image(str(path), "s", "f")  # header and end marker are fine
+    with pytest.raises(data.DataError, match=r"sample 's' in f: unreadable image .*b\.png"):
+        data.open_image(str(path), "s", "f")
+
+
+def test_sampler_never_draws_a_bad_index_and_its_state_keeps_them_as_plain_data():
+    s = train_grpo.PromptSampler(5, 1, labels=["a", "b", "a", "b", "a"])
+    s.next(2)
+    s.mark_bad(2)
+    assert 2 not in s.next(20)
+    buf = io.BytesIO()
+    torch.save(s.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)  # plain lists and ints: no unpickling of code
+    assert state["bad"] == [2]
+    t = train_grpo.PromptSampler(5, 1, labels=["a", "b", "a", "b", "a"])
+    t.load_state_dict(state)
+    assert t.next(9) == s.next(9)
+    old = train_grpo.PromptSampler(5, 1)
+    old.load_state_dict({"epoch": 0, "pos": 3})  # a checkpoint written before bad indices were kept
+    assert len(old.next(4)) == 4
+    for i in (0, 1, 3, 4):
+        s.mark_bad(i)
+    with pytest.raises(SystemExit, match="every sample .* is bad"):
+        s.next(1)
+
+
+def test_a_broken_image_met_mid_run_is_skipped_replaced_logged_and_never_drawn_again_after_resume(tmp_path, capsys):
+    path, first = write_data_with_a_broken_image(tmp_path)
+    out = tmp_path / "run"
+    train_grpo.main(config(tmp_path, data=path, steps=1, save_every=1, skip_bad_samples=True), reward_fn=toy_reward)
+    (line,) = [x for x in capsys.readouterr().out.splitlines() if "'bad'" in x]
+    assert "broken.png" in line and "skipped" in line
+    (step1,) = train_grpo.read_log(out / "log.jsonl")
+    assert step1["samples_bad"] == 1 and step1["groups_sampled"] == 2  # replaced: the step kept its size
+    records = [json.loads(x) for x in (out / "bad_samples.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["file"]) for r in records] == [("bad", path)] and "unreadable image" in records[0]["error"]
+    # The saved position would replay it; the saved bad indices keep it out (steps 2-4: two more epochs of 4).
+    train_grpo.main(config(tmp_path, data=path, steps=4, save_every=1, skip_bad_samples=True, resume=True), reward_fn=toy_reward)
+    log = train_grpo.read_log(out / "log.jsonl")
+    assert [x["step"] for x in log] == [1, 2, 3, 4]
+    assert [x["samples_bad"] for x in log] == [1, 0, 0, 0] and {x["groups_sampled"] for x in log} == {2}
+    assert len((out / "bad_samples.jsonl").read_text().splitlines()) == 1
+
+
+def test_with_skipping_off_a_broken_image_stops_in_one_line_naming_sample_file_and_flag(tmp_path):
+    path, _ = write_data_with_a_broken_image(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        train_grpo.main(config(tmp_path, data=path, steps=1, save_every=1), reward_fn=toy_reward)
+    msg = str(e.value)
+    assert "'bad'" in msg and "broken.png" in msg and path in msg and "--skip_bad_samples" in msg and "\n" not in msg
+
+
+def test_training_answers_too_long_to_score_are_warned_about_at_load(tmp_path, caplog):
+    long = "x " * 600  # 1,200 characters: over rewards.MAX_ANSWER_CHARS
+    rows = [{"id": f"q{i}", "image": [], "problem": "Why?", "solution": f"<OTHER> {long if i in (1, 3) else 'yes'}"} for i in range(4)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING, logger="data"):
+        assert len(load_training_data(path)) == 4
+    (msg,) = [r.getMessage() for r in caplog.records if "characters" in r.getMessage()]
+    assert "2 answers" in msg and "1000 characters" in msg and "'q1', 'q3'" in msg and "never earn accuracy" in msg
+
+
+def test_benchmark_references_over_the_judge_cap_are_warned_about_at_load(tmp_path, caplog):
+    root = tmp_path / "medqa"
+    root.mkdir()
+    row = {"question": "Which?", "options": {"A": "a", "B": "b" * 5000}, "answer_idx": "B"}
+    root.joinpath("phrases_no_exclude_test.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "answer_idx": "A"}) + "\n")
+    with caplog.at_level(logging.WARNING, logger="data"):
+        assert len(load_benchmark("MedQA", tmp_path)) == 2
+    (msg,) = [r.getMessage() for r in caplog.records if "characters" in r.getMessage()]
+    assert "1 reference longer" in msg and "4000 characters" in msg and "'MedQA-0'" in msg and "judge prompt" in msg
