@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 import data
+import optim
 import policy
 import rollout
 from checkpoints import last_checkpoint, load_trainer_state, read_log, read_step, run_header, save_checkpoint, truncate_log, truncate_samples  # noqa: F401
@@ -564,7 +565,7 @@ def setup(cfg, reward_fn=None) -> Run:
         warm_start(cfg, run)
 
     params = [p for p in run.model.parameters() if p.requires_grad]
-    run.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    run.optimizer = optim.build_optimizer(cfg, params)  # AdamW; with Kahan summation over bf16 master weights
     from transformers import get_scheduler
 
     total = cfg.steps * cfg.mini_batches * cfg.epochs_per_batch
