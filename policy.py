@@ -83,9 +83,12 @@ def completion_logprobs(model, batch: dict, temperature: float = 1.0, with_entro
     renormalised nucleus and differ from these by its log-mass. `with_entropy=True` returns
     (logp, entropy [B, T], no grad) for the trainer's logs. `share_prompts`: see `_completion_logits`."""
     ids = batch["completion_ids"].to(model.device)
-    logits = _completion_logits(model, batch, share_prompts).float()
-    if temperature > 0:
-        logits = logits / temperature
+    raw = _completion_logits(model, batch, share_prompts)
+    logits = raw.float()  # [B, T, V]: the largest tensor of the step; no second copy of it
+    if temperature > 0 and temperature != 1.0:
+        # In place on the float32 copy of bf16 logits (its backward keeps nothing); float32 logits are the
+        # model's own output, which a model may keep for its backward (Gemma's soft-capping tanh): a new tensor.
+        logits = logits.div_(temperature) if logits is not raw else logits / temperature
     logp = logits.gather(-1, ids[..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
     mask = batch["completion_mask"].to(logp.device)
     if not with_entropy:

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import optim
-from tests.test_released_recipes import load
 
 LR, STEPS = 1e-6, 200  # the 30B recipe's lr; its 200 steps
 
@@ -30,6 +29,8 @@ def drive(opt_fn, std: float = 0.02, n: int = 8192) -> tuple[float, float]:
 def test_bf16_master_weights_train_at_the_30b_recipes_lr():
     """The optimiser the trainer builds for the 30B recipe (master_dtype bfloat16, lr 1e-6) moves bf16 weights
     as Adam should; torch's AdamW on the same weights rounds almost every update away."""
+    from tests.test_released_recipes import load
+
     cfg = load("medix_r1_30b_dapo.yaml")
     assert cfg.master_dtype == "bfloat16" and cfg.lr == LR
     share, ratio = drive(lambda ps: optim.build_optimizer(cfg, ps))
@@ -57,3 +58,46 @@ def test_bf16_master_weights_resume_exactly(tmp_path):
     a, b = params(one), params(two)
     assert all(v.dtype == torch.bfloat16 for v in a.values())
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _divisions(fn, shape: list[int]) -> list[str]:
+    """The divisions `fn` runs on tensors of `shape` (the [B, T, V] logits), by name (div: a copy, div_: in place)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    return [e.name for e in prof.events() if e.name in ("aten::div", "aten::div_") and e.input_shapes and list(e.input_shapes[0]) == shape]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_forward_divides_logits_only_when_needed_and_gives_the_same_values(temperature):
+    """completion_logprobs skips `logits / temperature` at temperature 1 and divides bf16 compute's float32
+    copy in place otherwise: the same log-probs and gradients as dividing into a new [B, T, V] tensor."""
+    import policy
+    from rollout import HFRollout, SamplingSettings
+    from tests.kit import tiny_text_dir
+
+    engine = HFRollout(tiny_text_dir("qwen2"))
+    prompts = [[{"role": "user", "content": "Is the liver enlarged?"}], [{"role": "user", "content": "Which modality?"}]]
+    done = engine.generate(prompts, n=2, settings=SamplingSettings(temperature=temperature, max_new_tokens=5, seed=1))
+    batch = policy.policy_inputs(engine.processor, prompts, done)
+    model = engine.model.train()
+
+    def reference():  # the division into a new tensor, as before
+        logits = policy._completion_logits(model, batch, True).float() / temperature
+        logp = logits.gather(-1, batch["completion_ids"][..., None])[..., 0] - torch.logsumexp(logits, dim=-1)
+        return logp * batch["completion_mask"]
+
+    for autocast in (False, True):  # float32 compute, bf16 compute
+        results = []
+        for fn in (lambda: policy.completion_logprobs(model, batch, temperature), reference):
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                logp = fn()
+            logp.sum().backward()
+            results.append((logp.detach(), [p.grad.clone() for p in model.parameters()]))
+        (ours, ours_grads), (ref, ref_grads) = results
+        assert torch.equal(ours, ref) and all(torch.equal(a, b) for a, b in zip(ours_grads, ref_grads))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            divisions = _divisions(lambda: policy.completion_logprobs(model, batch, temperature), list(ref.shape) + [model.config.vocab_size])
+        assert divisions == ([] if temperature == 1.0 else ["aten::div_"] if autocast else ["aten::div"])
