@@ -409,7 +409,10 @@ def optimise(cfg, run, groups: list[Group]) -> dict:
                 old_logp, weights = mb["engine_logp"], None
                 if recompute:
                     old_logp, weights = padded(old[m : m + len(part)], mb["mask"], cfg.tis_cap > 0)
-                mismatch = ((logp.detach() - mb["engine_logp"]).abs() * mb["mask"]).sum() / mb["mask"].sum().clamp(min=1)
+                # Engine vs trainer on the same weights: the recomputed old log-probs when they exist (after the
+                # first optimiser step `logp` also holds the policy's drift).
+                trainer_logp = old_logp if recompute else logp.detach()
+                mismatch = ((trainer_logp - mb["engine_logp"]).abs() * mb["mask"]).sum() / mb["mask"].sum().clamp(min=1)
                 ref = None
                 if cfg.beta > 0:
                     with torch.no_grad(), compute_precision(run):

@@ -101,3 +101,15 @@ def test_forward_divides_logits_only_when_needed_and_gives_the_same_values(tempe
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             divisions = _divisions(lambda: policy.completion_logprobs(model, batch, temperature), list(ref.shape) + [model.config.vocab_size])
         assert divisions == ([] if temperature == 1.0 else ["aten::div_"] if autocast else ["aten::div"])
+
+
+def test_logp_mismatch_is_engine_against_trainer_not_policy_drift(tmp_path):
+    """With 4 mini-batches the policy moves between optimiser steps; logp_mismatch still compares the engine's
+    log-probs with the trainer's before the first step (the HF engine is the trainer's model: 0 in float32)."""
+    import train_grpo
+    from tests.test_train_grpo import config, toy_reward
+
+    train_grpo.main(config(tmp_path, steps=1, save_every=1, mini_batches=4, lr=1e-2, log_samples_every=0), reward_fn=toy_reward)
+    (log,) = train_grpo.read_log(tmp_path / "run" / "log.jsonl")
+    assert log["clip_frac"] > 0  # the later mini-batches' ratios left the clip range: the policy drifted
+    assert log["logp_mismatch"] < 1e-4
