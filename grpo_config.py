@@ -52,7 +52,7 @@ class Config:
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts (the trainer divides its logits by it too)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of the rollouts (1: off)."})
     gpu_memory_utilization: float = field(default=0.35, metadata={"help": "vLLM's share of the GPU memory (weights + KV cache)."})
-    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallelism: processes per engine."})
+    tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallelism: processes per engine. Its processes generate together (their prompts gathered) and train apart, each on its own prompts."})
     enforce_eager: bool = field(default=False, metadata={"help": "Skip vLLM's graph compilation (saves 1-2 minutes of start-up on a CPU)."})
     sleep_level: int = field(default=2, metadata={"help": "vLLM sleep during the update (GPU): 2 frees weights and KV cache, 1 keeps the weights in CPU memory, 0 never sleeps."})
     sync_probe_max: float = field(default=0.0, metadata={"help": "Stop when engine and trainer disagree by more than this on the probe after a sync (0: 1e-3 in float32, 0.1 in bfloat16)."})
@@ -108,7 +108,8 @@ class Config:
     eval_data: str = field(default="PubMedQA", metadata={"help": "The validation set: a benchmark of evaluate.py (its data must be present)."})
     eval_data_root: str = field(default="", metadata={"help": "Folder of local benchmark copies (evaluate.py's --data_root)."})
     eval_limit: int = field(default=64, metadata={"help": "Validate on the first N samples of eval_data (0: all)."})
-    eval_judge: str = field(default="exact", metadata={"help": "evaluate.py's judge for validation: exact (closed answers, no model), a URL or a model."})
+    eval_judge: str = field(default="exact", metadata={"help": "evaluate.py's judge for validation: exact (closed answers, no model), a URL or a model (a model on a CPU only: on a GPU serve it and give its URL)."})
+    ddp_timeout: int = field(default=3600, metadata={"help": "Seconds a process waits in a collective before the run fails (TRL's name; its default 1800). Only rank 0 validates while the others wait: keep it above the longest validation."})
     # -- checkpoints and logging
     save_every: int = field(default=5, metadata={"help": "Steps between checkpoints, plus one at the end (the release's save_freq) (TRL: --save_steps)."})
     save_total_limit: int = field(default=3, metadata={"help": "Keep only the last N checkpoints; 0 keeps all (the release's save_limit)."})
@@ -250,7 +251,7 @@ _AT_LEAST = {
     "save_every": 1, "save_total_limit": 0, "log_samples_every": 0, "warm_start_steps": 0, "warm_start_batch_size": 1,
     "warmup_steps": 0, "judge_concurrency": 1, "judge_retries": 0, "judge_failure_steps": 1, "min_pixels": 1,
     "beta": 0.0, "clip_low": 0.0, "clip_high": 0.0, "tis_cap": 0.0, "weight_decay": 0.0, "sync_probe_max": 0.0,
-    "eval_every": 0, "eval_limit": 0, "lora_r": 1, "lora_dropout": 0.0,
+    "eval_every": 0, "eval_limit": 0, "lora_r": 1, "lora_dropout": 0.0, "ddp_timeout": 1,
 }  # fmt: skip
 
 
@@ -262,6 +263,8 @@ def _is_hub_id(name: str) -> bool:
 def check_config(cfg: Config, *, custom_reward: bool = False) -> None:
     """Refuse what cannot run, in one line, before anything loads: choices, ranges, local paths, trackers."""
     import importlib.util
+
+    import torch
 
     for name, choices in _CHOICES.items():
         if getattr(cfg, name) not in choices:
@@ -295,6 +298,11 @@ def check_config(cfg: Config, *, custom_reward: bool = False) -> None:
     if cfg.eval_every and (cfg.engine == "hf" or cfg.tensor_parallel_size > 1) and world > 1:
         # Only rank 0 validates, and these engines generate collectively across processes.
         _cli_error("--eval_every with several processes needs --engine vllm and --tensor_parallel_size 1")
+    local_judge = cfg.eval_judge != "exact" and not cfg.eval_judge.startswith(("http://", "https://"))
+    if cfg.eval_every and local_judge and cfg.engine == "vllm" and torch.cuda.is_available():
+        # evaluate.py's in-process judge is a second vLLM engine asking for 0.85 of the GPU beside ours and the trainer.
+        _cli_error(f"--eval_judge {cfg.eval_judge}: a judge model in process cannot start on a GPU that the training engine and the trainer "
+                   f"hold; serve it (vllm serve {cfg.eval_judge} --port 8000) and pass --eval_judge http://<host>:8000/v1")
     if cfg.filter_key not in REWARD_KEYS and not custom_reward:
         _cli_error(f"--filter_key {cfg.filter_key!r} is not a reward component ({', '.join(REWARD_KEYS)})")
     if not _is_hub_id(cfg.model) and not Path(cfg.model).expanduser().is_dir():

@@ -223,6 +223,28 @@ def add_lora(cfg, model, vlm: bool, adapter: str | None = None):
     return get_peft_model(model, config)
 
 
+def load_reference(path: str, dtype: torch.dtype):
+    """The frozen reference policy of the KL term (beta > 0): the weights at `path` loaded straight in the
+    compute `dtype` (it never trains, so no float32 master copy: EasyR1 keeps it in bf16 too), no LoRA, no
+    gradient checkpointing, eval mode. With several processes `shard` it like the policy, and `reshard` it
+    after its forwards."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    cls = AutoModelForImageTextToText if is_vlm(AutoConfig.from_pretrained(path)) else AutoModelForCausalLM
+    model = cls.from_pretrained(path, dtype=dtype)
+    if torch.cuda.is_available():
+        model.to(torch.device("cuda", torch.cuda.current_device()))
+    return model.requires_grad_(False).eval()
+
+
+def reshard(model) -> None:
+    """Free the gathered parameters of an FSDP2 model after forwards without backward: FSDP2 keeps the
+    root's (embeddings, output head: about 2.5 GB for Qwen3-VL-8B in bf16) until a backward, which a
+    frozen reference never runs, so they would stay on the GPU while vLLM is awake. No-op unsharded."""
+    if hasattr(model, "reshard"):
+        model.reshard()
+
+
 def policy_dtype(cfg) -> str:
     """The trainer's compute dtype, which the rollout engine uses too (its log-probs are the old policy's)."""
     return ("bfloat16" if torch.cuda.is_available() else "float32") if cfg.dtype == "auto" else cfg.dtype

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -213,9 +214,7 @@ def rollout_and_score(step: int, cfg, run) -> tuple[list[Group], dict]:
         groups = new_groups(cfg, run, run.sampler.next(want), counts)
         t = time.perf_counter()
         settings = dataclasses.replace(run.sampling, seed=rollout_seed(cfg, run, step, attempt))
-        completions = run.engine.generate([g.messages for g in groups], n=cfg.group_size, settings=settings) if groups else []
-        for i, g in enumerate(groups):
-            g.completions = completions[i * cfg.group_size : (i + 1) * cfg.group_size]
+        roll_out(cfg, run, groups, settings)  # with tensor parallelism, together with the group's other processes
         t2 = time.perf_counter()
         score_groups(run, groups, counts)
         seconds["seconds_rollout"] += t2 - t
@@ -276,10 +275,28 @@ def skip_bad_sample(cfg, run, i: int, error: Exception) -> None:
         f.write(json.dumps({"id": s.id, "file": s.meta.get("file"), "error": str(error)}) + "\n")
 
 
+def roll_out(cfg, run, groups: list[Group], settings) -> None:
+    """Each group's n completions. The processes of one vLLM tensor-parallel group must make identical
+    engine calls (vLLM's TP collectives hang otherwise), so, as verl, they gather their prompts (`run.tp_group`),
+    all generate the whole list with the same seed, and each keeps its own groups' completions. A process
+    with nothing to roll out (its groups all kept) still takes part while a peer refills."""
+    parts = [[g.messages for g in groups]]
+    if run.tp_group is not None:
+        parts = [None] * tp_size(cfg)
+        torch.distributed.all_gather_object(parts, [g.messages for g in groups], group=run.tp_group)
+    prompts = [m for part in parts for m in part]
+    if not prompts:
+        return
+    done = run.engine.generate(prompts, n=cfg.group_size, settings=settings)
+    first = sum(len(part) for part in parts[: run.rank % len(parts)])  # this process's prompts follow its lower peers'
+    for i, g in enumerate(groups):
+        g.completions = done[(first + i) * cfg.group_size : (first + i + 1) * cfg.group_size]
+
+
 def rollout_seed(cfg, run, step: int, attempt: int) -> int:
-    """A sampling seed per (step, try, data-parallel rank): resume replays the same samples, and the
-    ranks of one tensor-parallel group (which must generate the same outputs) share it."""
-    return (cfg.seed * 1_000_003 + step * 1009 + attempt * 97 + dp_rank(cfg, run)[0]) % 2**31
+    """A sampling seed per (step, try, tensor-parallel group): resume replays the same samples, and the
+    processes of one group (which generate together, `roll_out`) share it."""
+    return (cfg.seed * 1_000_003 + step * 1009 + attempt * 97 + run.rank // tp_size(cfg)) % 2**31
 
 
 def score_groups(run, groups: list[Group], counts: dict) -> None:
@@ -417,6 +434,7 @@ def optimise(cfg, run, groups: list[Group]) -> dict:
                 if cfg.beta > 0:
                     with torch.no_grad(), compute_precision(run):
                         ref, _ = policy_logprobs(run.ref_model, mb, cfg.temperature)
+                    policy.reshard(run.ref_model)
                 advantages = torch.tensor([g.advantages[j] for g, j in part], device=run.device)
                 loss, metrics = grpo_loss(
                     logp, old_logp, advantages, mb["mask"], ref_logp=ref, beta=cfg.beta,
@@ -498,10 +516,27 @@ def global_std(run, values: torch.Tensor) -> float:
 
 
 def dp_rank(cfg, run) -> tuple[int, int]:
-    """(rank, size) of this process among the data-parallel replicas: the processes of one vLLM
-    tensor-parallel group roll out the same prompts with the same seed (vLLM's external launcher needs it)."""
-    tp = max(cfg.tensor_parallel_size, 1) if cfg.engine == "vllm" else 1  # check_config: tp divides the world
-    return run.rank // tp, run.world // tp
+    """(rank, size) of this process among the data-parallel replicas, which draw and train their own prompts:
+    every process. The processes of a vLLM tensor-parallel group generate together (`roll_out`) but train
+    apart, as verl, so a step sees prompts_per_step x processes distinct prompts whatever the TP size."""
+    return run.rank, run.world
+
+
+def tp_size(cfg) -> int:
+    """Processes per rollout engine (check_config: it divides the processes)."""
+    return max(cfg.tensor_parallel_size, 1) if cfg.engine == "vllm" else 1
+
+
+def tp_group(cfg, run):
+    """This process's tensor-parallel group for `roll_out`, or None (no tensor parallelism). gloo: what
+    travels is pickled prompts (images included), kept off the GPU. Every process creates every group,
+    in the same order, as torch.distributed.new_group requires."""
+    tp = tp_size(cfg)
+    if tp == 1 or run.world == 1:
+        return None
+    ranks = [list(range(first, first + tp)) for first in range(0, run.world, tp)]
+    group, _ = torch.distributed.new_subgroups_by_enumeration(ranks, timeout=datetime.timedelta(seconds=cfg.ddp_timeout), backend="gloo")
+    return group
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,13 +549,15 @@ class Run:
 
 def setup(cfg, reward_fn=None) -> Run:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import InitProcessGroupKwargs, set_seed
 
     check_config(cfg, custom_reward=reward_fn is not None)  # also for a Config made in Python, not parsed
     run = Run()
     # cpu=True on a machine without CUDA: accelerate then sets up gloo under torchrun (otherwise it
     # silently runs every process as a world of one).
-    run.acc = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers(cfg) or None, project_dir=cfg.output_dir)
+    # ddp_timeout: the other processes wait in a collective while rank 0 validates (NCCL's default: 10 minutes).
+    timeout = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=cfg.ddp_timeout))
+    run.acc = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers(cfg) or None, project_dir=cfg.output_dir, kwargs_handlers=[timeout])
     run.world, run.rank, run.device = run.acc.num_processes, run.acc.process_index, run.acc.device
     asked = {"mixed_precision": run.acc.mixed_precision, "distributed_type": run.acc.distributed_type.value}
     if asked["mixed_precision"] != "no" or asked["distributed_type"] in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
@@ -555,8 +592,8 @@ def setup(cfg, reward_fn=None) -> Run:
     run.tokenizer = getattr(run.processor, "tokenizer", run.processor)
     run.ref_model = None
     if cfg.beta > 0:  # the frozen reference exists only when the KL term is on
-        run.ref_model, _ = load_policy(cfg, cfg.model, lora=False)
-        run.ref_model.requires_grad_(False).eval()
+        run.ref_model = policy.load_reference(cfg.model, getattr(torch, policy_dtype(cfg)))
+    run.tp_group = tp_group(cfg, run)
     run.compute_dtype = getattr(torch, policy_dtype(cfg))
     if run.rank == 0:
         print(f"precision: compute {policy_dtype(cfg)}, master weights and optimiser {cfg.master_dtype}")
