@@ -677,11 +677,17 @@ def make_engine(cfg, run):
         return rollout.VLLMRollout(  # the engine offsets its seed by the tensor-parallel group itself
             cfg.model, seed=cfg.seed, dtype=policy_dtype(cfg), gpu_memory_utilization=cfg.gpu_memory_utilization,
             tensor_parallel_size=cfg.tensor_parallel_size, enforce_eager=cfg.enforce_eager, sleep_level=cfg.sleep_level,
-            use_tqdm_on_load=cfg.verbose,
+            use_tqdm_on_load=cfg.verbose, max_images_per_prompt=most_images(run),
             **({"mm_processor_kwargs": {"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels}} if rollout.is_vlm(run.model.config) else {}),
             max_model_len=min(cfg.max_prompt_length + cfg.max_completion_length, max_positions(run.model.config)),
         )  # fmt: skip
     raise ValueError(f"engine must be 'vllm' or 'hf', not {cfg.engine!r}")
+
+
+def most_images(run) -> int:
+    """The most images one prompt of the training or validation data holds (at least 1), the same on every
+    process (only rank 0 holds the validation samples): the engine's images-per-prompt limit."""
+    return max(1, int(max_rank(run, max((len(s.images) for s in [*run.samples, *run.val_samples]), default=0))))
 
 
 def max_positions(config) -> int:

@@ -113,3 +113,83 @@ def test_logp_mismatch_is_engine_against_trainer_not_policy_drift(tmp_path):
     (log,) = train_grpo.read_log(tmp_path / "run" / "log.jsonl")
     assert log["clip_frac"] > 0  # the later mini-batches' ratios left the clip range: the policy drifted
     assert log["logp_mismatch"] < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------
+# The vLLM engine the trainer builds (CPU build, tiny Qwen2.5-VL): images per prompt, sampling seeds
+
+
+def _image_prompt(k: int) -> list:
+    from PIL import Image
+
+    from tests.kit import slake_images
+
+    images = [Image.open(p).convert("RGB") for p in slake_images()[:k]]
+    return [{"role": "user", "content": [*({"type": "image", "image": im} for im in images), {"type": "text", "text": "Compare the scans."}]}]
+
+
+@pytest.fixture(scope="module")
+def trainer_engine():
+    """train_grpo.make_engine's VLLMRollout for training data whose largest sample has 5 images."""
+    from types import SimpleNamespace
+
+    from tests.kit import free_vllm, slake_images, tiny_vlm_dir, vllm_cpu_env
+
+    vllm_cpu_env()
+    pytest.importorskip("vllm")
+    import data
+    import train_grpo
+    from transformers import AutoConfig
+
+    path = tiny_vlm_dir("qwen2_5_vl")
+    cfg = train_grpo.Config(model=str(path), data="unused", engine="vllm", enforce_eager=True, seed=0, min_pixels=3136,
+                            max_pixels=12544, max_prompt_length=768, max_completion_length=8)  # fmt: skip
+    samples = [data.Sample(id=f"s{k}", question="Compare.", answer="yes", images=[str(p) for p in slake_images()[:k]]) for k in (0, 1, 5)]
+    run = SimpleNamespace(model=SimpleNamespace(config=AutoConfig.from_pretrained(path)), samples=samples, val_samples=[],
+                          world=1, rank=0, device=torch.device("cpu"))  # fmt: skip
+    engine = train_grpo.make_engine(cfg, run)
+    yield engine
+    free_vllm(engine.llm)
+
+
+def test_a_prompt_with_as_many_images_as_the_data_holds_generates(trainer_engine):
+    """The engine's images-per-prompt limit comes from the data (5 here); it was 4 whatever the data held
+    (`VLLMValidationError: At most 4 image(s) may be provided in one prompt`)."""
+    from rollout import SamplingSettings
+
+    done = trainer_engine.generate([_image_prompt(5), _image_prompt(1)], n=2, settings=SamplingSettings(max_new_tokens=4, seed=1))
+    assert [c.prompt_index for c in done] == [0, 0, 1, 1] and all(c.token_ids for c in done)
+    assert sum(t == trainer_engine.processor.tokenizer.convert_tokens_to_ids("<|vision_start|>") for t in done[0].prompt_ids) == 5
+
+
+def test_each_completion_samples_its_own_seed_on_cuda(trainer_engine, monkeypatch):
+    """On CUDA the engine takes per-request seeds (vLLM gives child j of a request seed + j): every completion of
+    every prompt, on every data-parallel rank, gets its own. Recorded from the SamplingParams handed to vLLM's
+    generate (the CPU build cannot sample with them: the seeds are dropped there before generating)."""
+    import train_grpo
+
+    recorded, real_generate = [], trainer_engine.llm.generate
+
+    def recording_generate(requests, params, **kw):
+        recorded.append(params)
+        unseeded = [p.clone() for p in params] if isinstance(params, list) else params.clone()
+        for p in unseeded if isinstance(unseeded, list) else [unseeded]:
+            p.seed = None
+        return real_generate(requests, unseeded, **kw)
+
+    monkeypatch.setattr(trainer_engine.llm, "generate", recording_generate)
+    monkeypatch.setattr(trainer_engine, "cuda", True)
+    cfg = train_grpo.Config(model="unused", data="unused", engine="vllm", seed=1)
+    prompts, n = [_image_prompt(1), [{"role": "user", "content": "Is it so?"}], [{"role": "user", "content": "Why?"}]], 3
+    from rollout import SamplingSettings
+    from types import SimpleNamespace
+
+    for rank in range(4):  # the seeds the trainer gives neighbouring data-parallel ranks for the same step
+        seed = train_grpo.rollout_seed(cfg, SimpleNamespace(rank=rank, world=4), step=0, attempt=0)
+        trainer_engine.generate(prompts, n=n, settings=SamplingSettings(max_new_tokens=2, seed=seed))
+    effective = []
+    for params in recorded:
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        assert len(per_prompt) == len(prompts) and all(p.n == n and p.seed is not None for p in per_prompt)
+        effective += [p.seed + j for p in per_prompt for j in range(n)]
+    assert len(effective) == 4 * len(prompts) * n and len(set(effective)) == len(effective)
