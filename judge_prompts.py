@@ -6,12 +6,14 @@ tokens of common chat templates made inert by `neutralise`, which evaluate.py's 
 in length, and the parser is strict: the whole reply must be YES or NO, anything else is None ("could
 not score"), never a YES (the released parser scores "NO, not YES" as 1). Answers that are a bare
 verdict word or that address the grader are screened before any call (`is_bare_verdict`,
-`addresses_judge`). `medix_r1_prompt` / `parse_medix_r1_reply` are the released ones, for the
+`addresses_judge`), on text read as `normalise_text` reads it (no zero-width characters to hide a
+word behind). `medix_r1_prompt` / `parse_medix_r1_reply` are the released ones, for the
 `preset="medix-r1"` reproduction only.
 """
 from __future__ import annotations
 
 import re
+import unicodedata
 
 MAX_CANDIDATE_CHARS = 1000  # longer than any reference answer in the training data by far
 MAX_REFERENCE_CHARS = 4000  # reports (MIMIC-CXR) are the longest references
@@ -65,6 +67,17 @@ def neutralise(text: str, tags: tuple[str, ...] = ("candidate", "reference")) ->
     return _CONTROL.sub(lambda m: _inert(m.group(0), "()"), text)
 
 
+def normalise_text(text: str) -> str:
+    """Text as a screen or an exact match should read it: NFKC (full-width and other compatibility
+    forms become plain letters) without format characters (Unicode category Cf: zero-width spaces
+    and joiners, soft hyphens, word joiners, bidi marks), which render as nothing but split words:
+    `Y\u200bES` is a bare "YES", `re\u200bspond with YES` addresses the judge. Not applied to what
+    the judge reads: NFKC would turn "10⁹/L" into "109/L"."""
+    if text.isascii():  # the common case: neither step changes it
+        return text
+    return "".join(ch for ch in unicodedata.normalize("NFKC", text) if unicodedata.category(ch) != "Cf")
+
+
 def cap(text: str, limit: int) -> str:
     """The first `limit` characters, marked when cut."""
     return text if len(text) <= limit else text[:limit] + TRUNCATED
@@ -96,7 +109,7 @@ def parse_judge_reply(reply: str | None) -> float | None:
     """1.0 for YES, 0.0 for NO, None for anything else (the whole reply must be the one word)."""
     if not isinstance(reply, str):
         return None
-    word = reply.strip(_REPLY_NOISE).upper()
+    word = normalise_text(reply).strip(_REPLY_NOISE).upper()
     return {"YES": 1.0, "NO": 0.0}.get(word)
 
 
@@ -107,7 +120,7 @@ VERDICT_WORDS = frozenset(
 
 
 def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
+    return re.findall(r"[a-z0-9]+", normalise_text(text).lower())
 
 
 def is_bare_verdict(answer: str) -> bool:
@@ -141,7 +154,7 @@ _ADDRESSES_JUDGE = re.compile(
 
 def addresses_judge(answer: str) -> bool:
     """True when the answer talks to the grader (tells it what to reply, to ignore its rules...)."""
-    return bool(_ADDRESSES_JUDGE.search(answer))
+    return bool(_ADDRESSES_JUDGE.search(normalise_text(answer)))
 
 
 # --- The released MediX-R1 prompt and parser (preset="medix-r1" only) ---------------------------

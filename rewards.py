@@ -18,19 +18,21 @@ the released code") says where our default differs, and why.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import email.utils
 import json
 import logging
 import os
 import random
 import re
 import time
-import unicodedata
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable, Sequence
+from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 import numpy as np
 
@@ -207,7 +209,7 @@ def split_reference(answer: str, modality: str | None = None, preset: str | None
 
 def _norm(text: str) -> str:
     """For exact matches: unicode-normalised, case-folded, single-spaced, outer punctuation gone."""
-    text = unicodedata.normalize("NFKC", text).casefold()
+    text = jp.normalise_text(text).casefold()  # also without zero-width and other format characters
     return " ".join(text.split()).strip(" .,;:!?\"'`*()[]")
 
 
@@ -238,6 +240,62 @@ def _modality_score(parsed: Parsed, tag: str | None, preset: str | None) -> floa
 # ---------------------------------------------------------------------------------------------
 # The judge client: an aiohttp transport for many chat requests, and the YES/NO judge on top
 # ---------------------------------------------------------------------------------------------
+
+
+def redact_url(url: str) -> str:
+    """A URL as it may be printed or written: the password of its userinfo as `***`
+    (`http://user:***@host/v1`; a lone user name, often a token, as `***@host`). Other text (a
+    model name, "exact") and comma-separated lists of URLs come back the same way; equal URLs
+    give equal results, and redacting twice changes nothing."""
+    if "," in url:
+        return ",".join(redact_url(u) for u in url.split(","))
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a malformed authority ("http://[::1"): hide anything that looks like userinfo
+        return re.sub(r"(?<=://)[^/]*@", "***@", url)
+    if not parts.scheme or "@" not in parts.netloc:
+        return url
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, has_password, _ = userinfo.partition(":")
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}" if has_password else f"***@{host}"))
+
+
+class _Secret(str):
+    """A header value that prints as *** (in a repr, `vars(client)`, a traceback's locals)."""
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
+def split_credentials(url: str) -> tuple[str, str | None]:
+    """(the URL without its userinfo, the Basic Authorization value made of it, or None). Requests
+    go to the first with the second as a header: a URL never carries the password on the wire or
+    into a message."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
+    return urlunsplit(parts._replace(netloc=host)), _Secret(f"Basic {token}")
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After header in seconds from now: delta-seconds ("3", "1.5") or an HTTP-date; None
+    when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - time.time()
+    return max(0.0, seconds) if seconds == seconds and seconds != float("inf") else None
 
 
 def _chat_url(url: str) -> str:
@@ -272,7 +330,9 @@ def run_sync(make_coro: Callable[[], Any]) -> Any:
 
 
 class _Retryable(Exception):
-    pass
+    def __init__(self, reason: str, retry_after: float | None = None):
+        super().__init__(reason)
+        self.retry_after = retry_after  # seconds the server asked to wait (Retry-After), if it said
 
 
 class JudgeUnavailable(Exception):
@@ -285,11 +345,18 @@ class ChatClient:
 
     `chat(items)` takes (messages, extra body fields) pairs and returns one reply text per item, or
     None where every attempt failed. Up to `concurrency` requests are in flight; each attempt has a
-    `timeout`; timeouts, connection errors, 408/429/5xx and unreadable bodies are retried `retries`
-    times with exponential backoff and jitter, each retry on the next endpoint (round-robin over
-    `urls`). Fields in `droppable` (vLLM extensions) are removed for good after an endpoint rejects a
-    request with 400, so a hosted API works with the same settings. The API key is read from the
-    environment variable `api_key_env` at each call and never stored, printed or logged.
+    `timeout` for the whole of it (connecting, sending, every byte of the reply); timeouts,
+    connection errors, 408/429/5xx and unreadable bodies are retried `retries` times with
+    exponential backoff and jitter, each retry on the next endpoint (round-robin over `urls`). A
+    429/503 with Retry-After is retried when the server says (seconds or an HTTP-date), without
+    using up a retry, while the request's budget of `timeout x (retries + 1)` seconds from its first
+    try lasts; one asking for longer is given up at once. Redirects are not followed (aiohttp would
+    turn the POST into a GET): they fail, naming the Location, and `probe` refuses them. Fields in
+    `droppable` (vLLM extensions) are removed for good after an endpoint rejects a request with 400,
+    so a hosted API works with the same settings. The API key is read from the environment variable
+    `api_key_env` at each call and never stored, printed or logged; credentials in a URL
+    (`http://user:pass@host/v1`) are sent as Basic authorization to that endpoint instead, and the
+    URL is shown redacted (`redact_url`).
 
     aiohttp, not httpx or the openai SDK: those stalled beyond 16 requests in flight (measured here).
     """
@@ -310,7 +377,8 @@ class ChatClient:
         urls = [part.strip() for u in urls for part in u.split(",") if part.strip()]
         if not urls:
             raise ValueError("ChatClient needs at least one endpoint URL")
-        self.urls = [_chat_url(u) for u in urls]
+        self.shown = [redact_url(_chat_url(u)) for u in urls]  # for messages: no password
+        self.urls, self._basic = map(list, zip(*(split_credentials(_chat_url(u)) for u in urls)))
         self.model = model  # None: ask the first endpoint's /v1/models (what `vllm serve` serves)
         self.concurrency, self.timeout, self.retries, self.backoff = concurrency, timeout, retries, backoff
         self.api_key_env = api_key_env
@@ -322,14 +390,18 @@ class ChatClient:
         self.stats["seconds"] = 0.0
 
     def __repr__(self) -> str:  # no key in here, only the variable's name
-        return f"ChatClient(urls={self.urls}, model={self.model!r}, concurrency={self.concurrency}, api_key_env={self.api_key_env!r})"
+        return f"ChatClient(urls={self.shown}, model={self.model!r}, concurrency={self.concurrency}, api_key_env={self.api_key_env!r})"
 
-    def _headers(self) -> dict:
+    def _headers(self) -> list[dict]:
+        """One header dict per endpoint: its URL's own credentials, else the key from the environment."""
         key = os.environ.get(self.api_key_env, "")
-        headers = {"Content-Type": "application/json"}
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
+        out = []
+        for basic in self._basic:
+            headers = {"Content-Type": "application/json"}
+            if basic or key:
+                headers["Authorization"] = basic or _Secret(f"Bearer {key}")
+            out.append(headers)
+        return out
 
     def chat(self, items: Sequence[tuple[list[dict], dict]]) -> list[str | None]:
         """Synchronous `achat`."""
@@ -348,7 +420,7 @@ class ChatClient:
             gate = asyncio.Semaphore(self.concurrency)
             start = self._next_url
             self._next_url = (start + len(items)) % len(self.urls)
-            headers = self._headers()  # read once per batch; never stored on the client
+            headers = self._headers()  # read once per batch (one dict per endpoint); never stored on the client
             memo: dict = {}  # the encoded end of each distinct `extra` of this batch (`_tail`)
             jobs = (self._one(session, gate, headers, messages, extra, start + i, memo) for i, (messages, extra) in enumerate(items))
             out = await asyncio.gather(*jobs)
@@ -392,15 +464,23 @@ class ChatClient:
         import aiohttp
 
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as session:
-            for url in self.urls:
-                base = url.rsplit("/chat/completions", 1)[0]
+            for url, shown, headers in zip(self.urls, self.shown, self._headers()):
+                where = url.rsplit("/chat/completions", 1)[0]
+                base = shown.rsplit("/chat/completions", 1)[0]  # for messages: no password
                 try:
-                    async with session.get(base + "/models", headers=self._headers()) as r:
+                    async with session.get(where + "/models", headers=headers, allow_redirects=False) as r:
+                        if 300 <= r.status < 400:
+                            # Why refused, not followed: aiohttp (as browsers) turns the judge's POSTs
+                            # into GETs on 301/302, another origin would not get the credentials, and
+                            # every call would pay a second round trip. The right URL is one flag away.
+                            to = redact_url(urljoin(where + "/models", r.headers.get("Location", "")))
+                            raise JudgeUnavailable(f"judge at {base}: GET /models redirects (HTTP {r.status}) to {to}: "
+                                                   "give the judge URL it points to (redirects are not followed)")
                         if r.status != 200:
                             raise JudgeUnavailable(f"judge at {base}: GET /models answered HTTP {r.status}")
                         try:
                             served = [m["id"] for m in (await r.json(content_type=None))["data"]]
-                        except (ValueError, KeyError, TypeError) as e:
+                        except (ValueError, KeyError, TypeError, RecursionError) as e:
                             raise JudgeUnavailable(f"judge at {base}: GET /models returned no model list ({type(e).__name__})") from None
                 except asyncio.TimeoutError:
                     raise JudgeUnavailable(f"judge at {base}: no answer within {self.timeout:g} s to GET /models") from None
@@ -416,10 +496,11 @@ class ChatClient:
     async def _discover_model(self, session) -> str | None:
         base = self.urls[0].rsplit("/chat/completions", 1)[0]
         try:
-            async with session.get(base + "/models", headers=self._headers()) as r:
+            async with session.get(base + "/models", headers=self._headers()[0], allow_redirects=False) as r:
                 return (await r.json(content_type=None))["data"][0]["id"]
         except Exception as e:  # the requests then fail and are counted; the run goes on
-            log.warning("could not read the model name from %s/models (%s); pass model=", base, type(e).__name__)
+            shown = self.shown[0].rsplit("/chat/completions", 1)[0]
+            log.warning("could not read the model name from %s/models (%s); pass model=", shown, type(e).__name__)
             return None
 
     def _tail(self, extra: dict, memo: dict) -> tuple[bytes, frozenset]:
@@ -435,43 +516,48 @@ class ChatClient:
             hit = memo[key] = (extra, (b", " + tail) if kept else tail, frozenset(self.droppable.intersection(kept)))
         return hit[1], hit[2]
 
-    async def _one(self, session, gate: asyncio.Semaphore, headers: dict, messages: list[dict], extra: dict, slot: int,
+    async def _one(self, session, gate: asyncio.Semaphore, headers: list[dict], messages: list[dict], extra: dict, slot: int,
                    memo: dict | None = None) -> str | None:
         import aiohttp
 
-        attempt = 0
+        attempt = retried = 0  # attempts after the first (they pick the endpoint), and those that used up a retry
+        budget = self.timeout * (self.retries + 1)  # what Retry-After waits may take, from the first try
+        deadline = time.monotonic() + budget
         memo = {} if memo is None else memo
         head = b'{"model": ' + json.dumps(self.model).encode() + b', "messages": '
         encoded = None
         while True:
-            url = self.urls[(slot + attempt) % len(self.urls)]
+            i = (slot + attempt) % len(self.urls)
+            url, shown = self.urls[i], self.shown[i]
             tail, carried = self._tail(extra, memo)
             if encoded is None:
                 encoded = json.dumps(messages).encode()
             self.stats["requests"] += 1
+            asked = None
             try:
                 async with gate:
-                    async with session.post(url, data=head + encoded + tail, headers=headers) as r:
+                    async with session.post(url, data=head + encoded + tail, headers=headers[i], allow_redirects=False) as r:
                         if r.status == 400 and carried:
                             # The endpoint may not know vLLM's extensions: drop them and ask again
                             # (requests already in flight with them land here too).
                             if carried - self.dropped:
-                                log.warning("%s answered 400; sending no %s from now on", url, sorted(carried))
+                                log.warning("%s answered 400; sending no %s from now on", shown, sorted(carried))
                             self.dropped |= carried
                             continue
                         if r.status in (408, 429) or r.status >= 500:
                             self.stats["http_errors"] += 1
-                            raise _Retryable(f"HTTP {r.status}")
+                            raise _Retryable(f"HTTP {r.status}", retry_after_seconds(r.headers.get("Retry-After")))
                         if r.status != 200:
                             self.stats["http_errors"] += 1
-                            log.warning("%s answered HTTP %d; not retried", url, r.status)
+                            moved = f" (a redirect to {redact_url(urljoin(url, r.headers.get('Location', '')))}: give that URL)" if 300 <= r.status < 400 else ""
+                            log.warning("%s answered HTTP %d%s; not retried", shown, r.status, moved)
                             break
                         try:
                             data = json.loads(await r.read())
                             text = data["choices"][0]["message"]["content"]
                             if not isinstance(text, str):
                                 raise TypeError("content is not a string")
-                        except (ValueError, KeyError, IndexError, TypeError) as e:
+                        except (ValueError, KeyError, IndexError, TypeError, RecursionError) as e:  # RecursionError: nested too deep
                             self.stats["bad_bodies"] += 1
                             raise _Retryable(f"unreadable body ({type(e).__name__})") from None
                         return text
@@ -480,13 +566,19 @@ class ChatClient:
                 reason = "timeout"
             except (aiohttp.ClientError, _Retryable, ConnectionError) as e:
                 reason = str(e) if isinstance(e, _Retryable) else type(e).__name__
-            if attempt >= self.retries:
-                log.warning("%s: giving up after %d attempts (%s)", url, attempt + 1, reason)
+                asked = e.retry_after if isinstance(e, _Retryable) else None
+            left = deadline - time.monotonic()
+            if asked is not None and asked > left:
+                reason += f", Retry-After {asked:g} s is past the {max(left, 0):.3g} s left of the request's {budget:g} s budget"
+            if (asked is None and retried >= self.retries) or (asked is not None and asked > left):
+                log.warning("%s: giving up after %d attempts (%s)", shown, attempt + 1, reason)
                 self.stats["failed_timeouts"] += reason == "timeout"  # failures whose last attempt timed out
                 break
             attempt += 1
+            retried += asked is None  # a wait the server asked for is bounded by the budget, not the count
             self.stats["retries"] += 1
-            await asyncio.sleep(self.backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.5))
+            backoff = self.backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
+            await asyncio.sleep(backoff if asked is None else min(max(asked, backoff), left))
         self.stats["failures"] += 1
         return None
 
@@ -584,13 +676,15 @@ def default_judge() -> OpenAIJudge:
 
 
 @lru_cache(maxsize=4)
-def load_embedder(model: str = DEFAULT_EMBEDDER, device: str | None = None):
-    """A sentence-transformers model, loaded once per (model, device)."""
+def load_embedder(model: str = DEFAULT_EMBEDDER, device: str | None = None, trust_remote_code: bool = False):
+    """A sentence-transformers model, loaded once per (model, device, trust_remote_code). The Python
+    code a model folder or hub repository ships (its config's auto_map) runs only with
+    `trust_remote_code=True`: a downloaded model is data, not a program (MedEmbed needs none)."""
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as e:
         raise ImportError("the embedding reward needs sentence-transformers: pip install sentence-transformers") from e
-    return SentenceTransformer(str(model), device=device, trust_remote_code=True)
+    return SentenceTransformer(str(model), device=device, trust_remote_code=trust_remote_code)
 
 
 def _as_embedder(embedder):

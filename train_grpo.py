@@ -22,7 +22,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ import optim
 import policy
 import rollout
 from checkpoints import last_checkpoint, load_trainer_state, read_log, read_step, run_header, save_checkpoint, truncate_log, truncate_samples  # noqa: F401
-from grpo_config import LOSS_TYPES, Config, check_config, parse_config, tracker_kwargs, trackers  # noqa: F401
+from grpo_config import LOSS_TYPES, Config, check_config, parse_config, public_config, tracker_kwargs, trackers  # noqa: F401
 from policy import load_policy, policy_dtype, shard  # noqa: F401
 
 
@@ -714,8 +714,9 @@ def make_reward(cfg, rank: int = 0):
             raise SystemExit(f"judge: {e}") from None
     elif cfg.w_llm > 0 and rank == 0:
         print("no --judge_url: the accuracy reward (reward_llm) is exact match only, no LLM judge")
+    embedder = rewards.load_embedder(cfg.embedder, trust_remote_code=cfg.embedder_trust_remote_code) if weights["embed"] else None
     return rewards.CompositeReward(
-        weights, judge=judge, embedder=cfg.embedder or None, think_tag=cfg.think_tag, preset=cfg.reward_preset or None,
+        weights, judge=judge, embedder=embedder, think_tag=cfg.think_tag, preset=cfg.reward_preset or None,
         on_judge_failure=cfg.on_judge_failure or None, partial_format=cfg.partial_format,
     )  # fmt: skip
 
@@ -993,10 +994,10 @@ def main(cfg: Config, reward_fn=None) -> Path:
     if run.rank == 0:  # a resumed run rewrites the steps after its checkpoint
         truncate_log(log_path, run.start_step)
         truncate_samples(out / "samples.md", run.start_step)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        (out / "config.json").write_text(json.dumps(public_config(cfg), indent=1))
         if not log_path.exists() or not log_path.read_text().strip():
             log_path.write_text(json.dumps({"step": 0, "run": run_header(cfg, run, reward_fn)}) + "\n")
-    run.acc.init_trackers(cfg.project, config={k: v for k, v in asdict(cfg).items() if not isinstance(v, list)}, init_kwargs=tracker_kwargs(cfg))
+    run.acc.init_trackers(cfg.project, config={k: v for k, v in public_config(cfg).items() if not isinstance(v, list)}, init_kwargs=tracker_kwargs(cfg))
     ckpt = None
     bar = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps, disable=run.rank != 0, desc="grpo")
     val = {}  # step -> validation metrics (rank 0)
@@ -1046,7 +1047,7 @@ def check_judge(cfg, run, metrics: dict) -> None:
     if run.judge_bad_steps >= cfg.judge_failure_steps:
         raise SystemExit(
             f"step {metrics['step']}: the judge failed {share:.0%} of its calls, over judge_failure_max "
-            f"{cfg.judge_failure_max:.0%} for {run.judge_bad_steps} steps in a row ({', '.join(cfg.judge_url)})"
+            f"{cfg.judge_failure_max:.0%} for {run.judge_bad_steps} steps in a row ({', '.join(public_config(cfg)['judge_url'])})"
         )
 
 
