@@ -110,6 +110,23 @@ def _hf_name(name: str) -> str:
     return name[len("module."):] if name.startswith("module.") else name
 
 
+# Fused MoE experts that the released checkpoints hold transposed from transformers' in-memory layout
+# (Qwen3-VL-MoE: gate_up_proj [E, hidden, 2 x inter] on the hub, [E, 2 x inter, hidden] in memory; transformers
+# transposes at load, conversion_mapping.py). vLLM's loader reads the checkpoints' layout and transposes
+# unconditionally (`is_fused_checkpoint_transposed`): handed the in-memory layout it fails a size assert, or
+# loads garbage where the matrix is square. By model_type: parameter name suffixes.
+_TRANSPOSED_EXPERTS = {"qwen3_vl_moe": (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")}
+
+
+def _transposed_experts(model: torch.nn.Module) -> tuple[str, ...]:
+    return _TRANSPOSED_EXPERTS.get(getattr(getattr(model, "config", None), "model_type", None), ())
+
+
+def _layout(name: str, tensor: torch.Tensor, transposed: tuple[str, ...]) -> torch.Tensor:
+    """`tensor` in the released checkpoints' layout (a view; the same call turns it back)."""
+    return tensor.transpose(-1, -2) if transposed and name.endswith(transposed) else tensor
+
+
 def full_parameters(
     model: torch.nn.Module, dtype: torch.dtype | None = None, *, changed_only: bool = False
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -122,6 +139,7 @@ def full_parameters(
     A peft LoRA model streams merged weights under the base model's names: each LoRA-wrapped linear
     layer's `weight` is base + scaling x B @ A (computed in float32), its adapter matrices are not
     sent, and peft's `base_model.model.` prefix and `.base_layer` infix are dropped (`merged_parameters`).
+    Fused MoE experts go in the released checkpoints' layout (`_TRANSPOSED_EXPERTS`), as vLLM loads them.
 
     With `changed_only`, the blocks whose parameters no optimiser step changes are left out
     (`unchanging_parameters`): for an engine that keeps its weights between syncs (`keeps_weights`)
@@ -130,28 +148,66 @@ def full_parameters(
         yield from merged_parameters(model, dtype, changed_only=changed_only)
         return
     skip = unchanging_parameters(model) if changed_only else set()
+    transposed = _transposed_experts(model)
     for name, param in model.named_parameters():
         if name not in skip:  # the same names on every rank: the gathers stay paired
-            yield _hf_name(name), _full(_cast(param.detach(), dtype))  # cast the shard, then gather: half the traffic in bf16
+            hf = _hf_name(name)  # cast the shard, then gather: half the traffic in bf16
+            yield hf, _layout(hf, _full(_cast(param.detach(), dtype)), transposed)
 
 
 def merged_parameters(
     model: torch.nn.Module, dtype: torch.dtype | None = None, *, changed_only: bool = False
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """`full_parameters` of a peft LoRA model: the model with its active adapters merged, one full tensor at
-    a time, in the base model's Hugging Face naming (what vLLM and `from_pretrained` expect)."""
+    a time, in the base model's Hugging Face naming (what vLLM and `from_pretrained` expect). A parameter that
+    peft adapts directly (`target_parameters`: fused MoE experts, wrapped in nested `ParamWrapper`s, one per
+    parameter) is merged by `merged_param`."""
     layers = _lora_layers(model)
     adapter_params = {f"{name}.{p}" for name, layer in layers.items() for p, _ in layer.named_parameters() if not p.startswith("base_layer.")}
     skip = unchanging_parameters(model) if changed_only else set()
+    transposed = _transposed_experts(model)
     for name, param in model.named_parameters():
         if name in adapter_params or name in skip:
             continue  # adapters are folded into their layer's base weight below
         owner, _, leaf = name.rpartition(".")
         layer = layers.get(owner.removesuffix(".base_layer")) if owner.endswith(".base_layer") and leaf == "weight" else None
-        if layer is None:  # not LoRA-wrapped: cast the shard, then gather
-            yield base_name(name), _full(_cast(param.detach(), dtype))
+        wrapper = _param_wrapper(layers, owner, leaf)
+        if wrapper is not None:  # merged in float32, then cast
+            tensor = _cast(merged_param(wrapper, _full(param)), dtype)
+        elif layer is None:  # not LoRA-wrapped: cast the shard, then gather
+            tensor = _full(_cast(param.detach(), dtype))
         else:  # merged in float32, then cast
-            yield base_name(name), _cast(merged_weight(layer, _full(param)), dtype)
+            tensor = _cast(merged_weight(layer, _full(param)), dtype)
+        yield base_name(name), _layout(base_name(name), tensor, transposed)
+
+
+def _param_wrapper(layers: dict, owner: str, leaf: str):
+    """The peft `ParamWrapper` among `layers` that adapts parameter `leaf` of module `owner`, or None. Each
+    wraps the one before (`experts.base_layer.base_layer` holds the tensors), so look outwards."""
+    while owner.endswith(".base_layer"):
+        owner = owner.removesuffix(".base_layer")
+        layer = layers.get(owner)
+        if layer is not None and getattr(layer, "parameter_name", None) == leaf:
+            return layer
+    return None
+
+
+def merged_param(layer, weight: torch.Tensor) -> torch.Tensor:
+    """A peft `ParamWrapper`'s merged parameter (fused experts [E, out, in] or [E, in, out]): base + sum over its
+    active adapters of peft's per-expert delta (`ParamWrapper.get_delta_weight`), from the adapters gathered
+    whole under FSDP2 (collectives), in float32, then the base's dtype."""
+    if getattr(layer, "disable_adapters", False):
+        return weight
+    out = weight.float()
+    for adapter in layer.active_adapters:
+        if adapter not in layer.lora_A or adapter in getattr(layer, "merged_adapters", ()):
+            continue
+        a, b = _full(layer.lora_A[adapter].weight).float(), _full(layer.lora_B[adapter].weight).float()
+        e = layer.num_experts
+        a, b = a.reshape(e, -1, a.shape[-1]), b.reshape(b.shape[0], -1, e)  # [E, r, in], [out, r, E]
+        delta = torch.einsum("ore,eri->eoi" if layer._did_swap_in_out_features else "ore,eri->eio", b, a)
+        out = out + layer.scaling[adapter] * delta
+    return out.to(weight.dtype)
 
 
 def unchanging_parameters(model: torch.nn.Module) -> set[str]:
@@ -211,7 +267,9 @@ def base_name(name: str) -> str:
     """A peft model's parameter name as the base model's (Hugging Face) name: wrapper prefixes, peft's
     `base_model.model.` and the `.base_layer` infix of wrapped layers dropped."""
     name = _hf_name(name).removeprefix("base_model.model.")
-    return name.replace(".base_layer.", ".")
+    while ".base_layer." in name:  # nested wrappers (peft's ParamWrapper around another) leave it twice
+        name = name.replace(".base_layer.", ".")
+    return name
 
 
 def _lora_layers(model: torch.nn.Module) -> dict:
@@ -320,10 +378,11 @@ class HFRollout:
         if self.shares_trainer_model:  # not even iterated: gathering FSDP shards would be wasted collectives
             return
         params = dict(self.model.named_parameters())
+        transposed = _transposed_experts(self.model)  # the stream holds them in the checkpoints' layout
         with torch.no_grad():
             for name, tensor in named_tensors:
                 if name in params and params[name] is not tensor:
-                    params[name].copy_(tensor)
+                    params[name].copy_(_layout(name, tensor, transposed))
 
     def score(self, prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]]) -> list[list[float]]:
         """Log-probs (temperature 1) of given completion tokens after given prompt tokens (text only)."""
@@ -345,24 +404,32 @@ class HFRollout:
         pass
 
 
-def prompt_seeds(seed: int, prompts: int, n: int) -> list[int]:
-    """vLLM seeds for the prompts of one generate call seeded `seed`: prompt i gets (seed mod 2^31) x 2^32 + i x n.
-
-    vLLM gives child j of a request seed + j, so one seed for every prompt (as before) gave completion j of
-    each prompt the same noise, and neighbouring ranks' seeds (the trainer's differ by 1) overlapped. Here
-    every child of every prompt gets its own seed, and so does every child of a call with another seed
-    (each data-parallel rank's): none is shared. Per-request seeds cost nothing on vLLM's V2 model runner (its
-    default on CUDA), which samples every request from its own seed anyway (a random one when none is given),
-    and they let a resumed run replay its samples. 63 bits, as vLLM's seed tensor holds."""
-    if prompts * n > 2**32:
-        raise ValueError(f"{prompts} prompts x {n} completions exceed the 2^32 seeds of one call")
-    base = (seed % 2**31) << 32
-    return [base + i * n for i in range(prompts)]
-
-
 def _reseed(worker, seed: int) -> None:
     """Runs inside the vLLM worker: on CPU, unseeded requests sample from the global torch generator."""
     torch.manual_seed(seed)
+
+
+def _pack_cpu_experts_on_reload(worker) -> None:
+    """Runs inside vLLM's CPU worker, once, before the first `reload_weights`. The CPU build's MoE kernel reads
+    its experts prepacked (`CPUUnquantizedExperts.process_weights_after_loading`), but vLLM 0.32's unquantized
+    MoE method runs that only on the first load (unquantized_fused_moe_method.py `_setup_kernel`: `if not
+    is_weight_update`): a reload left the new experts unpacked and the kernel read them as packed (tiny
+    Qwen3-VL-MoE: log-probs off by 0.06 after reloading the very same weights). So each MoE layer's processing
+    also packs on updates; it runs only for the layers a reload sends tensors to, before vLLM copies the
+    result into the layer's kept storage (layerwise.py `_layerwise_process`)."""
+    for layer in worker.model_runner.get_model().modules():
+        method = getattr(layer, "quant_method", None)
+        experts = getattr(getattr(method, "moe_kernel", None), "fused_experts", None)
+        if experts is None or "CPU" not in type(experts).__name__ or getattr(method, "_packs_on_reload", False):
+            continue
+
+        def process(layer, _method=method, _process=method.process_weights_after_loading):
+            update = _method.moe_kernel is not None  # what vLLM's _setup_kernel tests
+            _process(layer)
+            if update:
+                _method.moe_kernel.fused_experts.process_weights_after_loading(layer)
+
+        method.process_weights_after_loading, method._packs_on_reload = process, True
 
 
 def _repack_cpu_gemms(worker) -> None:
@@ -427,7 +494,7 @@ class VLLMRollout:
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.3,
         max_model_len: int = 4096,
-        max_images_per_prompt: int | None = None,
+        max_images_per_prompt: int = 4,
         dtype: str = "auto",
         seed: int = 0,
         enable_sleep_mode: bool | None = None,
@@ -463,10 +530,7 @@ class VLLMRollout:
         from transformers import AutoConfig, AutoProcessor
 
         if is_vlm(AutoConfig.from_pretrained(str(model))):
-            # None: vLLM's default (999 a prompt, no limit in practice, as the release); the trainer passes the most
-            # images any sample holds (a smaller limit made a 5-image prompt fail the step on one rank).
-            limit = {"video": 0} if max_images_per_prompt is None else {"image": max_images_per_prompt, "video": 0}
-            engine_kwargs.setdefault("limit_mm_per_prompt", limit)
+            engine_kwargs.setdefault("limit_mm_per_prompt", {"image": max_images_per_prompt, "video": 0})
             # vLLM's own device-side pixel normalisation made the tiny Qwen2.5-VL's log-probs differ from a
             # transformers forward of the same tokens by 1e-3; off, they agree to 1e-5 (float32).
             engine_kwargs.setdefault("mm_device_do_normalize", False)
@@ -560,6 +624,8 @@ class VLLMRollout:
         # one: a tensor missing there by name is a bug); later ones would repeat them, or, for a partial
         # update, list every frozen layer at every step. The sync probe (train_grpo.check_sync) checks
         # the result instead.
+        if not self.cuda and not self._updates:
+            self.llm.collective_rpc(_pack_cpu_experts_on_reload)
         with _QuietKeptLayers() if self._updates else contextlib.nullcontext() as quiet:
             self.llm.collective_rpc(
                 "reload_weights", kwargs={"weights_iterator": iter(named_tensors), "is_checkpoint_format": True}
@@ -622,13 +688,12 @@ class VLLMRollout:
         # of floats per completion instead of a dict and a Logprob object per token.
         params = dict(n=n, temperature=max(s.temperature, 0.0), top_p=s.top_p, max_tokens=s.max_new_tokens, logprobs=0,
                       detokenize=False, flat_logprobs=True)
-        sampling: SamplingParams | list[SamplingParams] = SamplingParams(**params)
         if s.seed is not None:
-            if self.cuda:  # one seed per prompt, so that no two completions share a noise stream (`prompt_seeds`)
-                sampling = [SamplingParams(**params, seed=seed) for seed in prompt_seeds(s.seed, len(requests), n)]
+            if self.cuda:
+                params["seed"] = s.seed  # child i of n gets seed + i
             else:  # per-request seeds fail in the CPU build; re-seed the worker's generator instead
                 self.llm.collective_rpc(_reseed, args=(s.seed,))
-        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        outputs = self.llm.generate(requests, SamplingParams(**params), use_tqdm=False)
         rows = []
         for i, out in enumerate(outputs):
             prompt_ids = list(out.prompt_token_ids)

