@@ -404,6 +404,21 @@ class HFRollout:
         pass
 
 
+def prompt_seeds(seed: int, prompts: int, n: int) -> list[int]:
+    """vLLM seeds for the prompts of one generate call seeded `seed`: prompt i gets (seed mod 2^31) x 2^32 + i x n.
+
+    vLLM gives child j of a request seed + j, so one seed for every prompt (as before) gave completion j of
+    each prompt the same noise, and neighbouring ranks' seeds (the trainer's differ by 1) overlapped. Here
+    every child of every prompt gets its own seed, and so does every child of a call with another seed
+    (each data-parallel rank's): none is shared. Per-request seeds cost nothing on vLLM's V2 model runner (its
+    default on CUDA), which samples every request from its own seed anyway (a random one when none is given),
+    and they let a resumed run replay its samples. 63 bits, as vLLM's seed tensor holds."""
+    if prompts * n > 2**32:
+        raise ValueError(f"{prompts} prompts x {n} completions exceed the 2^32 seeds of one call")
+    base = (seed % 2**31) << 32
+    return [base + i * n for i in range(prompts)]
+
+
 def _reseed(worker, seed: int) -> None:
     """Runs inside the vLLM worker: on CPU, unseeded requests sample from the global torch generator."""
     torch.manual_seed(seed)
@@ -494,7 +509,7 @@ class VLLMRollout:
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.3,
         max_model_len: int = 4096,
-        max_images_per_prompt: int = 4,
+        max_images_per_prompt: int | None = None,
         dtype: str = "auto",
         seed: int = 0,
         enable_sleep_mode: bool | None = None,
@@ -530,7 +545,10 @@ class VLLMRollout:
         from transformers import AutoConfig, AutoProcessor
 
         if is_vlm(AutoConfig.from_pretrained(str(model))):
-            engine_kwargs.setdefault("limit_mm_per_prompt", {"image": max_images_per_prompt, "video": 0})
+            # None: vLLM's default (999 a prompt, no limit in practice, as the release); the trainer passes the most
+            # images any sample holds (a smaller limit made a 5-image prompt fail the step on one rank).
+            limit = {"video": 0} if max_images_per_prompt is None else {"image": max_images_per_prompt, "video": 0}
+            engine_kwargs.setdefault("limit_mm_per_prompt", limit)
             # vLLM's own device-side pixel normalisation made the tiny Qwen2.5-VL's log-probs differ from a
             # transformers forward of the same tokens by 1e-3; off, they agree to 1e-5 (float32).
             engine_kwargs.setdefault("mm_device_do_normalize", False)
@@ -688,12 +706,13 @@ class VLLMRollout:
         # of floats per completion instead of a dict and a Logprob object per token.
         params = dict(n=n, temperature=max(s.temperature, 0.0), top_p=s.top_p, max_tokens=s.max_new_tokens, logprobs=0,
                       detokenize=False, flat_logprobs=True)
+        sampling: SamplingParams | list[SamplingParams] = SamplingParams(**params)
         if s.seed is not None:
-            if self.cuda:
-                params["seed"] = s.seed  # child i of n gets seed + i
+            if self.cuda:  # one seed per prompt, so that no two completions share a noise stream (`prompt_seeds`)
+                sampling = [SamplingParams(**params, seed=seed) for seed in prompt_seeds(s.seed, len(requests), n)]
             else:  # per-request seeds fail in the CPU build; re-seed the worker's generator instead
                 self.llm.collective_rpc(_reseed, args=(s.seed,))
-        outputs = self.llm.generate(requests, SamplingParams(**params), use_tqdm=False)
+        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
         rows = []
         for i, out in enumerate(outputs):
             prompt_ids = list(out.prompt_token_ids)
