@@ -52,6 +52,8 @@ class Config:
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts (the trainer divides its logits by it too)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling of the rollouts (1: off)."})
     gpu_memory_utilization: float = field(default=0.35, metadata={"help": "vLLM's share of the GPU memory (weights + KV cache)."})
+    gpu_memory_gb: float = field(default=0.0, metadata={"help": "Plan the memory for a GPU of this size in GiB, on a machine without one (0: the GPU's own) (memory_plan.py)."})
+    plan: bool = field(default=False, metadata={"help": "Print the memory plan (per GPU, per phase: load, rollout, update) and exit without loading weights."})
     tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallelism: processes per engine. Its processes generate together (their prompts gathered) and train apart, each on its own prompts."})
     enforce_eager: bool = field(default=False, metadata={"help": "Skip vLLM's graph compilation (saves 1-2 minutes of start-up on a CPU)."})
     sleep_level: int = field(default=2, metadata={"help": "vLLM sleep during the update (GPU): 2 frees weights and KV cache, 1 keeps the weights in CPU memory, 0 never sleeps."})
@@ -252,7 +254,7 @@ _AT_LEAST = {
     "save_every": 1, "save_total_limit": 0, "log_samples_every": 0, "warm_start_steps": 0, "warm_start_batch_size": 1,
     "warmup_steps": 0, "judge_concurrency": 1, "judge_retries": 0, "judge_failure_steps": 1, "min_pixels": 1,
     "beta": 0.0, "clip_low": 0.0, "clip_high": 0.0, "tis_cap": 0.0, "weight_decay": 0.0, "sync_probe_max": 0.0,
-    "eval_every": 0, "eval_limit": 0, "lora_r": 1, "lora_dropout": 0.0, "ddp_timeout": 1,
+    "eval_every": 0, "eval_limit": 0, "lora_r": 1, "lora_dropout": 0.0, "gpu_memory_gb": 0.0, "ddp_timeout": 1,
 }  # fmt: skip
 
 

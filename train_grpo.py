@@ -563,6 +563,9 @@ def setup(cfg, reward_fn=None) -> Run:
     if asked["mixed_precision"] != "no" or asked["distributed_type"] in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
         raise SystemExit(f"the accelerate launcher asks for {asked}: train_grpo.py shards with FSDP2 and sets precision "
                          "itself (--dtype, --master_dtype); launch with one of configs/accelerate_*.yaml")  # fmt: skip
+    import memory_plan  # before any weights load: the plan (rank 0, on a GPU or with --plan); a phase that cannot fit stops here
+
+    memory_plan.check(cfg, run.world, run.rank)  # --plan exits here
     set_seed(cfg.seed + run.rank)
     out = Path(cfg.output_dir)
     last = last_checkpoint(out)
