@@ -1032,7 +1032,7 @@ def main(cfg: Config, reward_fn=None) -> Path:
     run.acc.end_training()
     if len(val) > 1:
         first, last = min(val), max(val)
-        print(f"\nvalidation on {len(run.val_samples)} {cfg.eval_data} questions (judge: {cfg.eval_judge}):")
+        print(f"\nvalidation on {len(run.val_samples)} {cfg.eval_data} questions (judge: {public_config(cfg)['eval_judge']}):")
         print(f"| | step {first} | step {last} |\n|---|---|---|")
         for key in sorted(set(val[first]) | set(val[last])):
             print(f"| {key} | {val[first].get(key, 0):.3f} | {val[last].get(key, 0):.3f} |")

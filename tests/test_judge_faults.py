@@ -22,7 +22,7 @@ from aiohttp import web
 import evaluate as E
 import judge_prompts as jp
 import rewards as R
-from tests.kit import serve_app
+from tests.kit import SHARED_DATA, serve_app
 
 SECRET = "s3cr3t-pass"
 BASIC = "Basic " + base64.b64encode(f"user:{SECRET}".encode()).decode()
@@ -253,11 +253,12 @@ def test_training_with_credentials_in_the_judge_url_leaks_them_nowhere(tmp_path,
 
     url = server.url("auth", f"user:{SECRET}@")
     cfg = config(tmp_path, steps=1, save_every=1, judge_url=[url], judge_model="m", embedder="", reward_preset="medix-r1",
-                 judge_failure_max=1.0)  # fmt: skip
+                 judge_failure_max=1.0, eval_every=1, eval_data="PubMedQA", eval_data_root=str(SHARED_DATA), eval_limit=2,
+                 eval_judge=url, max_prompt_length=4096)  # fmt: skip
     ckpt = train_grpo.main(cfg)
     assert ckpt.name == "checkpoint-1"
-    assert server.gets == ["auth"] and server.auth[0] == BASIC  # the probe
-    assert len(server.hits) > 0 and set(server.auth) == {BASIC}  # the reward's judge calls
+    assert server.gets[0] == "auth" and server.auth[0] == BASIC  # the probe
+    assert len(server.hits) > 2 * 2 and set(server.auth) == {BASIC}  # the reward's judge calls and validation's
     out, err = capfd.readouterr()
     assert SECRET not in out + err
     for f in (tmp_path / "run").rglob("*"):
