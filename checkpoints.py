@@ -129,6 +129,14 @@ def read_log(path) -> list[dict]:
     return [x for x in map(json.loads, Path(path).read_text().splitlines()) if "run" not in x]
 
 
+def replace_text(path: Path, text: str) -> None:
+    """Write a file whole or not at all: a temporary file beside it, then a rename (a process killed
+    while trimming its log keeps the old log, which the next resume trims again)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)  # os.replace: atomic within a file system
+
+
 def truncate_log(path: Path, step: int) -> None:
     """Keep the lines of steps up to `step`; a torn last line (a run killed mid-write) is cut with a warning."""
     if not path.exists():
@@ -148,7 +156,7 @@ def truncate_log(path: Path, step: int) -> None:
     logged = [json.loads(x)["step"] for x in keep]
     if step and (not logged or max(logged) < step):  # e.g. a torn line of a step that has its checkpoint
         print(f"warning: {path} has no line for steps {max(logged, default=0) + 1}-{step}: their metrics are lost")
-    path.write_text("".join(x + "\n" for x in keep))
+    replace_text(path, "".join(x + "\n" for x in keep))
 
 
 def truncate_samples(path: Path, step: int) -> None:
@@ -156,4 +164,4 @@ def truncate_samples(path: Path, step: int) -> None:
     if path.exists():
         parts = path.read_text().split("\n## step ")
         keep = [parts[0]] + [p for p in parts[1:] if int(p.split("\n", 1)[0]) <= step]
-        path.write_text("\n## step ".join(keep))
+        replace_text(path, "\n## step ".join(keep))

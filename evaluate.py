@@ -9,7 +9,10 @@
    3. score: `report.md` (the paper's table beside ours), `summary.json`, `scores.png`.
 Each stage appends and flushes per sample and resumes by id. `output_dir/manifest.json` names the
 model (and a fingerprint of its weights), the settings and the judge: a later stage reads it, and a
-run that differs stops instead of mixing results. The model, the judge and the data are all checked
+run that differs stops instead of mixing results. One run at a time per folder (folder_lock.py: a
+second stops at once, naming the holder's pid). With `--on_error skip`, a sample whose prompt cannot
+be built (an image that does not decode) is skipped, logged in `bad_samples.jsonl`, not retried by a
+rerun, and counted in the report. The model, the judge and the data are all checked
 before the long work starts. Departures from the released code: README, "Departures from the released code".
 """
 from __future__ import annotations
@@ -32,8 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import folder_lock
 from data import BENCHMARKS, LETTERS, DataError, Sample, benchmark_names, build_messages, load_benchmark, question_text
-from judge_prompts import TRUNCATED, cap, neutralise, normalise_text  # noqa: F401  (TRUNCATED: re-exported for callers)
+from judge_prompts import MAX_REFERENCE_CHARS, TRUNCATED, cap, neutralise, normalise_text  # noqa: F401  (TRUNCATED: re-exported for callers)
 from rewards import redact_url, run_sync
 
 logger = logging.getLogger(__name__)
@@ -51,7 +55,7 @@ class EvalConfig:
     benchmarks: str | None = field(default=None, metadata={"help": "Comma-separated benchmark names, or all / LLM / VLM (None: the folder's list, else all)."})
     data_root: str | None = field(default=None, metadata={"help": "Folder of local benchmark copies (see data.load_benchmark)."})
     hub: bool = field(default=True, metadata={"help": "Load a benchmark from the Hugging Face hub when it has no local copy (--no_hub: never)."})
-    on_error: str = field(default="raise", metadata={"help": "A bad sample (missing image, empty question): raise (stop) | skip (logged, counted)."})
+    on_error: str = field(default="raise", metadata={"help": "A bad sample (missing image, empty question, an image that does not decode): raise (stop) | skip (logged, counted; met while generating: recorded in bad_samples.jsonl, not retried)."})
     limit: int | None = field(default=None, metadata={"help": "First N samples per benchmark (smoke runs; stages 1-2)."})
     output_dir: str | None = field(default=None, metadata={"help": "Folder of generations/, judged/, the report and manifest.json (None: runs/eval/<model name>)."})
     overwrite: bool = field(default=False, metadata={"help": "When output_dir holds another model's or other settings' results: delete them instead of stopping."})
@@ -128,6 +132,17 @@ class ResultsError(ValueError):
 
 def generations_path(output_dir: str | Path, name: str) -> Path:
     return Path(output_dir) / "generations" / f"{name}.jsonl"
+
+
+BAD_SAMPLES = "bad_samples.jsonl"  # output_dir/: the samples skipped by --on_error skip when their prompt was built
+
+
+def bad_sample_ids(output_dir: str | Path) -> dict[str, set[str]]:
+    """benchmark -> the ids of its samples skipped as bad (output_dir/bad_samples.jsonl)."""
+    found: dict[str, set[str]] = {}
+    for _, rec in jsonl_lines(Path(output_dir) / BAD_SAMPLES):
+        found.setdefault(str(rec.get("benchmark")), set()).add(str(rec.get("id")))
+    return found
 
 
 def read_jsonl(path: str | Path, *, repair: bool = False) -> dict[str, dict]:
@@ -249,6 +264,22 @@ def _policy_messages(sample: Sample, cfg: EvalConfig) -> list[dict]:
     return build_messages(sample, think_tag=cfg.think_tag, instruction=cfg.format_prompt, one_shot=cfg.one_shot, system=cfg.system_prompt)
 
 
+def _messages_or_skip(sample: Sample, cfg: EvalConfig, stats: dict) -> list[dict] | None:
+    """The sample's prompt; None for one that cannot be built (an image that does not decode) with
+    --on_error skip: logged in one line and recorded in bad_samples.jsonl, which a rerun reads so
+    that it does not try it again. Otherwise a DataError naming the sample, the file and the flag."""
+    try:
+        return _policy_messages(sample, cfg)
+    except DataError as e:
+        if cfg.on_error != "skip":
+            raise DataError(f"{e} (--on_error skip skips such samples, recorded in {BAD_SAMPLES})") from None
+        logger.warning("skipped bad sample: %s", e)
+        with open(Path(cfg.output_dir) / BAD_SAMPLES, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"id": sample.id, "benchmark": sample.source, "file": sample.meta.get("file"), "error": str(e)}) + "\n")
+        stats["bad"] += 1
+        return None
+
+
 def _engine_kind(engine: str) -> str:
     if engine == "auto":
         return "vllm" if importlib.util.find_spec("vllm") else "hf"
@@ -333,6 +364,7 @@ def _chat_client(url: str, model: str | None, cfg: EvalConfig, api_key_env: str)
     return ChatClient(url, model or None, concurrency=cfg.concurrency, timeout=cfg.timeout, retries=cfg.retries, api_key_env=api_key_env)
 
 
+@folder_lock.releases  # the folder's lock, when `prepare` took it here
 def generate(cfg: EvalConfig, samples: dict[str, list[Sample]] | None = None) -> dict:
     """Stage 1: answer every benchmark sample with the policy (temperature 0, `max_new_tokens`).
 
@@ -341,21 +373,27 @@ def generate(cfg: EvalConfig, samples: dict[str, list[Sample]] | None = None) ->
     The policy: an OpenAI-compatible endpoint (`--model_url`, many requests in flight), else the
     checkpoint `--model` in process (vLLM, or transformers with `--engine hf`). A sample whose
     request fails is not written (a rerun retries it); the stage then stops at its end, so
-    `--stage all` does not judge an incomplete set. `samples`: from `prepare` (else it runs here)."""
+    `--stage all` does not judge an incomplete set. A sample whose prompt cannot be built stops the
+    stage, or with --on_error skip is skipped for good (`_messages_or_skip`). `samples`: from
+    `prepare` (else it runs here)."""
     if samples is None:
         samples = prepare(cfg, ("generate",))
     out = Path(cfg.output_dir)
     todo: list[tuple[Sample, _Appender]] = []
     writers: dict[str, _Appender] = {}
+    bad = bad_sample_ids(out)
     for name, bench in samples.items():
         path = generations_path(out, name)
         done = read_jsonl(path, repair=True)
-        left = [s for s in bench if s.id not in done]
+        left = [s for s in bench if s.id not in done and s.id not in bad.get(name, ())]
         logger.info("generate %s: %d samples, %d done, %d to go", name, len(bench), len(bench) - len(left), len(left))
+        if bad.get(name):
+            logger.info("generate %s: %d samples skipped as bad by an earlier run (%s; delete their lines to try them again)",
+                        name, len(bad[name]), out / BAD_SAMPLES)  # fmt: skip
         if left:
             writers[name] = _Appender(path)
             todo += [(s, writers[name]) for s in left]
-    stats = {"todo": len(todo), "written": 0, "failed": 0, "seconds": 0.0}
+    stats = {"todo": len(todo), "written": 0, "failed": 0, "bad": 0, "seconds": 0.0}
     t0 = time.perf_counter()
     try:
         if todo and cfg.model_url:
@@ -366,22 +404,25 @@ def generate(cfg: EvalConfig, samples: dict[str, list[Sample]] | None = None) ->
 
             engine = policy_engine(cfg)
             settings = SamplingSettings(temperature=0.0, top_p=1.0, max_new_tokens=cfg.max_new_tokens)
-            bar = _progress(len(todo), "generate")
-            for i in range(0, len(todo), cfg.batch_size):
-                chunk = todo[i : i + cfg.batch_size]
-                done = engine.generate([_policy_messages(s, cfg) for s, _ in chunk], 1, settings)
-                for (s, w), c in zip(chunk, done):
-                    w.write(_generation_record(s, c.text, cfg, finish_reason=c.finish_reason))
-                    stats["written"] += 1
-                bar.update(len(chunk))
-            bar.close()
+            with _progress(len(todo), "generate") as bar:  # closed also on an error, whose message then starts a line
+                for i in range(0, len(todo), cfg.batch_size):
+                    batch = todo[i : i + cfg.batch_size]
+                    chunk = [(s, w, m) for s, w in batch if (m := _messages_or_skip(s, cfg, stats)) is not None]
+                    done = engine.generate([m for _, _, m in chunk], 1, settings) if chunk else []
+                    for (s, w, _), c in zip(chunk, done):
+                        w.write(_generation_record(s, c.text, cfg, finish_reason=c.finish_reason))
+                        stats["written"] += 1
+                    bar.update(len(batch))
             del engine  # give the memory back before an in-process judge loads (best effort)
             _free_memory()
+    except DataError as e:  # a bad sample without --on_error skip: one line
+        raise SystemExit(str(e)) from None
     finally:
         for w in writers.values():
             w.close()
     stats["seconds"] = time.perf_counter() - t0
-    logger.info("generate: %d written, %d failed in %.1f s", stats["written"], stats["failed"], stats["seconds"])
+    logger.info("generate: %d written, %d failed, %d bad samples skipped in %.1f s", stats["written"], stats["failed"],
+                stats["bad"], stats["seconds"])  # fmt: skip
     if stats["failed"]:
         raise SystemExit(f"generate: {stats['failed']} samples got no response (logged above); run the generate stage again to retry them")
     return stats
@@ -393,7 +434,11 @@ async def _generate_http(client, todo: list, cfg: EvalConfig, stats: dict) -> No
     async with client.session() as ask:
 
         async def one(sample: Sample, writer: _Appender) -> None:
-            reply = await ask(openai_messages(_policy_messages(sample, cfg)), extra)
+            messages = _messages_or_skip(sample, cfg, stats)
+            if messages is None:
+                bar.update(1)
+                return
+            reply = await ask(openai_messages(messages), extra)
             if reply is None:
                 stats["failed"] += 1
                 logger.warning("generate: no response for sample %r (%s)", sample.id, sample.source)
@@ -402,8 +447,10 @@ async def _generate_http(client, todo: list, cfg: EvalConfig, stats: dict) -> No
                 stats["written"] += 1
             bar.update(1)
 
-        await _bounded_gather([one(s, w) for s, w in todo], cfg.concurrency)
-    bar.close()
+        try:
+            await _bounded_gather([one(s, w) for s, w in todo], cfg.concurrency)
+        finally:
+            bar.close()  # also on an error, whose message then starts on a line of its own
 
 
 async def _bounded_gather(coros: list, limit: int) -> None:
@@ -503,7 +550,10 @@ def judge_prompt(question: str, reference: str, response: str, *, rubric: bool, 
     (judge_prompts.neutralise, shared with the reward judge)."""
     prediction = neutralise(cap(final_answer(response), max_response_chars), JUDGE_TAGS)
     template = MIMIC_TEMPLATE if rubric else BASE_TEMPLATE
-    return template.format(question=neutralise(question.strip(), JUDGE_TAGS), reference=neutralise(reference.strip(), JUDGE_TAGS),
+    # The reference is capped as the reward judge caps it (judge_prompts.MAX_REFERENCE_CHARS): a
+    # 50,000-character one would fill the judge's context; data.load_benchmark warns about them.
+    reference = cap(reference.strip(), MAX_REFERENCE_CHARS)
+    return template.format(question=neutralise(question.strip(), JUDGE_TAGS), reference=neutralise(reference, JUDGE_TAGS),
                            prediction=prediction)  # fmt: skip
 
 
@@ -590,6 +640,7 @@ class _JudgeJob:
         }  # fmt: skip
 
 
+@folder_lock.releases  # the folder's lock, when `prepare` took it here
 def judge(cfg: EvalConfig, prepared: bool = False) -> dict:
     """Stage 2: judge each answer with the BASE (0/1) or MIMIC (0-5) template, majority / mean of
     `judge_rounds` answers in one conversation (3 as released).
@@ -865,6 +916,8 @@ def report_markdown(summary: dict, label: str) -> str:
         text.append(f"Not scored (no judged file): {', '.join(summary['missing'])}.")
     for n, why in (summary.get("skipped") or {}).items():
         text.append(f"- skipped by --allow_missing: {n}: {why}")
+    for n, k in (summary.get("bad_samples") or {}).items():
+        text.append(f"- {n}: {k} bad samples skipped by --on_error skip, not scored (listed in {BAD_SAMPLES})")
     return "\n".join(text) + "\n"
 
 
@@ -907,6 +960,7 @@ def _unjudged(out: Path, results: dict[str, BenchmarkScore], expected: dict[str,
     return gaps
 
 
+@folder_lock.releases  # the folder's lock, when `prepare` took it here
 def score(cfg: EvalConfig, prepared: bool = False) -> dict:
     """Stage 3: read `judged/<benchmark>.jsonl`, write report.md, summary.json and scores.png.
     Refuses a benchmark whose generated samples are not all judged (unless `--allow_partial`), and
@@ -928,14 +982,15 @@ def score(cfg: EvalConfig, prepared: bool = False) -> dict:
     if (missing and not cfg.allow_missing) or not results:
         raise SystemExit(f"no judged file for {len(missing)} benchmarks: {', '.join(missing) or '-'} "
                          "(run the judge stage, or pass --allow_missing to score what is there)")  # fmt: skip
-    gaps = _unjudged(out, results, manifest.get("samples") or {})
+    bad = {n: len(ids) for n, ids in bad_sample_ids(out).items() if n in results}  # skipped, never generated: not due
+    gaps = _unjudged(out, results, {n: k - bad.get(n, 0) for n, k in (manifest.get("samples") or {}).items()})
     if gaps and not cfg.allow_partial:
         raise SystemExit(f"score: {sum(g[0] for g in gaps.values())} samples are not judged ("
                          + ", ".join(f"{n}: {k} of {due}" for n, (k, due) in gaps.items())
                          + "): run the generate and judge stages again, or pass --allow_partial to score what is judged")  # fmt: skip
     for name, (k, _) in gaps.items():
         results[name].unjudged = k
-    summary = {"label": cfg.label, **aggregate(results), "skipped": {n: skipped[n] for n in skipped if n not in results}}
+    summary = {"label": cfg.label, **aggregate(results), "skipped": {n: skipped[n] for n in skipped if n not in results}, "bad_samples": bad}
     failed, total = summary["judge_failures"], sum(r.n for r in results.values())
     if total and failed / total > cfg.max_judge_failures:
         summary["invalid"] = f"{failed} of {total} samples have no judge score (more than --max_judge_failures {cfg.max_judge_failures:.0%})"
@@ -1218,6 +1273,10 @@ def prepare(cfg: EvalConfig, stages: tuple[str, ...]) -> dict[str, list[Sample]]
         cfg.output_dir = str(Path("runs/eval") / _folder_name(cfg.model))
         logger.info("output_dir: %s", cfg.output_dir)
     out = Path(cfg.output_dir)
+    if stages != ("score",) or out.is_dir():  # the score stage of a folder that is not there says so itself
+        # Held until the stage returns (folder_lock.releases): the manifest is read, compared and
+        # written under it, and a second run on this folder stops here.
+        folder_lock.acquire(out, "another evaluate.py")
     manifest = read_manifest(out)
     if "generate" in stages and generation is None:
         if not manifest.get("generation"):
@@ -1276,6 +1335,7 @@ def prepare(cfg: EvalConfig, stages: tuple[str, ...]) -> dict[str, list[Sample]]
     return samples
 
 
+@folder_lock.releases  # the output folder's lock, taken by `prepare`
 def main(cfg: EvalConfig) -> dict | None:
     _check_flags(cfg)
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)

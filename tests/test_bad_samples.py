@@ -3,34 +3,15 @@ and the warnings about references too long to score, given when data loads."""
 import io
 import json
 import logging
-import random
-import struct
 
 import pytest
 import torch
-from PIL import Image
 
 import data
 import train_grpo
 from data import load_benchmark, load_training_data
+from tests.test_eval_folder import broken_png
 from tests.test_train_grpo import config, toy_reward
-
-
-def broken_png(path):
-    """A real PNG whose signature, IHDR and IEND are intact but whose compressed pixel data (IDAT) is
-    not: `data.check_image` passes it at load time, decoding it fails."""
-    rng = random.Random(0)
-    im = Image.new("RGB", (32, 32))
-    im.putdata([tuple(rng.randrange(256) for _ in range(3)) for _ in range(32 * 32)])
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    raw = bytearray(buf.getvalue())
-    at = raw.find(b"IDAT")
-    length = struct.unpack(">I", raw[at - 4 : at])[0]
-    for k in range(at + 4 + 20, at + 4 + length - 20, 7):  # inside the zlib stream, past its header
-        raw[k] ^= 0xFF
-    path.write_bytes(bytes(raw))
-    return path
 
 
 def write_data_with_a_broken_image(tmp_path, n=4, seed=3):
