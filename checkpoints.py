@@ -4,24 +4,44 @@ process's RNG and data position), written under a temporary name and renamed whe
 header that opens log.jsonl; and the trimming of log.jsonl and samples.md back to a resumed step.
 
     ckpt = save_checkpoint(cfg, run, step)           # output_dir/checkpoint-<step>
-    step = load_trainer_state(last_checkpoint(out), run)
+    changes = check_resume(cfg, ckpt, rank, world)   # verified; a changed run-defining setting refused
+    model, processor = resumed_policy(cfg, ckpt)      # non-finite weights refused
+    step = load_trainer_state(ckpt, run); apply_changes(run.optimizer, run.scheduler, changes)
+
+Loading never runs code from a checkpoint: the per-process state is read with torch.load(weights_only=True),
+the optimiser's DCP metadata through an unpickler that admits only the classes DCP's Metadata holds, its
+non-tensor values with weights_only=True. A corrupt checkpoint, or a disk that fills while saving, stops
+the run in one line (SystemExit) naming the file and the newest intact earlier checkpoint. `Preemption`:
+SIGTERM (how SLURM and Kubernetes preempt) finishes the step, writes a checkpoint and exits EXIT_PREEMPTED.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import json
+import pickle
 import random
+import re
 import shutil
+import signal
+import sys
+import threading
 from pathlib import Path
 
 import torch
 
 import rollout
-from grpo_config import public_config
-from policy import policy_dtype
+from grpo_config import RESUME_FIXED, public_config
+from policy import load_policy, policy_dtype
+
+# The exit status of a run stopped by SIGTERM after writing its checkpoint: sysexits' EX_TEMPFAIL
+# ("try again later"), so a job script can requeue on it and tell it from a crash (1) or a kill (137).
+EXIT_PREEMPTED = 75
 
 
 def last_checkpoint(out: Path) -> Path | None:
-    done = [p for p in out.glob("checkpoint-*") if p.is_dir() and not p.name.endswith(".tmp") and (p / "trainer_state.json").exists()]
+    done = [p for p in out.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and p.is_dir() and (p / "trainer_state.json").exists()]
     return max(done, key=read_step) if done else None
 
 
@@ -30,37 +50,49 @@ def read_step(ckpt: Path) -> int:
 
 
 def save_checkpoint(cfg, run, step: int) -> Path:
+    """checkpoint-<step>, written as checkpoint-<step>.tmp and renamed when complete. A disk that fills
+    up stops every process in one line (`_save_failed`): each part is written `_together`, so no
+    process waits forever on one that stopped; the .tmp is removed, earlier checkpoints stay."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     out = Path(cfg.output_dir) / f"checkpoint-{step}"
     tmp = out.with_name(out.name + ".tmp")
-    # A collective under FSDP2: every process gathers, rank 0 ends up with the full CPU state dict.
-    state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    try:
+        # A collective under FSDP2: every process gathers, rank 0 ends up with the full CPU state dict.
+        state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        with _together(run):
+            if run.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+                # LoRA: the adapter (peft keeps its tensors only); at the end, the merged model beside it.
+                run.model.save_pretrained(tmp / "adapter" if cfg.use_peft else tmp, state_dict=state)
+        if cfg.use_peft and step == cfg.steps:
+            params = {n for n, _ in run.model.named_parameters(remove_duplicate=False)}
+            buffers = {rollout.base_name(k): v for k, v in state.items() if k not in params}  # persistent buffers
+            del state  # before the merge: rank 0 would otherwise hold the model twice
+            # The weights the engine gets, gathered one tensor at a time (collectives: every rank iterates).
+            merged = {name: t.cpu() for name, t in rollout.merged_parameters(run.model) if run.rank == 0}
+            with _together(run):
+                if run.rank == 0:
+                    run.model.get_base_model().save_pretrained(tmp, state_dict={**buffers, **merged})
+        with _together(run):
+            if run.rank == 0:
+                run.processor.save_pretrained(tmp)
+        with _together(run):
+            # The optimiser with torch.distributed.checkpoint: sharded as trained, resharded on load, so a run
+            # can continue on another number of processes. What is per process (RNG, data position) beside it.
+            dcp.save({"optim": get_optimizer_state_dict(run.model, run.optimizer)}, checkpoint_id=tmp / "optimizer", no_dist=run.world == 1)
+            rng = {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            torch.save({"scheduler": run.scheduler.state_dict(), "rng": rng, "sampler": run.sampler.state_dict()}, tmp / f"trainer_state_rank{run.rank}.pt")
+        with _together(run):
+            if run.rank == 0:
+                (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "world": run.world, "config": public_config(cfg)}, indent=1))
+    except (Exception, CheckpointException) as e:  # CheckpointException (DCP's) is a BaseException
+        _save_failed(cfg, run, tmp, e)
+        raise
     if run.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        # LoRA: the adapter (peft keeps its tensors only); at the end, the merged model beside it.
-        run.model.save_pretrained(tmp / "adapter" if cfg.use_peft else tmp, state_dict=state)
-    if cfg.use_peft and step == cfg.steps:
-        params = {n for n, _ in run.model.named_parameters(remove_duplicate=False)}
-        buffers = {rollout.base_name(k): v for k, v in state.items() if k not in params}  # persistent buffers
-        del state  # before the merge: rank 0 would otherwise hold the model twice
-        # The weights the engine gets, gathered one tensor at a time (collectives: every rank iterates).
-        merged = {name: t.cpu() for name, t in rollout.merged_parameters(run.model) if run.rank == 0}
-        if run.rank == 0:
-            run.model.get_base_model().save_pretrained(tmp, state_dict={**buffers, **merged})
-    if run.rank == 0:
-        run.processor.save_pretrained(tmp)
-    barrier(run)
-    # The optimiser with torch.distributed.checkpoint: sharded as trained, resharded on load, so a run
-    # can continue on another number of processes. What is per process (RNG, data position) beside it.
-    dcp.save({"optim": get_optimizer_state_dict(run.model, run.optimizer)}, checkpoint_id=tmp / "optimizer", no_dist=run.world == 1)
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save({"scheduler": run.scheduler.state_dict(), "rng": rng, "sampler": run.sampler.state_dict()}, tmp / f"trainer_state_rank{run.rank}.pt")
-    barrier(run)
-    if run.rank == 0:
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "world": run.world, "config": public_config(cfg)}, indent=1))
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)  # a checkpoint is complete exactly when its final name exists
         for old in Path(cfg.output_dir).glob("checkpoint-*.tmp"):
@@ -73,18 +105,96 @@ def save_checkpoint(cfg, run, step: int) -> Path:
     return out
 
 
+class _PeerFailed(Exception):
+    """Another process failed to write its part of a checkpoint (its own message says why)."""
+
+
+@contextlib.contextmanager
+def _together(run):
+    """This process's part of a checkpoint, then a barrier that also tells every process whether any
+    failed: each then raises (its own error, or _PeerFailed) instead of waiting on one that stopped."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    err = None
+    try:
+        yield
+    except (Exception, CheckpointException) as e:
+        err = e
+    failed = err is not None
+    if run.world > 1:
+        t = torch.tensor([int(failed)], device=run.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        failed = bool(t.item())
+    if err is not None:
+        raise err
+    if failed:
+        raise _PeerFailed()
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The error under DCP's CheckpointException (it carries each failed rank's)."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        return next(iter(failures.values()))[0]
+    return e
+
+
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC or EDQUOT, also as torch's zip writer reports them ('unexpected pos', 'file write failed')."""
+    while e is not None:
+        e = _cause(e)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(s in str(e) for s in ("No space left", "Disk quota exceeded", "unexpected pos", "file write failed")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _save_failed(cfg, run, tmp: Path, e: BaseException) -> None:
+    """A checkpoint that could not be written: on a full disk (or another process's failure) a one-line
+    SystemExit naming the path and about how many bytes a checkpoint takes; other errors are bugs."""
+    if not isinstance(e, _PeerFailed) and not _disk_full(e):
+        return
+    out = Path(cfg.output_dir)
+    earlier = last_checkpoint(out)
+    if earlier is not None:  # the previous checkpoint's size; else the weights plus AdamW's two moments
+        need = sum(f.stat().st_size for f in earlier.rglob("*") if f.is_file())
+    else:
+        need = sum(p.numel() * p.element_size() * (3 if p.requires_grad else 1) for p in run.model.parameters())
+    if run.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, _PeerFailed):
+        raise SystemExit(f"{tmp}: another process could not write its part of the checkpoint (see its message)") from None
+    where = getattr(_cause(e), "filename", None) or tmp
+    kept = f"{earlier.name} and earlier untouched" if earlier else "no earlier checkpoint"
+    raise SystemExit(
+        f"{where}: no space left on the device while saving {tmp.name.removesuffix('.tmp')} (a checkpoint takes about "
+        f"{need / 2**20:.1f} MB, {shutil.disk_usage(out).free / 2**20:.1f} MB free); {tmp.name} removed, {kept}: "
+        "free space (or lower --save_total_limit) and --resume"
+    ) from None
+
+
 def load_trainer_state(ckpt: Path, run) -> int:
     """Optimiser (resharded to this run's processes), scheduler, and per process the RNG and data
-    position; on another number of processes those two cannot carry over and restart, with a warning."""
+    position; on another number of processes those two cannot carry over and restart, with a warning.
+    Nothing is unpickled beyond plain data (`_safe_dcp`, `_rank_state`)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     meta = json.loads((ckpt / "trainer_state.json").read_text())
     state = {"optim": get_optimizer_state_dict(run.model, run.optimizer)}  # the layout to load into
-    dcp.load(state, checkpoint_id=ckpt / "optimizer", no_dist=run.world == 1)
+    try:
+        reader, planner = _safe_dcp(ckpt / "optimizer")
+        dcp.load(state, checkpoint_id=ckpt / "optimizer", storage_reader=reader, planner=planner, no_dist=run.world == 1)
+    except (Exception, CheckpointException) as e:  # what `_problem` cannot see without loading: DCP's values
+        what = ("holds pickled values other than plain data (loading them could run code)" if isinstance(_cause(e), pickle.UnpicklingError)
+                else f"does not load ({_first_line(e)})")  # fmt: skip
+        raise _refusal(ckpt, f"{ckpt / 'optimizer'} {what}", (ckpt / "adapter").is_dir(), run.rank, run.world) from None
     set_optimizer_state_dict(run.model, run.optimizer, state["optim"])
     same = meta["world"] == run.world
-    state = torch.load(ckpt / f"trainer_state_rank{run.rank if same else 0}.pt", weights_only=False)
+    state = _rank_state(ckpt / f"trainer_state_rank{run.rank if same else 0}.pt")
     run.scheduler.load_state_dict(state["scheduler"])
     if not same:
         if run.rank == 0:
@@ -97,6 +207,260 @@ def load_trainer_state(ckpt: Path, run) -> int:
     if state["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return meta["step"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading without running code, and refusing what cannot be resumed
+
+
+def _rank_state(path: Path) -> dict:
+    """A process's scheduler, RNG and data position: tensors and plain data only (weights_only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@functools.cache
+def _dcp_allowed() -> dict:
+    """What DCP's .metadata pickle may name: the classes of torch.distributed.checkpoint's Metadata and
+    what they hold (sizes, dtypes, layouts, paths); nothing that can run code."""
+    import pathlib
+
+    import torch.distributed.checkpoint.filesystem as fs
+    import torch.distributed.checkpoint.metadata as md
+
+    names = ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata", "BytesStorageMetadata",
+             "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")  # fmt: skip
+    allowed = {(md.__name__, n): getattr(md, n) for n in names if hasattr(md, n)}
+    allowed[(fs.__name__, "_StorageInfo")] = fs._StorageInfo
+    allowed[("torch", "Size")] = torch.Size
+    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
+    allowed[("collections", "OrderedDict")] = __import__("collections").OrderedDict
+    for cls in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"):
+        allowed[("pathlib", cls)] = getattr(pathlib, cls)
+    for name in dir(torch):  # torch.float32, torch.strided, torch.contiguous_format ...
+        if isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
+            allowed[("torch", name)] = getattr(torch, name)
+    return allowed
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return _dcp_allowed()[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which DCP's metadata never holds (loading it could run code)") from None
+
+
+def _read_metadata(path: Path):
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    with open(path, "rb") as f:
+        metadata = _MetadataUnpickler(f).load()
+    if not isinstance(metadata, Metadata):
+        raise pickle.UnpicklingError(f"it holds a {type(metadata).__name__}, not DCP's Metadata")
+    return metadata
+
+
+def _safe_dcp(path: Path):
+    """DCP's reader and load planner for `path`, unpickling nothing but DCP's metadata and plain data."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        """.metadata read by `_MetadataUnpickler` (torch 2.13's FileSystemReader.read_metadata: pickle.load)."""
+
+        def read_metadata(self, *args, **kwargs):
+            metadata = _read_metadata(Path(self._get_metadata_path(kwargs.get("rank"))))
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class SafePlanner(DefaultLoadPlanner):
+        """DCP keeps non-tensor values (the param groups' lr, betas ...) as pickles, and DefaultLoadPlanner
+        loads them with weights_only=False: the same method (torch 2.13's) with weights_only=True."""
+
+        def load_bytes(self, read_item, value):
+            obj = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return SafeReader(path), SafePlanner()
+
+
+def _first_line(e: BaseException) -> str:
+    e = _cause(e)
+    text = " ".join(str(e).split("\n")[:1]).strip()
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+def _problem(ckpt: Path, use_peft: bool, rank: int, world: int) -> str | None:
+    """The first thing wrong with a checkpoint's files (read the way resuming reads them, without the
+    model's weights themselves), or None."""
+    from safetensors import safe_open
+
+    path = ckpt / "trainer_state.json"
+    try:
+        meta = json.loads(path.read_text())
+        saved_world = meta["world"]
+        meta["step"], meta["config"]
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        return f"{path} is unreadable or truncated ({_first_line(e)})"
+    weights = ckpt / "adapter" if use_peft else ckpt
+    files = sorted(weights.glob("*.safetensors"))
+    index = weights / "model.safetensors.index.json"
+    shards = set(json.loads(index.read_text())["weight_map"].values()) if index.exists() else set()
+    for name in sorted(shards - {f.name for f in files}):
+        return f"{weights / name} is missing"
+    if not files:
+        return f"{weights} holds no model weights (*.safetensors)"
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as h:
+                h.keys()
+        except Exception as e:  # safetensors' own error: header or size does not add up
+            return f"{f} is unreadable or truncated ({_first_line(e)})"
+    path = ckpt / "optimizer" / ".metadata"
+    try:
+        metadata = _read_metadata(path)
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except pickle.UnpicklingError as e:
+        return f"{path} is refused: {e}"
+    except Exception as e:
+        return f"{path} is unreadable or truncated ({_first_line(e)})"
+    for info in metadata.storage_data.values():
+        f = path.parent / info.relative_path
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size < info.offset + info.length:
+            return f"{f} is truncated ({f.stat().st_size} bytes of at least {info.offset + info.length})"
+    path = ckpt / f"trainer_state_rank{rank if saved_world == world else 0}.pt"
+    try:
+        _rank_state(path)
+    except FileNotFoundError:
+        return f"{path} is missing"
+    except pickle.UnpicklingError:
+        return f"{path} is refused: it holds pickled objects other than tensors and plain data (loading them could run code)"
+    except Exception as e:
+        return f"{path} is unreadable or truncated ({_first_line(e)})"
+    return None
+
+
+def _refusal(ckpt: Path, what: str, use_peft: bool, rank: int, world: int) -> SystemExit:
+    """One line: what is wrong, and the newest earlier checkpoint whose files check out (or how to start afresh)."""
+    earlier = sorted((p for p in ckpt.parent.glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name) and read_step(p) < read_step(ckpt)),
+                     key=read_step, reverse=True)  # fmt: skip
+    intact = next((p for p in earlier if _problem(p, use_peft, rank, world) is None), None)
+    aside = ckpt.parent / f"corrupt-{ckpt.name}"
+    then = (f"the newest intact earlier checkpoint is {intact.name}: move this one aside (mv {ckpt} {aside}) and --resume again"
+            if intact else f"no intact earlier checkpoint in {ckpt.parent}: start afresh with another --output_dir")  # fmt: skip
+    return SystemExit(f"cannot resume from {ckpt.name}: {what}; {then}")
+
+
+def check_resume(cfg, ckpt: Path, rank: int = 0, world: int = 1) -> dict:
+    """Before anything loads: refuse a checkpoint whose files are corrupt, or one written with other
+    settings that define the run (grpo_config.RESUME_FIXED) unless --allow_config_change. Returns the
+    other changed settings {name: [old, new]}: `apply_changes` applies them, main logs them."""
+    problem = _problem(ckpt, cfg.use_peft, rank, world)
+    if problem:
+        raise _refusal(ckpt, problem, cfg.use_peft, rank, world)
+    old, new = json.loads((ckpt / "trainer_state.json").read_text())["config"], json.loads(json.dumps(public_config(cfg)))
+    # A field the checkpoint lacks came with newer code: not a change. `resume` itself always differs.
+    changes = {k: [old[k], v] for k, v in new.items() if k in old and old[k] != v and k not in ("resume", "allow_config_change")}
+    fixed = [k for k in changes if k in RESUME_FIXED]
+    if fixed and not cfg.allow_config_change:
+        raise SystemExit(f"--resume from {ckpt}: settings that define the run changed: {_shown(changes, fixed)}; pass "
+                         "--allow_config_change to continue with them anyway, or start afresh with another --output_dir")  # fmt: skip
+    if changes and rank == 0:
+        print(f"resuming with changed settings (applied, and recorded in log.jsonl): {_shown(changes, changes)}")
+    return changes
+
+
+def _shown(changes: dict, names) -> str:
+    return ", ".join(f"{k} {changes[k][0]!r} → {changes[k][1]!r}" for k in names)
+
+
+def resumed_policy(cfg, ckpt: Path, rank: int = 0, world: int = 1):
+    """The policy and processor from a checkpoint (LoRA: the base model with the checkpoint's adapter);
+    one line instead of a traceback when they cannot be read, or a weight is NaN or inf."""
+    try:
+        if cfg.use_peft:
+            model, processor = load_policy(cfg, cfg.model, adapter=str(ckpt / "adapter"))
+        else:
+            model, processor = load_policy(cfg, str(ckpt))
+    except Exception as e:
+        raise _refusal(ckpt, f"its model does not load ({_first_line(e)})", cfg.use_peft, rank, world) from None
+    where = ckpt / "adapter" if cfg.use_peft else ckpt
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise _refusal(ckpt, f"{where}: tensor {name} holds NaN or inf", cfg.use_peft, rank, world)
+    return model, processor
+
+
+def apply_changes(optimizer, scheduler, changes: dict) -> None:
+    """Settings changed on resume that the optimiser and scheduler hold (their saved state would win):
+    a new lr becomes each group's base lr; and the schedule (rebuilt for the new steps, warmup_steps,
+    lr_scheduler) continues from the saved position, at base lr x the schedule's factor there."""
+    if "lr" in changes:
+        lr = changes["lr"][1]
+        for g in optimizer.param_groups:
+            g["initial_lr"] = lr
+        scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    if "weight_decay" in changes:
+        for g in optimizer.param_groups:
+            g["weight_decay"] = changes["weight_decay"][1]
+    if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) and {"lr", "steps", "warmup_steps", "lr_scheduler"} & set(changes):
+        lrs = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for g, lr in zip(optimizer.param_groups, lrs):
+            g["lr"] = lr
+        scheduler._last_lr = lrs
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption
+
+
+class Preemption:
+    """SIGTERM (how SLURM and Kubernetes preempt) only sets a flag: the training loop finishes its step;
+    when any process was signalled, all write a checkpoint at that step and exit EXIT_PREEMPTED.
+
+        stop = Preemption(cfg.save_on_preempt)     # off (or not the main thread): SIGTERM kills as before
+        if any_rank(run, stop.signalled): ckpt = stop.save(cfg, run, step, ckpt); break
+        stop.close(); ...; stop.exit(cfg, run.rank)
+    """
+
+    def __init__(self, enabled: bool):
+        self.signalled, self.step, self.ckpt, self._old = False, None, None, None
+        if enabled and threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle) or signal.SIG_DFL
+
+    def _handle(self, signum, frame):
+        self.signalled = True
+
+    def save(self, cfg, run, step: int, ckpt: Path | None) -> Path:
+        """The checkpoint at `step`, unless the loop has just written it."""
+        self.step = step
+        self.ckpt = ckpt if ckpt is not None and read_step(ckpt) == step else save_checkpoint(cfg, run, step)
+        return self.ckpt
+
+    def close(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None
+
+    def exit(self, cfg, rank: int) -> None:
+        if self.step is None:
+            return
+        if rank == 0:
+            print(f"SIGTERM: stopped after step {self.step} of {cfg.steps}, {self.ckpt} written; continue with --resume "
+                  f"(exit status {EXIT_PREEMPTED})", file=sys.stderr, flush=True)  # fmt: skip
+        raise SystemExit(EXIT_PREEMPTED)
 
 
 def barrier(run):
@@ -125,8 +489,8 @@ def run_header(cfg, run, reward_fn) -> dict:
 
 
 def read_log(path) -> list[dict]:
-    """The step lines of a run's log.jsonl (its first line, the run header, left out)."""
-    return [x for x in map(json.loads, Path(path).read_text().splitlines()) if "run" not in x]
+    """The step lines of a run's log.jsonl (the run header and the settings changed on resume left out)."""
+    return [x for x in map(json.loads, Path(path).read_text().splitlines()) if "run" not in x and "resumed" not in x]
 
 
 def replace_text(path: Path, text: str) -> None:

@@ -117,12 +117,29 @@ class Config:
     save_every: int = field(default=5, metadata={"help": "Steps between checkpoints, plus one at the end (the release's save_freq) (TRL: --save_steps)."})
     save_total_limit: int = field(default=3, metadata={"help": "Keep only the last N checkpoints; 0 keeps all (the release's save_limit)."})
     resume: bool = field(default=False, metadata={"help": "Continue from the last complete checkpoint in output_dir."})
+    allow_config_change: bool = field(default=False, metadata={"help": "On --resume, accept changed settings that define the run (RESUME_FIXED: model, data, group_size, loss, rewards, LoRA, dtypes, seed ...); they are logged either way."})
+    save_on_preempt: bool = field(default=True, metadata={"help": "On SIGTERM (SLURM, Kubernetes preemption) finish the step, write a checkpoint and exit with status 75; off: SIGTERM kills at once."})
     log_samples_every: int = field(default=10, metadata={"help": "Steps between tables of sample completions in samples.md (0: never)."})
     report_to: list[str] = field(default_factory=list, metadata={"help": "Trackers that get every step's metrics: tensorboard, wandb (WANDB_MODE=offline works without network), ... or none."})
     project: str = field(default="medix-grpo", metadata={"help": "Tracker project (wandb's project)."})
     run_name: str = field(default="", metadata={"help": "Tracker run name (wandb's run; tensorboard's folder under output_dir/tensorboard); empty: the output_dir's name."})
     verbose: bool = field(default=False, metadata={"help": "Show vLLM's and transformers' logs and every metric of each step (else one short line per step)."})
     demo: bool = field(default=False, metadata={"help": "The bundled demo: SmolLM2-135M-Instruct on the PubMedQA questions, on a CPU in a few minutes."})
+
+
+# Settings that define a run: a --resume with any of them changed is refused unless --allow_config_change
+# (a checkpoint of one experiment is not silently continued as another). Every other setting may change
+# on resume (lr, steps, save_every, logging, eval, timeouts, engine and memory settings ...): it is applied
+# and recorded in log.jsonl as {"step": s, "resumed": {name: [old, new]}}. A new field that changes what
+# is trained or how it is scored belongs here.
+RESUME_FIXED = (
+    "model", "data", "text_only", "seed", "freeze_vision", "dtype", "master_dtype", "min_pixels", "max_pixels",
+    "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+    "prompts_per_step", "group_size", "max_completion_length", "temperature", "top_p", "think_tag", "one_shot",
+    "judge_model", "on_judge_failure", "embedder", "reward_preset", "w_llm", "w_embed", "w_modality", "w_format", "partial_format",
+    "scale_rewards", "online_filter", "filter_key", "filter_low", "filter_high", "balance_labels",
+    "loss_type", "importance_level", "clip_low", "clip_high", "beta", "tis_cap", "mini_batches", "epochs_per_batch",
+)  # fmt: skip
 
 
 # The demo: SmolLM2-135M-Instruct on the bundled PubMedQA questions, on a CPU in a few minutes. A

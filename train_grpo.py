@@ -31,6 +31,7 @@ import data
 import optim
 import policy
 import rollout
+from checkpoints import Preemption, apply_changes, check_resume, resumed_policy  # noqa: F401
 from checkpoints import last_checkpoint, load_trainer_state, read_log, read_step, run_header, save_checkpoint, truncate_log, truncate_samples  # noqa: F401
 from grpo_config import LOSS_TYPES, Config, check_config, parse_config, public_config, tracker_kwargs, trackers  # noqa: F401
 from policy import load_policy, policy_dtype, shard  # noqa: F401
@@ -571,8 +572,10 @@ def setup(cfg, reward_fn=None) -> Run:
     last = last_checkpoint(out)
     if last and not cfg.resume:
         raise SystemExit(f"{out} already holds {last.name} (step {read_step(last)}): pass --resume to continue it, or choose another --output_dir")
+    run.resumed = {}  # settings changed on resume: {name: [old, new]}, applied and logged
     if cfg.resume and last:
         print(f"resuming from {last} (step {read_step(last)})")
+        run.resumed = check_resume(cfg, last, run.rank, run.world)  # a corrupt checkpoint or a changed run-defining setting stops here
     elif cfg.resume:
         print(f"--resume: no complete checkpoint in {out}; starting from step 0")
 
@@ -585,10 +588,10 @@ def setup(cfg, reward_fn=None) -> Run:
     run.judge_bad_steps = 0
     run.sampler = PromptSampler(len(samples), cfg.seed, *dp_rank(cfg, run), answer_labels(cfg, samples))
 
-    if cfg.use_peft:  # LoRA resumes from the base model and the checkpoint's adapter
-        run.model, run.processor = load_policy(cfg, cfg.model, adapter=str(last / "adapter") if cfg.resume and last else None)
+    if cfg.resume and last:  # LoRA: the base model and the checkpoint's adapter; non-finite weights refused
+        run.model, run.processor = resumed_policy(cfg, last, run.rank, run.world)
     else:
-        run.model, run.processor = load_policy(cfg, str(last) if cfg.resume and last else cfg.model)
+        run.model, run.processor = load_policy(cfg, cfg.model)
     if cfg.engine == "hf" and run.world > 1 and any(s.images for s in samples):
         # transformers' generate runs the sharded vision tower only on ranks whose prompts have images.
         raise SystemExit("engine=hf with several processes takes text-only data (use --text_only or --engine vllm)")
@@ -621,6 +624,7 @@ def setup(cfg, reward_fn=None) -> Run:
     run.start_step = 0
     if cfg.resume and last:
         run.start_step = load_trainer_state(last, run)
+        apply_changes(run.optimizer, run.scheduler, run.resumed)  # e.g. a new lr, over the saved one
     run.sampling = sampling_settings(cfg)
     return run
 
@@ -1000,10 +1004,14 @@ def main(cfg: Config, reward_fn=None) -> Path:
         (out / "config.json").write_text(json.dumps(public_config(cfg), indent=1))
         if not log_path.exists() or not log_path.read_text().strip():
             log_path.write_text(json.dumps({"step": 0, "run": run_header(cfg, run, reward_fn)}) + "\n")
+        if run.resumed:  # settings changed on resume (checkpoints.check_resume): on record where they start
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": run.start_step, "resumed": run.resumed}) + "\n")
     run.acc.init_trackers(cfg.project, config={k: v for k, v in public_config(cfg).items() if not isinstance(v, list)}, init_kwargs=tracker_kwargs(cfg))
     ckpt = None
     bar = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps, disable=run.rank != 0, desc="grpo")
     val = {}  # step -> validation metrics (rank 0)
+    stop = Preemption(cfg.save_on_preempt)  # SIGTERM: finish the step, checkpoint, exit EXIT_PREEMPTED
     try:
         if run.val_samples and run.start_step == 0:
             val[0] = validate(0, cfg, run)
@@ -1027,9 +1035,14 @@ def main(cfg: Config, reward_fn=None) -> Path:
                 write_samples(out / "samples.md", step + 1, groups, run.acc.trackers)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 ckpt = save_checkpoint(cfg, run, step + 1)
+            if cfg.save_on_preempt and step + 1 < cfg.steps and any_rank(run, stop.signalled):  # all stop at one step
+                ckpt = stop.save(cfg, run, step + 1, ckpt)
+                break
     finally:  # also on a stop (SystemExit): the engine's memory and worker go with it
+        stop.close()
         run.engine.close()  # before accelerate's end_training, which closes the process group vLLM shares
     run.acc.end_training()
+    stop.exit(cfg, run.rank)  # after a SIGTERM: one line, exit status EXIT_PREEMPTED
     if len(val) > 1:
         first, last = min(val), max(val)
         print(f"\nvalidation on {len(run.val_samples)} {cfg.eval_data} questions (judge: {public_config(cfg)['eval_judge']}):")

@@ -1,0 +1,290 @@
+"""Resume and preemption safety (issue "Safe to resume, safe to preempt, nothing wedges"): nothing a
+checkpoint holds runs code on load; a changed run-defining setting is refused and a changed free one is
+applied and recorded; SIGTERM ends with a checkpoint; a corrupt checkpoint or a full disk stops the run
+in one line naming the file and the newest intact earlier checkpoint."""
+import errno
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoints
+import train_grpo
+from tests.kit import REPO
+from tests.test_train_grpo import config, toy_reward, write_data
+
+
+class Plant:
+    """A pickle that runs code when unpickled: it writes `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+@pytest.fixture(scope="module")
+def honest(tmp_path_factory):
+    """A real 2-step run with a checkpoint after each step (checkpoint-1, checkpoint-2)."""
+    root = tmp_path_factory.mktemp("honest")
+    cfg = config(root, steps=2, save_every=1)
+    train_grpo.main(cfg, reward_fn=toy_reward)
+    return cfg
+
+
+def copy_run(honest, tmp_path, **kw):
+    """A copy of the honest run in tmp_path, and the resume config for it (same data and model)."""
+    shutil.copytree(honest.output_dir, tmp_path / "run")
+    return config(tmp_path, **{"data": honest.data, "steps": 3, "save_every": 1, "resume": True, **kw})
+
+
+def moved(changes: dict) -> dict:
+    """The changed settings but output_dir (the copy's folder is another)."""
+    return {k: v for k, v in changes.items() if k != "output_dir"}
+
+
+def one_line(exc) -> str:
+    msg = str(exc.value.code)
+    assert "\n" not in msg and "Traceback" not in msg, msg
+    return msg
+
+
+# --- 1. nothing a checkpoint holds runs code on load
+
+
+def test_code_planted_in_the_per_rank_trainer_state_never_runs(honest, tmp_path):
+    cfg = copy_run(honest, tmp_path)
+    marker = tmp_path / "PWNED"
+    target = tmp_path / "run" / "checkpoint-2" / "trainer_state_rank0.pt"
+    state = torch.load(target, weights_only=True)
+    torch.save({**state, "sampler": Plant(marker)}, target)
+    with pytest.raises(SystemExit) as e:
+        train_grpo.setup(cfg, toy_reward)
+    assert not marker.exists()
+    assert "checkpoint-2/trainer_state_rank0.pt" in one_line(e)
+
+
+def test_code_planted_in_the_optimizer_metadata_never_runs(honest, tmp_path):
+    cfg = copy_run(honest, tmp_path)
+    marker = tmp_path / "PWNED"
+    (tmp_path / "run" / "checkpoint-2" / "optimizer" / ".metadata").write_bytes(pickle.dumps(Plant(marker)))
+    with pytest.raises(SystemExit) as e:
+        train_grpo.setup(cfg, toy_reward)
+    assert not marker.exists()
+    assert "checkpoint-2/optimizer/.metadata" in one_line(e)
+
+
+def test_code_planted_in_an_optimizer_value_never_runs(honest, tmp_path):
+    """DCP keeps non-tensor values (the param groups' lr, betas...) as pickles inside its .distcp files."""
+    cfg = copy_run(honest, tmp_path)
+    marker = tmp_path / "PWNED"
+    opt = tmp_path / "run" / "checkpoint-2" / "optimizer"
+    meta = pickle.loads((opt / ".metadata").read_bytes())  # honest: the test's own file
+    (opt / "__9_0.distcp").write_bytes(pickle.dumps(Plant(marker)))
+    info = meta.storage_data
+    key = next(k for k in info if k.fqn == "optim.param_groups.0.lr")
+    info[key] = type(info[key])(relative_path="__9_0.distcp", offset=0, length=(opt / "__9_0.distcp").stat().st_size)
+    (opt / ".metadata").write_bytes(pickle.dumps(meta))
+    with pytest.raises(SystemExit) as e:
+        train_grpo.setup(cfg, toy_reward)
+    assert not marker.exists()
+    assert "checkpoint-2/optimizer" in one_line(e)
+
+
+def test_an_honest_checkpoint_resumes_with_safe_loads(honest, tmp_path, monkeypatch):
+    cfg = copy_run(honest, tmp_path)
+    loads = []
+    load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k.get("weights_only")) or load(*a, **k))
+    run = train_grpo.setup(cfg, toy_reward)
+    assert run.start_step == 2 and run.sampler.state_dict()["pos"] == 4 and moved(run.resumed) == {"steps": [2, 3]}
+    assert loads and all(w is True for w in loads), loads  # every torch.load of the resume: weights_only
+    run.engine.close()
+
+
+# --- 3. a changed configuration on resume
+
+
+def test_resume_refuses_changed_run_defining_settings(honest, tmp_path):
+    cfg = copy_run(honest, tmp_path, group_size=8, loss_type="grpo")
+    with pytest.raises(SystemExit) as e:
+        train_grpo.setup(cfg, toy_reward)
+    msg = one_line(e)
+    assert "group_size 4 → 8" in msg and "loss_type 'dapo' → 'grpo'" in msg and "--allow_config_change" in msg
+    assert "checkpoint-2" in msg
+
+
+def test_resume_applies_and_records_a_new_lr(honest, tmp_path, capsys):
+    cfg = copy_run(honest, tmp_path, lr=0.5, save_every=7)
+    ckpt = train_grpo.main(cfg, reward_fn=toy_reward)
+    assert "lr 0.001 → 0.5" in capsys.readouterr().out
+    lines = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [(x["step"], moved(x["resumed"])) for x in lines if "resumed" in x] == [(2, {"steps": [2, 3], "lr": [0.001, 0.5], "save_every": [1, 7]})]
+    log = train_grpo.read_log(tmp_path / "run" / "log.jsonl")
+    assert [x["step"] for x in log] == [1, 2, 3] and log[2]["lr"] == 0.5  # the step trained with the new lr
+    assert json.loads((ckpt / "trainer_state.json").read_text())["config"]["lr"] == 0.5
+    train_grpo.plot_log(tmp_path / "run" / "log.jsonl", tmp_path / "plot.png")
+    train_grpo.truncate_log(tmp_path / "run" / "log.jsonl", 2)
+    assert [x["step"] for x in train_grpo.read_log(tmp_path / "run" / "log.jsonl")] == [1, 2]
+
+
+def test_a_field_the_old_checkpoint_lacks_is_not_a_change(honest, tmp_path):
+    cfg = copy_run(honest, tmp_path)
+    state = tmp_path / "run" / "checkpoint-2" / "trainer_state.json"
+    meta = json.loads(state.read_text())
+    del meta["config"]["save_on_preempt"], meta["config"]["allow_config_change"]  # as written before these existed
+    state.write_text(json.dumps(meta))
+    run = train_grpo.setup(cfg, toy_reward)
+    assert moved(run.resumed) == {"steps": [2, 3]}
+    run.engine.close()
+
+
+def test_a_new_lr_and_length_continue_the_schedule():
+    """Cosine over 10 steps, 3 taken, resumed with lr 0.5 over 20: the schedule continues at step 3 of 20."""
+    from transformers import get_scheduler
+
+    def make(lr, total):
+        opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=lr)
+        return opt, get_scheduler("cosine", opt, num_warmup_steps=0, num_training_steps=total)
+
+    opt, sched = make(0.1, 10)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    saved_opt, saved_sched = opt.state_dict(), sched.state_dict()
+    opt, sched = make(0.5, 20)
+    opt.load_state_dict(saved_opt)
+    sched.load_state_dict(saved_sched)
+    checkpoints.apply_changes(opt, sched, {"lr": [0.1, 0.5], "steps": [10, 20]})
+    _, ref = make(0.5, 20)
+    for _ in range(3):
+        ref.optimizer.step()
+        ref.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(ref.get_last_lr()[0]) and sched.base_lrs == [0.5]
+    opt.step()
+    sched.step()
+    ref.optimizer.step()
+    ref.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(ref.get_last_lr()[0])
+
+
+# --- 10. corrupt checkpoints, full disks
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def nan_weight(ckpt):
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(str(ckpt / "model.safetensors"))
+    w["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(w, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+
+
+CORRUPT = {
+    "model.safetensors truncated": (lambda c: truncate(c / "model.safetensors"), "model.safetensors"),
+    "optimizer shard missing": (lambda c: (c / "optimizer" / "__0_0.distcp").unlink(), "__0_0.distcp"),
+    "trainer_state.json truncated": (lambda c: truncate(c / "trainer_state.json"), "trainer_state.json"),
+    "rank state missing": (lambda c: (c / "trainer_state_rank0.pt").unlink(), "trainer_state_rank0.pt"),
+    "NaN weights": (nan_weight, "model.layers.1.mlp.up_proj.weight"),
+}
+
+
+@pytest.mark.parametrize("fault", list(CORRUPT))
+def test_a_corrupt_checkpoint_is_refused_in_one_line_naming_the_intact_one(honest, tmp_path, fault):
+    cfg = copy_run(honest, tmp_path)
+    corrupt, named = CORRUPT[fault]
+    corrupt(tmp_path / "run" / "checkpoint-2")
+    with pytest.raises(SystemExit) as e:
+        train_grpo.setup(cfg, toy_reward)
+    msg = one_line(e)
+    assert "checkpoint-2" in msg and named in msg and "checkpoint-1" in msg, msg
+
+
+def test_a_corrupt_only_checkpoint_says_how_to_start_afresh(honest, tmp_path):
+    cfg = copy_run(honest, tmp_path)
+    shutil.rmtree(tmp_path / "run" / "checkpoint-1")
+    truncate(tmp_path / "run" / "checkpoint-2" / "model.safetensors")
+    with pytest.raises(SystemExit) as e:
+        train_grpo.setup(cfg, toy_reward)
+    assert "no intact earlier checkpoint" in one_line(e)
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")])
+def test_a_full_disk_while_saving_stops_in_one_line_and_keeps_the_earlier_checkpoints(honest, tmp_path, monkeypatch, error):
+    """The patched torch.save stands for the disk filling up while a checkpoint is written: torch raises
+    OSError(ENOSPC) from a plain write, or its zip writer's 'unexpected pos' RuntimeError."""
+    cfg = copy_run(honest, tmp_path)
+    run = train_grpo.setup(cfg, toy_reward)
+    save = torch.save
+
+    def full(obj, f, *a, **k):
+        if "trainer_state_rank" in str(f):
+            raise error
+        return save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(SystemExit) as e:
+        checkpoints.save_checkpoint(cfg, run, 3)
+    run.engine.close()
+    msg = one_line(e)
+    assert "checkpoint-3" in msg and "no space left" in msg.lower() and " MB" in msg, msg
+    out = tmp_path / "run"
+    assert not list(out.glob("*.tmp")) and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    monkeypatch.setattr(torch, "save", save)
+    assert train_grpo.setup(cfg, toy_reward).start_step == 2  # the earlier checkpoints still resume
+
+
+# --- 4. SIGTERM ends with a checkpoint
+
+
+def child(cfg, *extra):
+    from bench.faults import flags
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return [sys.executable, str(REPO / "bench" / "faults.py"), "--train-child", *flags(cfg), *extra], env
+
+
+@pytest.mark.slow  # three training processes (about 40 s on 2 quiet cores)
+def test_sigterm_finishes_the_step_saves_and_resumes_exactly(tmp_path):
+    """SIGTERM from outside at a random moment of steps 2-3 of 4 (the child's own step 1 is logged first)."""
+    from bench.faults import max_diff, weights
+
+    data = write_data(tmp_path / "train.jsonl")
+    ref_cfg = config(tmp_path / "ref", data=data, steps=4, save_every=100)
+    cmd, env = child(ref_cfg)
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+    cfg = config(tmp_path / "pre", data=data, steps=4, save_every=100)
+    log = Path(cfg.output_dir) / "log.jsonl"
+    cmd, env = child(cfg)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.perf_counter()
+    while proc.poll() is None and not (log.exists() and log.read_text().count("\n") >= 2) and time.perf_counter() - t0 < 200:
+        time.sleep(0.01)  # after step 1's line
+    jitter = random.uniform(0.0, 2.0)  # a step takes about 1.5 s here
+    time.sleep(jitter)
+    os.kill(proc.pid, signal.SIGTERM)  # the process we started, by its id
+    out, err = proc.communicate(timeout=200)
+    assert proc.returncode == checkpoints.EXIT_PREEMPTED, (jitter, err[-3000:])
+    last = train_grpo.last_checkpoint(Path(cfg.output_dir))
+    logged = [x["step"] for x in train_grpo.read_log(log)]
+    assert last is not None and train_grpo.read_step(last) == logged[-1] < 4
+    said = [x for x in (out + err).splitlines() if "SIGTERM" in x]
+    assert len(said) == 1 and last.name in said[0] and "--resume" in said[0], out[-2000:] + err[-2000:]
+    cmd, env = child(cfg, "--resume=True")
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+    assert [x["step"] for x in train_grpo.read_log(log)] == [1, 2, 3, 4]
+    assert max_diff(weights(Path(ref_cfg.output_dir) / "checkpoint-4"), weights(Path(cfg.output_dir) / "checkpoint-4")) < 1e-5
