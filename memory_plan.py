@@ -31,7 +31,7 @@ SAME_SHAPE = {"Qwen3-VL-30B-A3B-Thinking": "Qwen3-VL-30B-A3B-Instruct", "Qwen3-V
               "Qwen3-VL-2B-Thinking": "Qwen3-VL-2B-Instruct"}  # Thinking editions: the Instruct architecture  # fmt: skip
 OVERHEAD = 1.0 * GiB  # CUDA context, NCCL buffers, allocator fragmentation (not in max_memory_allocated)
 VLLM_WORK = 2.0 * GiB  # vLLM's activations, sampler and CUDA graphs inside its budget (its profile run)
-LOGIT_COPIES = 4  # float32 [B, T, V] tensors alive at once in policy.completion_logprobs (see plan)
+LOGIT_COPIES = 4.5  # float32 [B, T, V] tensors alive at once in policy.completion_logprobs (measured: see plan)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -66,6 +66,7 @@ class Shape:
     v_patch: int = 0
     v_merge: int = 1
     v_gated: bool = False  # SwiGLU MLP (Qwen2.5-VL) rather than GELU (Qwen3-VL)
+    fused_experts: tuple = ()  # (parameter name, experts, in, out) of a MoE's 3-D expert weights (peft's target_parameters)
 
 
 def config_path(model: str) -> Path:
@@ -120,6 +121,7 @@ def model_shape(model: str) -> Shape:
     head = net.get_output_embeddings()
     linears = tuple((n, m.in_features, m.out_features) for n, m in net.named_modules()
                     if isinstance(m, torch.nn.Linear) and m is not head)  # fmt: skip
+    fused = tuple((n, *p.shape) for n, p in net.named_parameters() if p.dim() == 3 and ".experts." in n)
     text = getattr(config, "text_config", None) or config
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
@@ -129,7 +131,7 @@ def model_shape(model: str) -> Shape:
              v_patch=vision.patch_size, v_merge=getattr(vision, "spatial_merge_size", 1),
              v_gated=hasattr(vision, "fullatt_block_indexes")) if vision is not None else {}  # fmt: skip
     return Shape(
-        name=model, total=total, experts=experts, root=root, block_max=block_max, linears=linears,
+        name=model, total=total, experts=experts, root=root, block_max=block_max, linears=linears, fused_experts=fused,
         vision=sum(p.numel() for n, p in net.named_parameters() if ".visual." in f".{n}"),
         hidden=text.hidden_size, intermediate=text.intermediate_size, layers=text.num_hidden_layers,
         q_dim=heads * head_dim, kv_dim=kv_heads * head_dim, kv_heads=kv_heads, vocab=text.vocab_size,
@@ -150,6 +152,9 @@ def lora_parameters(cfg, shape: Shape) -> int:
         if targets and not any(name == t or name.endswith("." + t) for t in targets):
             continue
         count += cfg.lora_r * (n_in + n_out)
+    for name, experts, n_in, n_out in shape.fused_experts:  # policy.add_lora adapts them as parameters, per expert
+        if not targets or any(name.endswith("." + t) or name.endswith(t) for t in targets):
+            count += experts * cfg.lora_r * (n_in + n_out)
     return count
 
 
@@ -281,15 +286,15 @@ def plan(cfg, world: int | None = None, gpu: float | None = None, *, shape: Shap
     grads = trained * m / n  # FSDP2 keeps sharded gradients in the parameters' dtype
     # AdamW: exp_avg and exp_avg_sq in the master dtype; bf16 masters add optim.py's Kahan buffer (bf16).
     optim = trained * (2 * m + (2 if m == 2 else 0)) / n
-    ref = s.total * m / n if cfg.beta > 0 else 0.0  # policy.load_policy loads the reference in the master dtype too
+    ref = s.total * c / n if cfg.beta > 0 else 0.0  # policy.load_reference: the compute dtype, sharded like the policy
     problems = []
 
     # load: policy.load_policy moves the whole model to every GPU, then train_grpo.setup shards it (and
-    # the reference, loaded before either is sharded).
-    copies = 2 if cfg.beta > 0 else 1
-    load = Phase("load", {"whole copies": copies * s.total * m + lora * m, "overhead": OVERHEAD}, [
-        f"{copies} whole {cfg.master_dtype} cop{'ies' if copies > 1 else 'y'} per GPU before sharding; host RAM while loading: "
-        f"{s.total * m / GiB:.1f} GiB per process"])  # fmt: skip
+    # the reference, loaded whole in the compute dtype before either is sharded).
+    whole = s.total * m + lora * m + (s.total * c if cfg.beta > 0 else 0)
+    load = Phase("load", {"whole copies": whole, "overhead": OVERHEAD}, [
+        f"the whole {cfg.master_dtype} policy{' and bf16 reference' if cfg.beta > 0 else ''} per GPU before sharding; "
+        f"host RAM while loading: {s.total * m / GiB:.1f} GiB per process"])  # fmt: skip
     if easyr1:
         load = Phase("load", {"params": params, "reference": ref, "overhead": OVERHEAD}, ["sharded as loaded (rank 0 reads the weights)"])
 
@@ -324,14 +329,15 @@ def plan(cfg, world: int | None = None, gpu: float | None = None, *, shape: Shap
     # update: FSDP2 gathers one block at a time in the compute dtype (plus the next, prefetched) and the
     # root's parameters for the whole pass; a block's unsharded float32 gradients wait for their
     # reduce-scatter. One process under autocast keeps a bf16 copy of every weight for backward instead.
-    if fsdp:
-        gathered = (s.root + 2 * s.block_max) * c + s.block_max * 4
+    if fsdp:  # (+ the reference's root while it runs; policy.reshard frees it after)
+        gathered = (s.root * (2 if cfg.beta > 0 else 1) + 2 * s.block_max) * c + s.block_max * 4
     else:
         gathered = s.total * c if c < m else 0.0
     act_text, act_vision = activation_bytes(cfg, s, c)
     B, T = cfg.micro_batch_size, cfg.max_completion_length
-    # completion_logprobs: the logits' float32 copy, its division by the temperature (kept by logsumexp),
-    # logsumexp's exp and the entropy's log_softmax/exp, then backward's gradients: about 4 at once.
+    # completion_logprobs: the bf16 logits, their float32 copy (kept by logsumexp), logsumexp's exp, the
+    # entropy's log_softmax and exp (first epoch), backward's gradients: 4.5 float32 copies at the peak
+    # (tests/test_memory_plan.py counts them with a dispatch mode).
     logits = LOGIT_COPIES * B * T * s.vocab * 4
     update = Phase("update", {"params": params, "grads": grads, "optimiser": optim, "reference": ref, "gathered": gathered,
                               "activations": act_text, "vision act.": act_vision, "logits": logits,

@@ -116,14 +116,14 @@ def test_the_8b_dapo_recipe_fits_eight_80gb_gpus_and_its_terms_add_up():
     update = {ph.name: ph for ph in p.phases}["update"]
     n = p.shape.total
     assert update.parts["params"] == pytest.approx(n * 4 / 8) and update.parts["optimiser"] == pytest.approx(n * 8 / 8)
-    assert update.parts["logits"] == 4 * 2 * 4096 * 151936 * 4  # 4 float32 copies of [2, 4096, V]
+    assert update.parts["logits"] == 4.5 * 2 * 4096 * 151936 * 4  # 4.5 float32 copies of [2, 4096, V]
     assert "reference" not in {k for k, v in update.parts.items() if v}  # KL off: no reference model
     # bf16 masters: params and grads 2 bytes, AdamW's two states and optim.py's Kahan buffer 2 bytes each.
     bf16 = memory_plan.plan(dataclasses.replace(cfg, master_dtype="bfloat16"), 8, 80 * GiB)
     assert {ph.name: ph for ph in bf16.phases}["update"].parts["optimiser"] == pytest.approx(n * 6 / 8)
-    # KL on: a reference model per GPU (master dtype, sharded), and two whole copies while loading.
+    # KL on: a reference model per GPU (bf16, sharded), loaded whole beside the float32 policy before sharding.
     kl = {ph.name: ph for ph in memory_plan.plan(_recipe("8b_grpo"), 8, 80 * GiB).phases}
-    assert kl["update"].parts["reference"] == pytest.approx(n * 4 / 8) and kl["load"].parts["whole copies"] == 2 * n * 4
+    assert kl["update"].parts["reference"] == pytest.approx(n * 2 / 8) and kl["load"].parts["whole copies"] == n * 4 + n * 2
 
 
 def test_the_ported_30b_recipe_cannot_fit_its_engine_and_says_which_setting_would():
@@ -167,3 +167,62 @@ def test_a_cpu_run_without_plan_skips_it(capsys):
 def test_cli_rejects_a_bad_process_count():
     with pytest.raises(SystemExit, match="--num_processes takes a count"):
         memory_plan.main(["--config", "configs/medix_r1_8b_dapo.yaml", "--num_processes", "eight"])
+
+
+class _Live(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes of tensors alive at once (each storage counted from its op until its tensor is freed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.now = self.peak = 0
+        self.live = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.live and t.untyped_storage().nbytes():
+                key, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+                self.live.add(key)
+                self.now += size
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(t, lambda k=key, n=size: (self.live.discard(k), setattr(self, "now", self.now - n)))
+        return out
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logits_term_counts_what_completion_logprobs_holds_at_its_peak(monkeypatch, temperature):
+    import policy
+
+    B, T, V = 2, 64, 32768
+
+    class Head(torch.nn.Module):  # bf16 logits out of a 4-wide model: the weights and their gradients are negligible
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = torch.nn.Embedding(V, 4), torch.nn.Linear(4, V, bias=False).to(torch.bfloat16)
+            self.config, self.device = None, torch.device("cpu")
+
+        def forward(self, input_ids, logits_to_keep=0, **_):
+            return type("Out", (), {"logits": self.head(self.emb(input_ids)[:, -logits_to_keep:].to(torch.bfloat16))})()
+
+    monkeypatch.setattr(policy, "is_vlm", lambda config: False)
+    batch = {"input_ids": torch.randint(0, V, (B, 16 + T)), "attention_mask": torch.ones(B, 16 + T, dtype=torch.long),
+             "completion_ids": torch.randint(0, V, (B, T)), "completion_mask": torch.ones(B, T)}  # fmt: skip
+    model, live = Head(), _Live()
+    with live:  # the first epoch's pass: log-probs with entropies, then backward
+        logp, _ = policy.completion_logprobs(model, batch, temperature, with_entropy=True, share_prompts=False)
+        logp.sum().backward()
+    assert live.peak / (B * T * V * 4) == pytest.approx(memory_plan.LOGIT_COPIES, rel=0.1)
+
+
+@pytest.mark.parametrize("kind,freeze", [("qwen2", False), ("qwen3_vl", True), ("qwen3_vl", False)])
+def test_lora_count_is_what_peft_trains(kind, freeze):
+    import policy
+    from tests.kit import tiny_text_dir, tiny_vlm_dir
+
+    path = tiny_text_dir(kind) if kind == "qwen2" else tiny_vlm_dir(kind)
+    cfg = train_grpo.Config(model=str(path), use_peft=True, freeze_vision=freeze, lora_r=4)
+    model, _ = policy.load_policy(cfg, str(path))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert memory_plan.lora_parameters(cfg, memory_plan.model_shape(str(path))) == trained
