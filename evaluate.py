@@ -1187,6 +1187,19 @@ def judge_identity(cfg: EvalConfig) -> dict:
     return {**{k: getattr(cfg, k) for k in JUDGE_KEYS}, "template": template, "fingerprint": fingerprint}
 
 
+def _redacted(manifest: dict) -> dict:
+    """The manifest as written: where the models live, without the passwords of their URLs."""
+    where = {"generation": "model_url", "judge": "judge"}
+    return {k: {**v, where[k]: redact_url(v.get(where[k]))} if k in where and v and v.get(where[k]) else v for k, v in manifest.items()}
+
+
+def _adopted(out: Path, flag: str, value):
+    """A setting a later stage takes from the folder's manifest; a URL whose password was not kept cannot be."""
+    if isinstance(value, str) and "***@" in value:
+        raise SystemExit(f"{out / MANIFEST} names {value} without its password (never written): pass {flag} again")
+    return value
+
+
 def read_manifest(out: Path) -> dict:
     path = out / MANIFEST
     if not path.is_file():
@@ -1282,7 +1295,7 @@ def prepare(cfg: EvalConfig, stages: tuple[str, ...]) -> dict[str, list[Sample]]
         if not manifest.get("generation"):
             raise SystemExit("the generate stage needs --model (a checkpoint) or --model_url (an OpenAI-compatible endpoint)")
         for k in GENERATION_KEYS:
-            setattr(cfg, k, manifest["generation"][k])
+            setattr(cfg, k, _adopted(out, "--model_url" if k == "model_url" else k, manifest["generation"][k]))
         generation = generation_identity(cfg)
     if cfg.benchmarks is None:
         cfg.benchmarks = ",".join(manifest.get("benchmarks") or []) or "all"
@@ -1309,7 +1322,7 @@ def prepare(cfg: EvalConfig, stages: tuple[str, ...]) -> dict[str, list[Sample]]
         if cfg.judge is None:
             for k, v in (manifest.get("judge") or {"judge": DEFAULT_JUDGE}).items():
                 if k in JUDGE_KEYS:
-                    setattr(cfg, k, v)
+                    setattr(cfg, k, _adopted(out, "--judge" if k == "judge" else k, v))
         try:
             judgement = judge_identity(cfg)
         except SystemExit as e:
@@ -1331,7 +1344,7 @@ def prepare(cfg: EvalConfig, stages: tuple[str, ...]) -> dict[str, list[Sample]]
     )  # fmt: skip
     manifest.setdefault("generation", None)
     manifest.setdefault("judge", None)
-    _write_manifest(out, manifest)
+    _write_manifest(out, _redacted(manifest))
     return samples
 
 

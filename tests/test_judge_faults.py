@@ -374,3 +374,17 @@ def test_make_reward_passes_the_trust_flag(tmp_path):
     assert train_grpo.make_reward(Config(**base)).embedder is not None and not marker.exists()
     train_grpo.make_reward(Config(**base, embedder_trust_remote_code=True))
     assert marker.exists()
+
+
+def test_the_manifest_keeps_no_credentials_and_a_later_stage_asks_for_them(tmp_path, server, capfd):
+    """manifest.json records where the judge lives, redacted; a later stage that would reuse that URL
+    cannot, so it asks for --judge again in one line instead of sending `***` as the password."""
+    _mimic_generations(tmp_path)
+    url = server.url("auth", f"user:{SECRET}@")
+    E.main(E.EvalConfig(benchmarks="MIMIC-CXR-Sum", output_dir=str(tmp_path), judge=url, judge_rounds=1, timeout=5, stage="judge"))
+    manifest = (tmp_path / "manifest.json").read_text()
+    assert SECRET not in manifest and "user:***@" in manifest
+    with pytest.raises(SystemExit) as e:  # no --judge: the folder's judge, whose password was not kept
+        E.main(E.EvalConfig(benchmarks="MIMIC-CXR-Sum", output_dir=str(tmp_path), judge_rounds=1, timeout=5, stage="judge"))
+    assert "--judge" in str(e.value) and "user:***@" in str(e.value) and "\n" not in str(e.value)
+    assert SECRET not in "".join(capfd.readouterr())
