@@ -1,7 +1,7 @@
 """Memory plan: before launch, what each GPU holds in each phase of a run, and whether it fits.
 
     python memory_plan.py --config configs/medix_r1_8b_dapo.yaml --num_processes 8 --gpu_memory_gb 80
-    python train_grpo.py --config configs/medix_r1_8b_dapo.yaml --plan     # the same table, then exit
+    accelerate launch --num_processes 8 train_grpo.py --config configs/medix_r1_8b_dapo.yaml --plan   # same; exits
     python memory_plan.py --published        # the table of docs/memory_plan.md (published requirements)
     p = memory_plan.plan(cfg, world=8, gpu_gb=80); print(p.table()); p.failure()   # None when it fits
 
@@ -238,7 +238,7 @@ class Plan:
         hint = f"; {self.suggestion}" if self.suggestion else ""
         return f"memory plan: {self.model} on {self.world} x {_gib(self.gpu)} GPUs does not fit: {phase}: {reason}{hint}"
 
-    def table(self) -> str:
+    def table(self, verdict: bool = True) -> str:
         s = self.shape
         lines = [f"memory plan: {self.model}, {s.total / 1e9:.2f}B parameters (vision {s.vision / 1e9:.2f}B, experts "
                  f"{s.experts / 1e9:.2f}B), {self.world} process(es), GPU {_gib(self.gpu)}"]  # fmt: skip
@@ -246,9 +246,9 @@ class Plan:
             parts = ", ".join(f"{k} {v / GiB:.1f}" for k, v in p.parts.items() if v)
             lines.append(f"  {p.name:<8} {p.total / GiB:7.1f} GiB  = {parts}")
             lines += [f"           {n}" for n in p.notes]
-        lines.append(self.failure() or (f"  fits: peak {self.peak.total / GiB:.1f} GiB ({self.peak.name}) of {_gib(self.gpu)}"
+        lines.append("" if not verdict else self.failure() or (f"  fits: peak {self.peak.total / GiB:.1f} GiB ({self.peak.name}) of {_gib(self.gpu)}"
                                         if self.gpu else "  (no GPU size: pass --gpu_memory_gb to judge the fit)"))  # fmt: skip
-        return "\n".join(lines)
+        return "\n".join(lines).rstrip("\n")
 
 
 def _gib(n) -> str:
@@ -394,7 +394,7 @@ def check(cfg, world: int, rank: int = 0) -> Plan | None:
             return None
     p = plan(cfg, world, gpu)
     if rank == 0:
-        print(p.table())
+        print(p.table(verdict=not p.failure()))  # a failure is the SystemExit's one line below
     if p.failure():
         raise SystemExit(p.failure())
     if cfg.plan:
