@@ -208,19 +208,38 @@ VISION_MODULES = r"(.*\.)?visual\..*"  # the vision tower and its merger (Qwen-V
 
 def add_lora(cfg, model, vlm: bool, adapter: str | None = None):
     """peft's LoRA around `model`: only the adapters train. Targets: `lora_target_modules`, by default every
-    linear layer but the output head (peft's all-linear); the vision tower's only when `freeze_vision` is off.
+    linear layer but the output head (peft's all-linear, plus a MoE's fused experts); the vision tower's only
+    when `freeze_vision` is off.
     With `adapter` (a checkpoint's adapter/ folder), its saved adapter, trainable, instead of a new one."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if adapter:
         return PeftModel.from_pretrained(model, adapter, is_trainable=True)
     targets = list(cfg.lora_target_modules) or ["all-linear"]
+    # Fused MoE experts (Qwen3-VL-MoE: one [E, ., .] parameter per projection, no nn.Linear) are linear layers
+    # that all-linear cannot see: peft adapts them as parameters (target_parameters), the named ones or, with
+    # all-linear, all of them.
+    experts = expert_parameters(model)
+    params = [e for e in experts if targets == ["all-linear"] or any(_names(e, t) for t in targets)]
+    modules = [t for t in targets if not any(_names(e, t) for e in experts)]
+    if params and cfg.lora_dropout:
+        raise SystemExit(f"LoRA on the MoE experts ({', '.join(params)}) needs --lora_dropout 0: peft adapts fused experts "
+                         f"as parameters, without dropout; or leave them out of --lora_target_modules")  # fmt: skip
     config = LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        target_modules=("all-linear" if modules == ["all-linear"] else modules) or None, target_parameters=params or None,
         exclude_modules=VISION_MODULES if vlm and cfg.freeze_vision else None,
     )  # fmt: skip
     return get_peft_model(model, config)
+
+
+def _names(suffix: str, target: str) -> bool:
+    return suffix == target or suffix.endswith("." + target)
+
+
+def expert_parameters(model) -> list[str]:
+    """Name suffixes (`mlp.experts.gate_up_proj`) of a MoE's fused expert parameters: 3-D, [experts, ., .]."""
+    return sorted({".".join(n.split(".")[-3:]) for n, p in model.named_parameters() if p.dim() == 3 and ".experts." in n})
 
 
 def load_reference(path: str, dtype: torch.dtype):

@@ -118,9 +118,9 @@ def moe_config(tmp_path, **kw):
     from tests.test_train_grpo import config
 
     tmp_path.mkdir(parents=True, exist_ok=True)
-    return config(tmp_path, model=str(moe_dir()), data=image_data(tmp_path / "mix.jsonl"), engine="vllm", enforce_eager=True,
-                  lr=1e-2, max_completion_length=8, min_pixels=4 * UNIT * UNIT, max_pixels=16 * UNIT * UNIT, embedder="",
-                  freeze_vision=False, **kw)  # fmt: skip
+    base = dict(model=str(moe_dir()), data=image_data(tmp_path / "mix.jsonl"), engine="vllm", enforce_eager=True, lr=1e-2,
+                max_completion_length=8, min_pixels=4 * UNIT * UNIT, max_pixels=16 * UNIT * UNIT, embedder="", freeze_vision=False)  # fmt: skip
+    return config(tmp_path, **{**base, **kw})
 
 
 def test_a_grpo_step_keeps_the_engine_in_step(tmp_path):
@@ -138,3 +138,75 @@ def test_a_grpo_step_keeps_the_engine_in_step(tmp_path):
         assert max(diffs) < 1e-4, diffs
     finally:
         run.engine.close()
+
+
+def lora_cfg(**kw):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**{**dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=[], freeze_vision=True), **kw})
+
+
+def test_lora_reaches_the_experts_and_merges_into_the_engine(engine):
+    model, processor = load_moe()
+    initial, _ = load_moe()
+    lora = policy.add_lora(lora_cfg(), model, vlm=True)
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert any(".experts." in n for n in trainable) and any(".self_attn." in n for n in trainable)
+    assert not any("visual." in n for n in trainable)  # --freeze_vision
+    torch.manual_seed(2)
+    with torch.no_grad():  # B starts at 0: a nonzero update, as training makes
+        for n, p in lora.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.2)
+    sent = []
+    engine.update_weights((sent.append((n, t.shape)) or (n, t)) for n, t in rollout.full_parameters(lora))
+    assert dict(sent) == {n: (p.shape if not n.endswith(EXPERTS) else p.transpose(-1, -2).shape) for n, p in initial.named_parameters()}
+    diffs, to_initial = engine_vs(engine, lora, processor, initial)
+    assert max(diffs) < 1e-4 < 0.1 < min(to_initial), (diffs, to_initial)
+
+
+def test_lora_targets_named_experts_and_refuses_dropout_on_them():
+    model, _ = load_moe()
+    lora = policy.add_lora(lora_cfg(lora_target_modules=["q_proj", "down_proj"]), model, vlm=True)
+    trainable = {n.split(".layers.0.")[1] for n, p in lora.named_parameters() if p.requires_grad and ".layers.0." in n}
+    assert trainable == {"self_attn.q_proj.lora_A.default.weight", "self_attn.q_proj.lora_B.default.weight",
+                         "mlp.experts.lora_A.default.weight", "mlp.experts.lora_B.default.weight"}  # fmt: skip
+    with pytest.raises(SystemExit, match="--lora_dropout 0"):
+        policy.add_lora(lora_cfg(lora_dropout=0.05), load_moe()[0], vlm=True)
+
+
+def test_lora_grpo_step_trains_the_experts(tmp_path):
+    import train_grpo
+    from tests.test_train_grpo import toy_reward
+
+    cfg = moe_config(tmp_path, use_peft=True, lora_dropout=0.0, freeze_vision=True, steps=1)
+    run = train_grpo.setup(cfg, toy_reward)
+    try:
+        lora = {n: p.detach().clone() for n, p in run.model.named_parameters() if ".experts." in n and ".lora_" in n}
+        train_grpo.train_step(0, cfg, run)
+        assert run.probe_diff < 1e-4
+        assert lora and all(not torch.equal(p, lora[n]) for n, p in run.model.named_parameters() if n in lora)
+        diffs, _ = engine_vs(run.engine, run.model, run.processor)
+        assert max(diffs) < 1e-4, diffs
+    finally:
+        run.engine.close()
+
+
+@pytest.mark.xfail(strict=True, reason="checkpoints.save_checkpoint writes experts through save_pretrained: transformers 5.19 "
+                   "saves them in its in-memory layout, which vLLM's loader fails on ('The size of tensor a (64) must match the "
+                   "size of tensor b (96)'); the merged LoRA save fails in transformers' revert_weight_conversion ('ParamWrapper "
+                   "has no attribute down_proj'). Fix in checkpoints.py: save the experts in the hub layout with "
+                   "save_original_format=False")  # fmt: skip
+@pytest.mark.parametrize("lora", [False, True])
+def test_checkpoints_hold_the_experts_in_the_layout_vllm_loads(tmp_path, lora):
+    import train_grpo
+    from safetensors import safe_open
+
+    from tests.test_train_grpo import toy_reward
+
+    cfg = moe_config(tmp_path, engine="hf", use_peft=lora, lora_dropout=0.0, steps=1)
+    run = train_grpo.setup(cfg, toy_reward)
+    ckpt = train_grpo.save_checkpoint(cfg, run, 1)  # the last step: with LoRA, the merged model beside the adapter
+    with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        shape = f.get_slice("model.language_model.layers.0.mlp.experts.gate_up_proj").get_shape()
+    assert shape == [4, 64, 192]  # [E, hidden, 2 x inter], as the released checkpoints and tests/kit's
