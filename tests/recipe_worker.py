@@ -10,6 +10,7 @@ the stand-in of CUDA sleep mode (tests/sleep_standin.py). Phase a: 2 steps in on
 """
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -38,13 +39,15 @@ def main(recipe: str, out: Path, phase: str, sleep: bool) -> None:
         from tests.sleep_standin import install
 
         install()
-    kind = "qwen3_vl" if "Qwen3-VL" in Path(recipe).read_text() else "qwen2_5_vl"
+    text = Path(recipe).read_text()
+    # The MoE (Qwen3-VL-30B-A3B: "A3B", 3B active) gets the tiny MoE of its family.
+    kind = "qwen3_vl_moe" if re.search(r"Qwen3-VL-\d+B-A\d+B", text) else "qwen3_vl" if "Qwen3-VL" in text else "qwen2_5_vl"
     flags = ["--config", recipe, "--model", str(tiny_vlm_dir(kind)), "--data", str(out / "train.jsonl"),
              "--prompts_per_step", "2", "--group_size", "4", "--max_completion_length", "8",
              "--max_prompt_length", "2048", "--steps", "2", "--save_every", "1", "--micro_batch_size", "2",
              "--enforce_eager", "--log_samples_every", "1", "--max_filter_tries", "4",
              "--lr", "1e-3", "--embedder", ""]  # fmt: skip
-    unit = 32 if kind == "qwen3_vl" else 28  # the kit's image sizes: 4 to 16 image tokens
+    unit = 28 if kind == "qwen2_5_vl" else 32  # the kit's image sizes: 4 to 16 image tokens
     flags += ["--min_pixels", str(4 * unit * unit), "--max_pixels", str(16 * unit * unit)]
     if phase == "a":
         train_grpo.main(train_grpo.parse_config(flags + ["--output_dir", str(out / "a")]), reward_fn=reward)

@@ -30,7 +30,7 @@ def write_mixed_data(path, n=12):
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_runs_two_processes_mixed_images_refills_and_resumes(tmp_path, recipe):
     write_mixed_data(tmp_path / "train.jsonl")
-    for kind in ("qwen2_5_vl", "qwen3_vl"):
+    for kind in ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
         tiny_vlm_dir(kind)  # built here once, so the ranks do not race for it
     env = {**os.environ, "OMP_NUM_THREADS": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind", "VLLM_CPU_KVCACHE_SPACE": "1"}
     for phase in "ab":
