@@ -8,9 +8,10 @@ before anything loads.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import data
@@ -167,7 +168,9 @@ TRL_REFUSED = {
     "gradient_accumulation_steps": "does not map: a rollout batch (prompts_per_step x group_size sequences) is split into "
     "--mini_batches optimiser steps of --micro_batch_size sequences per forward/backward; accumulation follows from those",
 }
-_BOOL = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+# transformers.hf_argparser.string_to_bool's words: what `--x VALUE` and a YAML string may say for a boolean.
+_BOOL = {"true": True, "yes": True, "t": True, "y": True, "1": True, "false": False, "no": False, "f": False, "n": False, "0": False}
+BOOLS = frozenset(f.name for f in fields(Config) if f.type in (bool, "bool"))
 
 
 def _cli_error(message: str, usage: bool = False):
@@ -175,9 +178,19 @@ def _cli_error(message: str, usage: bool = False):
     raise SystemExit(f"train_grpo.py: {message}" + (" (python train_grpo.py --help lists the flags)" if usage else ""))
 
 
-def _trl_argv(argv: list[str]) -> list[str]:
-    """`--name=value` split in two; TRL's names rewritten to ours (`--bf16 [true|false]` -> `--dtype ...`)."""
-    out, i = [], 0
+def _as_bool(name: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() not in _BOOL:
+        _cli_error(f"{name} takes true or false, not {value!r}")
+    return _BOOL[str(value).lower()]
+
+
+def _trl_argv(argv: list[str]) -> tuple[list[str], dict]:
+    """`--name=value` split in two; TRL's names rewritten to ours (`--bf16 [true|false]` -> `--dtype ...`);
+    every boolean as `--x true|false` (`--x`, `--x VALUE`, `--no_x`, hyphens or underscores). Returns the
+    new argv and {our name: the name typed} for the aliases, so errors can name what the user wrote."""
+    out, typed, i = [], {}, 0
     while i < len(argv):
         arg = argv[i]
         i += 1
@@ -185,33 +198,56 @@ def _trl_argv(argv: list[str]) -> list[str]:
             out.append(arg)
             continue
         name, eq, value = arg[2:].partition("=")
-        if name in TRL_REFUSED and name not in Config.__dataclass_fields__:
-            _cli_error(f"--{name}: {TRL_REFUSED[name]}")
-        if name == "bf16" and "bf16" not in Config.__dataclass_fields__:
-            if not eq and i < len(argv) and argv[i].lower() in _BOOL:
+        key = name.replace("-", "_")
+        if key in TRL_REFUSED and key not in Config.__dataclass_fields__:
+            _cli_error(f"--{name}: {TRL_REFUSED[key]}")
+        if key.startswith("no_") and key[3:] in BOOLS:
+            if eq:
+                _cli_error(f"--{name} takes no value (--{key[3:]} false says the same)")
+            out += [f"--{key[3:]}", "false"]
+            continue
+        ours = TRL_NAMES.get(key, key)
+        if ours != key:
+            typed[ours] = name
+        if ours in BOOLS or key == "bf16":
+            if not eq and i < len(argv) and not argv[i].startswith("--"):  # `--x VALUE`: this parser has no positionals
                 value, eq = argv[i], "="
                 i += 1
-            if eq and value.lower() not in _BOOL:
-                _cli_error(f"--bf16 takes true or false, not {value!r}")
-            out += ["--dtype", "bfloat16" if not eq or _BOOL[value.lower()] else "float32"]
+            on = _as_bool(f"--{name}", value) if eq else True
+            out += ["--dtype", "bfloat16" if on else "float32"] if key == "bf16" else [f"--{ours}", str(on).lower()]
             continue
-        out += [f"--{TRL_NAMES.get(name, name)}"] + ([value] if eq else [])
-    return out
+        out += [f"--{ours}" if ours != key else f"--{name}"] + ([value] if eq else [])
+    return out, typed
 
 
-def _trl_keys(values: dict, where: str) -> dict:
-    """The same renaming for the keys of a YAML config."""
+def _trl_keys(values: dict, where: str, typed: dict) -> dict:
+    """The same renaming for the keys of a YAML config, and its booleans checked."""
     out = {}
     for key, value in values.items():
         if key in TRL_REFUSED and key not in Config.__dataclass_fields__:
             _cli_error(f"{where}: {key}: {TRL_REFUSED[key]}")
         if key == "bf16" and "bf16" not in Config.__dataclass_fields__:
-            key, value = "dtype", "bfloat16" if value else "float32"
-        out[TRL_NAMES.get(key, key)] = value
+            key, value = "dtype", "bfloat16" if _as_bool(f"{where}: bf16", value) else "float32"
+        ours = TRL_NAMES.get(key, key)
+        if ours != key:
+            typed[ours] = key
+        out[ours] = _as_bool(f"{where}: {key}", value) if ours in BOOLS else value
     return out
 
 
-def _read_yaml(argv: list[str]) -> dict:
+def _did_you_mean(name: str, names) -> str:
+    """` (did you mean --learning_rate?)` for a misspelt flag or key, else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(name.lstrip("-").replace("-", "_"), names, n=1, cutoff=0.75)
+    return f" (did you mean {'--' if name.startswith('--') else ''}{close[0]}?)" if close else ""
+
+
+def _known_names() -> list[str]:
+    return [*Config.__dataclass_fields__, *TRL_NAMES, *(f"no_{b}" for b in BOOLS), "config", "bf16"]
+
+
+def _read_yaml(argv: list[str], typed: dict) -> dict:
     """The `--config file.yaml` values (removed from argv), checked: one line for any problem."""
     import yaml
 
@@ -228,34 +264,69 @@ def _read_yaml(argv: list[str]) -> dict:
         _cli_error(f"--config {path}: not valid YAML ({' '.join(str(e).split())})")
     if not isinstance(values, dict):
         _cli_error(f"--config {path}: expected key: value lines, got a {type(values).__name__}")
-    values = _trl_keys(values, f"--config {path}")
+    values = _trl_keys(values, f"--config {path}", typed)
     unknown = sorted(set(values) - set(Config.__dataclass_fields__))
     if unknown:
-        _cli_error(f"--config {path}: unknown config keys: {unknown}")
+        _cli_error(f"--config {path}: unknown config keys: {unknown}" + _did_you_mean(str(unknown[0]), _known_names()))
     return values
+
+
+def _as_typed(message: str, typed: dict) -> str:
+    """An error about one of our settings named as the user wrote it (`--num_generations`, not `--group_size`)."""
+    import re
+
+    for ours, name in typed.items():
+        message = re.sub(rf"--{ours}(/--{ours.replace('_', '-')})?(?![\w-])", f"--{name}", message)
+    return message
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's help with defaults, floats shown as written (0.9 * 0.05: 0.045, not 0.045000000000000005)."""
+
+    def _get_help_string(self, action):
+        if isinstance(action.default, float) and action.help and "%(default)" not in action.help:
+            return f"{action.help} (default: {float(f'{action.default:.12g}')!r})"
+        return super()._get_help_string(action)
+
+
+def make_parser():
+    """HfArgumentParser over `Config`: one flag per field, its help from the field, plus `--config`."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(Config, formatter_class=_HelpFormatter, description=(
+        "GRPO for medical VLMs (MediX-R1). Every setting is a flag or a key of a --config YAML file (flags win); TRL's names "
+        "work too (--num_generations, --learning_rate, --bf16, ...). Booleans: --x, --x true|false, --no_x."))  # fmt: skip
+    parser.add_argument("--config", metavar="FILE.yaml", default=argparse.SUPPRESS,  # read by parse_config before argparse
+                        help="Settings from a YAML file: any flag here as a key: value line (TRL's names too); flags on the command line override it.")  # fmt: skip
+    parser.error = lambda message: _cli_error(message, usage=True)  # not argparse's whole usage text
+    return parser
 
 
 def parse_config(argv=None, *, custom_reward: bool = False) -> Config:
     """Flags, or `--config file.yaml` with flags overriding it; `--demo` fills the demo recipe. TRL's
     names are accepted (TRL_NAMES). A user error stops here in one line (`check_config`); pass
     `custom_reward=True` when a reward function of your own goes to `main` (its keys may be filter_key)."""
-    from transformers import HfArgumentParser
+    argv, typed = _trl_argv(list(sys.argv[1:] if argv is None else argv))
+    try:
+        parser = make_parser()
+        defaults = _read_yaml(argv, typed) if "--config" in argv else {}
+        if "--demo" in argv and argv[argv.index("--demo") + 1] == "true":
+            defaults = {**DEMO, **defaults}
+        parser.set_defaults(**defaults)
+        cfg, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+        if rest:
+            unknown = next((a for a in rest if a.startswith("--")), "")
+            hint = _did_you_mean(unknown, _known_names()) if unknown else ""
+            _cli_error(f"unrecognised arguments: {' '.join(rest)}{hint}", usage=not hint)
+        if cfg.demo and cfg.model == Config.model:
+            from demo.smollm2 import model_dir  # the demo model: SmolLM2 unpacked once from a PyPI package
 
-    argv = _trl_argv(list(sys.argv[1:] if argv is None else argv))
-    parser = HfArgumentParser(Config)
-    parser.error = lambda message: _cli_error(message, usage=True)  # not argparse's whole usage text
-    defaults = _read_yaml(argv) if "--config" in argv else {}
-    if "--demo" in argv:
-        defaults = {**DEMO, **defaults}
-    parser.set_defaults(**defaults)
-    cfg, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
-    if rest:
-        _cli_error(f"unrecognised arguments: {' '.join(rest)}", usage=True)
-    if cfg.demo and cfg.model == Config.model:
-        from demo.smollm2 import model_dir  # the demo model: SmolLM2 unpacked once from a PyPI package
-
-        cfg.model = str(model_dir())
-    check_config(cfg, custom_reward=custom_reward)
+            cfg.model = str(model_dir())
+        check_config(cfg, custom_reward=custom_reward)
+    except SystemExit as e:
+        if isinstance(e.code, str) and typed:
+            raise SystemExit(_as_typed(e.code, typed)) from None
+        raise
     return cfg
 
 
