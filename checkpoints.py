@@ -4,7 +4,7 @@ process's RNG and data position), written under a temporary name and renamed whe
 header that opens log.jsonl; and the trimming of log.jsonl and samples.md back to a resumed step.
 
     ckpt = save_checkpoint(cfg, run, step)           # output_dir/checkpoint-<step>
-    changes = check_resume(cfg, ckpt, rank, world)   # verified; a changed run-defining setting refused
+    changes = check_resume(cfg, ckpt, run)           # verified; a changed run-defining setting refused
     model, processor = resumed_policy(cfg, ckpt)      # non-finite weights refused
     step = load_trainer_state(ckpt, run); apply_changes(run.optimizer, run.scheduler, changes)
 
@@ -120,15 +120,20 @@ def _together(run):
         yield
     except (Exception, CheckpointException) as e:
         err = e
-    failed = err is not None
-    if run.world > 1:
-        t = torch.tensor([int(failed)], device=run.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        failed = bool(t.item())
+    failed = _any(run, err is not None)
     if err is not None:
         raise err
     if failed:
         raise _PeerFailed()
+
+
+def _any(run, flag: bool) -> bool:
+    """Whether `flag` is true on any process (a collective: every process calls it)."""
+    if run.world == 1:
+        return flag
+    t = torch.tensor([int(flag)], device=run.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _cause(e: BaseException) -> BaseException:
@@ -305,8 +310,7 @@ def _problem(ckpt: Path, use_peft: bool, rank: int, world: int) -> str | None:
     path = ckpt / "trainer_state.json"
     try:
         meta = json.loads(path.read_text())
-        saved_world = meta["world"]
-        meta["step"], meta["config"]
+        saved_world, _, _ = meta["world"], meta["step"], meta["config"]
     except FileNotFoundError:
         return f"{path} is missing"
     except (ValueError, KeyError, TypeError, OSError) as e:
@@ -315,8 +319,9 @@ def _problem(ckpt: Path, use_peft: bool, rank: int, world: int) -> str | None:
     files = sorted(weights.glob("*.safetensors"))
     index = weights / "model.safetensors.index.json"
     shards = set(json.loads(index.read_text())["weight_map"].values()) if index.exists() else set()
-    for name in sorted(shards - {f.name for f in files}):
-        return f"{weights / name} is missing"
+    missing = sorted(shards - {f.name for f in files})
+    if missing:
+        return f"{weights / missing[0]} is missing"
     if not files:
         return f"{weights} holds no model weights (*.safetensors)"
     for f in files:
@@ -363,12 +368,16 @@ def _refusal(ckpt: Path, what: str, use_peft: bool, rank: int, world: int) -> Sy
     return SystemExit(f"cannot resume from {ckpt.name}: {what}; {then}")
 
 
-def check_resume(cfg, ckpt: Path, rank: int = 0, world: int = 1) -> dict:
+def check_resume(cfg, ckpt: Path, run) -> dict:
     """Before anything loads: refuse a checkpoint whose files are corrupt, or one written with other
     settings that define the run (grpo_config.RESUME_FIXED) unless --allow_config_change. Returns the
-    other changed settings {name: [old, new]}: `apply_changes` applies them, main logs them."""
+    other changed settings {name: [old, new]}: `apply_changes` applies them, main logs them. Every
+    process checks its own files, and all stop when one finds a problem (none waits for it later)."""
+    rank, world = run.rank, run.world
     problem = _problem(ckpt, cfg.use_peft, rank, world)
-    if problem:
+    if _any(run, problem is not None):
+        if problem is None:
+            raise SystemExit(f"cannot resume from {ckpt.name}: another process found a problem in its files (see its message)")
         raise _refusal(ckpt, problem, cfg.use_peft, rank, world)
     old, new = json.loads((ckpt / "trainer_state.json").read_text())["config"], json.loads(json.dumps(public_config(cfg)))
     # A field the checkpoint lacks came with newer code: not a change. `resume` itself always differs.

@@ -575,7 +575,7 @@ def setup(cfg, reward_fn=None) -> Run:
     run.resumed = {}  # settings changed on resume: {name: [old, new]}, applied and logged
     if cfg.resume and last:
         print(f"resuming from {last} (step {read_step(last)})")
-        run.resumed = check_resume(cfg, last, run.rank, run.world)  # a corrupt checkpoint or a changed run-defining setting stops here
+        run.resumed = check_resume(cfg, last, run)  # a corrupt checkpoint or a changed run-defining setting stops here
     elif cfg.resume:
         print(f"--resume: no complete checkpoint in {out}; starting from step 0")
 
@@ -603,10 +603,9 @@ def setup(cfg, reward_fn=None) -> Run:
     run.compute_dtype = getattr(torch, policy_dtype(cfg))
     if run.rank == 0:
         print(f"precision: compute {policy_dtype(cfg)}, master weights and optimiser {cfg.master_dtype}")
-    if run.world > 1:
-        shard(run.model, run.compute_dtype)
-        if run.ref_model is not None:
-            shard(run.ref_model, run.compute_dtype)
+    for model in (run.model, run.ref_model):  # loaded in CPU memory: sharded onto the GPUs (one process: moved whole)
+        if model is not None:
+            policy.place(model, run.compute_dtype, run.world, run.device)
     if cfg.warm_start_steps and not (cfg.resume and last):
         warm_start(cfg, run)
 
@@ -619,6 +618,10 @@ def setup(cfg, reward_fn=None) -> Run:
     # The engine before the trainer state: starting vLLM re-seeds every global generator.
     run.engine = make_engine(cfg, run)
     run.engine.update_weights(rollout.full_parameters(run.model, run.compute_dtype))  # the engine starts from the trainer's weights
+    # The trainer's state leaves the GPU while the engine is awake (the release's actor offload), here after the
+    # probe's trainer pass (check_sync) and at every step's; `trainer_on_gpu` brings it back.
+    offload = cfg.offload_during_rollout and not getattr(run.engine, "shares_trainer_model", False)
+    run.offload = policy.Offload([run.model, run.ref_model], run.optimizer, "cpu") if offload else None
     run.probe = make_probe(run)
     run.probe_diff = check_sync(-1, cfg, run)
     run.start_step = 0
@@ -707,18 +710,21 @@ def sampling_settings(cfg):
 
 
 def make_reward(cfg, rank: int = 0):
-    """The composite reward; a judge URL is probed first (reachable, serving `judge_model`)."""
+    """The composite reward; a judge URL is probed first (reachable, serving `judge_model`, else asked its model)."""
     import rewards
 
     weights = {"llm": cfg.w_llm, "embed": cfg.w_embed if cfg.embedder else 0.0, "modality": cfg.w_modality, "format": cfg.w_format}
     judge = exact_match_only
     if cfg.judge_url:
-        judge = rewards.OpenAIJudge(cfg.judge_url, model=cfg.judge_model, concurrency=cfg.judge_concurrency,
+        judge = rewards.OpenAIJudge(cfg.judge_url, model=cfg.judge_model or None, concurrency=cfg.judge_concurrency,
                                     timeout=cfg.judge_timeout, retries=cfg.judge_retries)  # fmt: skip
         try:
-            judge.probe()
+            served = judge.probe()  # no --judge_model: the server's /v1/models names it
         except rewards.JudgeUnavailable as e:
-            raise SystemExit(f"judge: {e}") from None
+            named = cfg.judge_model and "does not serve model" in str(e)
+            raise SystemExit(f"judge: {e}" + (" (leave --judge_model out to use the model it serves)" if named else "")) from None
+        if rank == 0:
+            print(f"judge: {served}{'' if cfg.judge_model else ' (the model the server serves)'} at {', '.join(judge.client.shown)}")
     elif cfg.w_llm > 0 and rank == 0:
         print("no --judge_url: the accuracy reward (reward_llm) is exact match only, no LLM judge")
     embedder = rewards.load_embedder(cfg.embedder, trust_remote_code=cfg.embedder_trust_remote_code) if weights["embed"] else None

@@ -122,6 +122,10 @@ def test_resume_refuses_changed_run_defining_settings(honest, tmp_path):
     msg = one_line(e)
     assert "group_size 4 → 8" in msg and "loss_type 'dapo' → 'grpo'" in msg and "--allow_config_change" in msg
     assert "checkpoint-2" in msg
+    cfg = copy_run(honest, tmp_path / "allowed", group_size=8, allow_config_change=True)
+    run = train_grpo.setup(cfg, toy_reward)  # with the flag: continued, the change on record
+    assert moved(run.resumed) == {"steps": [2, 3], "group_size": [4, 8]}
+    run.engine.close()
 
 
 def test_resume_applies_and_records_a_new_lr(honest, tmp_path, capsys):
@@ -288,3 +292,42 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(tmp_path):
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
     assert [x["step"] for x in train_grpo.read_log(log)] == [1, 2, 3, 4]
     assert max_diff(weights(Path(ref_cfg.output_dir) / "checkpoint-4"), weights(Path(cfg.output_dir) / "checkpoint-4")) < 1e-5
+
+
+def _together_worker(rank, port, out):
+    import types
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    run = types.SimpleNamespace(rank=rank, world=2, device=torch.device("cpu"))
+    try:
+        with checkpoints._together(run):
+            if rank == 1:  # this process's disk is full; rank 0 wrote its part
+                raise OSError(errno.ENOSPC, "No space left on device")
+        result = "went on"
+    except Exception as e:
+        result = type(e).__name__
+    Path(out, str(rank)).write_text(result)
+    torch.distributed.destroy_process_group()
+
+
+def test_a_write_failing_on_one_process_stops_every_process(tmp_path):
+    """Two gloo processes: the one whose write fails raises its error, the other learns of it at the
+    barrier (_PeerFailed) instead of waiting there for ever."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_together_worker, args=(port, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    t0 = time.perf_counter()
+    while not ctx.join(timeout=1) and time.perf_counter() - t0 < 120:
+        pass
+    assert (tmp_path / "0").read_text() == "_PeerFailed" and (tmp_path / "1").read_text() == "OSError"
+
+
+def test_every_run_defining_setting_is_a_config_field():
+    from grpo_config import RESUME_FIXED, Config
+
+    assert set(RESUME_FIXED) <= set(Config.__dataclass_fields__) and "lr" not in RESUME_FIXED
