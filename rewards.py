@@ -242,13 +242,20 @@ def _modality_score(parsed: Parsed, tag: str | None, preset: str | None) -> floa
 # ---------------------------------------------------------------------------------------------
 
 
+def split_urls(text: str) -> list[str]:
+    """A comma-separated list of URLs, split only at a comma that a `scheme://` follows: a password
+    may hold commas (`http://u:pa,ss@h/v1,http://h2/v1` is two URLs)."""
+    return re.split(r",(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)", text)
+
+
 def redact_url(url: str) -> str:
     """A URL as it may be printed or written: the password of its userinfo as `***`
     (`http://user:***@host/v1`; a lone user name, often a token, as `***@host`). Other text (a
-    model name, "exact") and comma-separated lists of URLs come back the same way; equal URLs
-    give equal results, and redacting twice changes nothing."""
-    if "," in url:
-        return ",".join(redact_url(u) for u in url.split(","))
+    model name, "exact") and comma-separated lists of URLs (`split_urls`) come back the same way;
+    equal URLs give equal results, and redacting twice changes nothing."""
+    urls = split_urls(url)
+    if len(urls) > 1:
+        return ",".join(redact_url(u) for u in urls)
     try:
         parts = urlsplit(url)
     except ValueError:  # a malformed authority ("http://[::1"): hide anything that looks like userinfo
@@ -350,13 +357,13 @@ class ChatClient:
     exponential backoff and jitter, each retry on the next endpoint (round-robin over `urls`). A
     429/503 with Retry-After is retried when the server says (seconds or an HTTP-date), without
     using up a retry, while the request's budget of `timeout x (retries + 1)` seconds from its first
-    try lasts; one asking for longer is given up at once. Redirects are not followed (aiohttp would
-    turn the POST into a GET): they fail, naming the Location, and `probe` refuses them. Fields in
-    `droppable` (vLLM extensions) are removed for good after an endpoint rejects a request with 400,
-    so a hosted API works with the same settings. The API key is read from the environment variable
-    `api_key_env` at each call and never stored, printed or logged; credentials in a URL
-    (`http://user:pass@host/v1`) are sent as Basic authorization to that endpoint instead, and the
-    URL is shown redacted (`redact_url`).
+    try (from when it got a slot, not from when it was queued) lasts; one asking for longer is given
+    up at once. Redirects are not followed (aiohttp would turn the POST into a GET): they fail,
+    naming the Location, and `probe` refuses them. Fields in `droppable` (vLLM extensions) are
+    removed for good after an endpoint rejects a request with 400, so a hosted API works with the
+    same settings. The API key is read from the environment variable `api_key_env` at each call and
+    never stored, printed or logged; credentials in a URL (`http://user:pass@host/v1`) are sent as
+    Basic authorization to that endpoint instead, and the URL is shown redacted (`redact_url`).
 
     aiohttp, not httpx or the openai SDK: those stalled beyond 16 requests in flight (measured here).
     """
@@ -374,7 +381,7 @@ class ChatClient:
         droppable: Sequence[str] = ("structured_outputs", "chat_template_kwargs"),
     ):
         urls = [urls] if isinstance(urls, str) else list(urls)
-        urls = [part.strip() for u in urls for part in u.split(",") if part.strip()]
+        urls = [part.strip() for u in urls for part in split_urls(u) if part.strip()]
         if not urls:
             raise ValueError("ChatClient needs at least one endpoint URL")
         self.shown = [redact_url(_chat_url(u)) for u in urls]  # for messages: no password
@@ -522,7 +529,7 @@ class ChatClient:
 
         attempt = retried = 0  # attempts after the first (they pick the endpoint), and those that used up a retry
         budget = self.timeout * (self.retries + 1)  # what Retry-After waits may take, from the first try
-        deadline = time.monotonic() + budget
+        deadline = None  # set when the first try gets its slot: time queued behind the others is no part of it
         memo = {} if memo is None else memo
         head = b'{"model": ' + json.dumps(self.model).encode() + b', "messages": '
         encoded = None
@@ -536,6 +543,7 @@ class ChatClient:
             asked = None
             try:
                 async with gate:
+                    deadline = deadline or time.monotonic() + budget
                     async with session.post(url, data=head + encoded + tail, headers=headers[i], allow_redirects=False) as r:
                         if r.status == 400 and carried:
                             # The endpoint may not know vLLM's extensions: drop them and ask again

@@ -5,6 +5,7 @@ ok (YES, or `{"score": 1}` for evaluate.py's judge), nested (a body nested 100,0
 bigscore (a MIMIC score of `server.digits` digits), trickle (a byte every 0.1 s for 3 s),
 auth (401 unless Basic user:secret), ratelimit (2 requests a second, else 429 with Retry-After),
 late (429 with Retry-After as an HTTP-date on each prompt's first try), far (Retry-After: 3600),
+once / oncewait (429 on each prompt's first try, without / with Retry-After 0.3, 50 ms per answer),
 moved (301 to /ok/...). Plus the text screens (zero-width characters) and the embedder's remote code.
 """
 from __future__ import annotations
@@ -96,6 +97,10 @@ class Scripted:
             return web.Response(status=429, headers={"Retry-After": email.utils.formatdate(time.time() + 2, usegmt=True)})
         if mode == "far":
             return web.Response(status=429, headers={"Retry-After": "3600"})
+        if mode in ("once", "oncewait"):  # 429 on each prompt's first try; every answer takes 50 ms
+            await asyncio.sleep(0.05)
+            if len(self.times[prompt]) == 1:
+                return web.Response(status=429, headers={"Retry-After": "0.3"} if mode == "oncewait" else {})
         if mode == "moved":
             raise web.HTTPMovedPermanently(location="/ok/v1/chat/completions")
         return web.json_response({"choices": [{"message": {"role": "assistant", "content": self.reply_text(body, mode)}}]})
@@ -199,6 +204,8 @@ def test_a_trickling_judge_is_bounded_by_the_timeout(server):
         ("https://tok@host/v1", "https://***@host/v1"),
         ("http://host:8000/v1", "http://host:8000/v1"),
         ("http://a:1@h1/v1,http://b:2@h2/v1", "http://a:***@h1/v1,http://b:***@h2/v1"),
+        ("http://u:pa,ss@h/v1", "http://u:***@h/v1"),  # a comma in the password is no list separator
+        ("http://u:p,1@h1/v1,https://v:p,2@h2/v1", "http://u:***@h1/v1,https://v:***@h2/v1"),
         ("Qwen/Qwen3-14B", "Qwen/Qwen3-14B"),
         ("exact", "exact"),
     ],
@@ -226,6 +233,13 @@ def test_credentials_in_the_url_become_basic_auth_and_are_never_shown(server, ca
     with pytest.raises(SystemExit) as e:
         E.served_models(bad, "--judge", "NO_SUCH_KEY_ENV", 5)
     assert "HTTP 401" in str(e.value) and "user:***@" in str(e.value) and "wrong-pass" not in str(e.value)
+
+
+def test_a_comma_in_the_password_stays_in_the_password(server):
+    url = server.url("auth", f"user:{SECRET}@").replace(SECRET, "pa,ss")
+    client = R.ChatClient(f"{url}, {server.url('ok')}", "m")
+    assert len(client.urls) == 2 and "pa,ss" not in str(client.shown)
+    assert client._basic[0] == "Basic " + base64.b64encode(b"user:pa,ss").decode()
 
 
 def test_evaluate_judge_stage_with_credentials_in_the_url(tmp_path, server, capfd):
@@ -291,6 +305,16 @@ def test_retry_after_beyond_the_budget_gives_up_at_once(server, caplog):
         assert j(pairs(2)) == [None] * 2
     assert time.perf_counter() - t0 < 1 and len(server.hits) == 2
     assert "Retry-After 3600 s" in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["once", "oncewait"])
+def test_retry_after_does_not_fail_requests_still_waiting_for_a_slot(server, mode):
+    """60 prompts, 2 in flight, each answered 429 once (with Retry-After 0.3 s or without): the last ones
+    wait about 1.5 s for a slot, more than the 1 s budget (timeout 0.5 x 2 tries) allows if it counted from
+    when the batch started, so a Retry-After gave them up (34 of 60 in the reviewer's run)."""
+    j = R.OpenAIJudge(server.url(mode), "m", concurrency=2, timeout=0.5, retries=1, backoff=0.01)
+    assert j(pairs(60)) == [1.0] * 60 and j.stats["failures"] == 0
+    assert all(len(t) == 2 for t in server.times.values())
 
 
 def test_a_redirect_is_refused_naming_its_location(server, caplog):
