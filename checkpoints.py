@@ -67,16 +67,20 @@ def save_checkpoint(cfg, run, step: int) -> Path:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
                 # LoRA: the adapter (peft keeps its tensors only); at the end, the merged model beside it.
-                run.model.save_pretrained(tmp / "adapter" if cfg.use_peft else tmp, state_dict=state)
+                if cfg.use_peft:
+                    run.model.save_pretrained(tmp / "adapter", state_dict=state)
+                else:
+                    run.model.save_pretrained(tmp, **_model_files(run.model, state))
         if cfg.use_peft and step == cfg.steps:
             params = {n for n, _ in run.model.named_parameters(remove_duplicate=False)}
             buffers = {rollout.base_name(k): v for k, v in state.items() if k not in params}  # persistent buffers
             del state  # before the merge: rank 0 would otherwise hold the model twice
-            # The weights the engine gets, gathered one tensor at a time (collectives: every rank iterates).
+            # The weights the engine gets (fused experts already in the released layout), gathered one tensor
+            # at a time (collectives: every rank iterates).
             merged = {name: t.cpu() for name, t in rollout.merged_parameters(run.model) if run.rank == 0}
             with _together(run):
                 if run.rank == 0:
-                    run.model.get_base_model().save_pretrained(tmp, state_dict={**buffers, **merged})
+                    run.model.get_base_model().save_pretrained(tmp, **_model_files(run.model, {**buffers, **merged}, in_layout=True))
         with _together(run):
             if run.rank == 0:
                 run.processor.save_pretrained(tmp)
@@ -103,6 +107,20 @@ def save_checkpoint(cfg, run, step: int) -> Path:
                 shutil.rmtree(old, ignore_errors=True)
     barrier(run)
     return out
+
+
+def _model_files(model, state: dict, in_layout: bool = False) -> dict:
+    """save_pretrained's arguments that write `state` as the released checkpoints are laid out, which vLLM
+    loads. Fused MoE experts (rollout._TRANSPOSED_EXPERTS) go transposed to [E, in, out]; transformers 5.19
+    cannot do it (its reverse Transpose(check_dims) compares against the model's own shape and never
+    transposes, and reverting on a peft-wrapped model fails), so its revert is skipped for them (it holds
+    nothing else for these models), and from_pretrained transposes them back. Other models: unchanged."""
+    transposed = rollout._transposed_experts(model)
+    if not transposed:
+        return {"state_dict": state}
+    for name in [n for n in state if n.endswith(transposed)]:  # in place: rank 0 holds the model once
+        state[name] = (state[name] if in_layout else rollout._layout(name, state[name], transposed)).contiguous()
+    return {"state_dict": state, "save_original_format": False}
 
 
 class _PeerFailed(Exception):

@@ -2,6 +2,7 @@
 engine loads and runs it; the trainer's fused experts stream into it in place (transformers holds
 gate_up_proj as [E, 2I, H], the released checkpoints and vLLM's loader as [E, H, 2I]); a GRPO step keeps
 engine and trainer in step; LoRA reaches the experts (peft's target_parameters) and merges into the engine;
+checkpoints (full, and LoRA's merged model) hold the experts in the released layout, which vLLM loads;
 FSDP2 shards the sparse blocks under 2 gloo ranks with one process's gradient.
 
 Run as a script under `torchrun --nproc_per_node 2` it is the FSDP2 rank (`fsdp_rank`)."""
@@ -192,21 +193,33 @@ def test_lora_grpo_step_trains_the_experts(tmp_path):
         run.engine.close()
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoints.save_checkpoint writes experts through save_pretrained: transformers 5.19 "
-                   "saves them in its in-memory layout, which vLLM's loader fails on ('The size of tensor a (64) must match the "
-                   "size of tensor b (96)'); the merged LoRA save fails in transformers' revert_weight_conversion ('ParamWrapper "
-                   "has no attribute down_proj'). Fix in checkpoints.py: save the experts in the hub layout with "
-                   "save_original_format=False")  # fmt: skip
 @pytest.mark.parametrize("lora", [False, True])
 def test_checkpoints_hold_the_experts_in_the_layout_vllm_loads(tmp_path, lora):
+    """A checkpoint (with LoRA: the merged model written at the last step) holds the experts as the released
+    ones, [E, in, out]: vLLM, which evaluate.py runs, loads it and matches the trainer; transformers loads it
+    to the trained weights exactly (a resume). Before: [E, out, in], which vLLM failed on ('The size of tensor
+    a (64) must match the size of tensor b (96)'), and the merged LoRA save failed ('ParamWrapper has no
+    attribute down_proj')."""
     import train_grpo
     from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
 
     from tests.test_train_grpo import toy_reward
 
     cfg = moe_config(tmp_path, engine="hf", use_peft=lora, lora_dropout=0.0, steps=1)
     run = train_grpo.setup(cfg, toy_reward)
+    perturb(run.model)  # trained weights, not the kit's (with LoRA: the adapters too, so the merge shows)
     ckpt = train_grpo.save_checkpoint(cfg, run, 1)  # the last step: with LoRA, the merged model beside the adapter
     with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
         shape = f.get_slice("model.language_model.layers.0.mlp.experts.gate_up_proj").get_shape()
     assert shape == [4, 64, 192]  # [E, hidden, 2 x inter], as the released checkpoints and tests/kit's
+    trained = dict(rollout.full_parameters(run.model))  # merged with LoRA; experts in the released layout
+    loaded = dict(rollout.full_parameters(AutoModelForImageTextToText.from_pretrained(ckpt)))
+    assert loaded.keys() == trained.keys() and all(torch.equal(t, trained[n]) for n, t in loaded.items())
+    if not lora:  # one cold vLLM start (~15 s): the layout is the same code for both
+        engine = rollout.VLLMRollout(ckpt, enforce_eager=True, max_model_len=1024)
+        try:
+            diffs, _ = engine_vs(engine, run.model, run.processor)
+        finally:
+            engine.close()
+        assert max(diffs) < 1e-4, diffs
