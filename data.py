@@ -331,6 +331,7 @@ class Benchmark:
     original: Any = None  # (bench, root) -> list of (row-like, file) or None when no original files there
     original_files: str = ""  # the original release files this loader reads, for messages ("" = not supported)
     note: str = ""  # access needs beyond the dataset (credentials, separate image archives)
+    rows: Any = None  # (bench) -> (rows, file): a task file's own data (tasks.py), read instead of data_root and the hub
 
     @property
     def group(self) -> str:
@@ -668,6 +669,12 @@ BENCHMARKS: dict[str, Benchmark] = dict([
 ])  # fmt: skip
 
 
+def canonical_name(name: str) -> str | None:
+    """The registered spelling of a benchmark name, whatever its case (`pubmedqa` -> `PubMedQA`); None if unknown."""
+    folded = {n.casefold(): n for n in BENCHMARKS}
+    return folded.get(str(name).strip().casefold())
+
+
 def benchmark_names(group: str | None = None) -> list[str]:
     """Benchmark names in table order; `group="LLM"` (text only) or `"VLM"` (with images) selects one group."""
     if group not in (None, "LLM", "VLM"):
@@ -756,13 +763,18 @@ def load_benchmark(
     with no such folder, falls back to the hub when `hub` is true. `limit` keeps the first N
     samples. `on_error="skip"` logs and counts bad samples instead of raising DataError."""
     if name not in BENCHMARKS:
-        raise DataError(f"unknown benchmark {name!r}; the 17 are: {', '.join(BENCHMARKS)}")
+        known = canonical_name(name)
+        hint = f"did you mean {known!r}? " if known else ""
+        raise DataError(f"unknown benchmark {name!r}; {hint}the {len(BENCHMARKS)} known are: {', '.join(BENCHMARKS)}")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     b = BENCHMARKS[name]
     root = Path(data_root) / b.folder if data_root is not None else None
     convert = b.convert
-    if root is not None and root.is_dir():
+    if b.rows is not None:  # a task file's benchmark (tasks.py): its own data, wherever it says
+        rows, file = b.rows(b)
+        root = Path(file) if Path(file).is_dir() else Path(file).parent  # where relative image paths start
+    elif root is not None and root.is_dir():
         found = b.original(b, root) if b.original else None
         if found is not None:
             rows, file, convert = found

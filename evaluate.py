@@ -5,11 +5,16 @@
 
 1. generate: the policy (rollout.py in process, or `--model_url`) answers each sample at temperature 0
    -> `generations/<benchmark>.jsonl`; 2. judge: BASE (0/1) or MIMIC (0-5) template, `--judge_rounds`
-   answers in one conversation -> `judged/<benchmark>.jsonl` (`score: null` = the judge failed);
-   3. score: `report.md` (the paper's table beside ours), `summary.json`, `scores.png`.
+   answers in one conversation, or `--judge exact` (the option the reply chose: exact_match.py) ->
+   `judged/<judge key>/<benchmark>.jsonl`, one folder per judge, so judges of the same generations sit side
+   by side; each line reads alone (question, reference, response, the answer, template id, replies, score;
+   `score: null` = the judge failed); 3. score: `report.md` (the paper's table beside ours), `summary.json`,
+   `scores.png`, for the latest judge or `--judge <key, URL or model>`.
+Benchmarks: any-case names, task files (tasks.py), `--benchmarks list`. `--model` may be a LoRA checkpoint
+(eval_policy.py). vLLM's and transformers' info logs are hidden unless --verbose.
 Each stage appends and flushes per sample and resumes by id. `output_dir/manifest.json` names the
-model (and a fingerprint of its weights), the settings and the judge: a later stage reads it, and a
-run that differs stops instead of mixing results. One run at a time per folder (folder_lock.py: a
+model (and a fingerprint of its weights), the settings and each judge: a later stage reads it, and a
+run of another model or generation settings stops instead of mixing results. One run at a time per folder (folder_lock.py: a
 second stops at once, naming the holder's pid). With `--on_error skip`, a sample whose prompt cannot
 be built (an image that does not decode) is skipped, logged in `bad_samples.jsonl`, not retried by a
 rerun, and counted in the report. The model, the judge and the data are all checked
@@ -36,7 +41,12 @@ from pathlib import Path
 from typing import Iterator
 
 import folder_lock
+import tasks
 from data import BENCHMARKS, LETTERS, DataError, Sample, benchmark_names, build_messages, load_benchmark, question_text
+from eval_policy import engine_kind as _engine_kind
+from eval_policy import model_fingerprint, policy_engine  # noqa: F401  (re-exported: tests, train_grpo)
+from eval_policy import sha as _sha
+from exact_match import RULES, choose_option
 from judge_prompts import MAX_REFERENCE_CHARS, TRUNCATED, cap, neutralise, normalise_text  # noqa: F401  (TRUNCATED: re-exported for callers)
 from rewards import redact_url, run_sync
 
@@ -52,13 +62,15 @@ class EvalConfig:
     model_url: str | None = field(default=None, metadata={"help": "Stage 1: an OpenAI-compatible endpoint serving the policy, instead of loading --model."})
     judge: str | None = field(default=None, metadata={"help": "Stage 2: an OpenAI-compatible URL (http://host:port/v1), else a model judged in process, or `exact` (closed answers by exact match of the option, no judge model; None: the folder's judge, else Qwen/Qwen3-14B)."})
     judge_model: str | None = field(default=None, metadata={"help": "Stage 2: the model name at the --judge URL (None: ask its /v1/models)."})
-    benchmarks: str | None = field(default=None, metadata={"help": "Comma-separated benchmark names, or all / LLM / VLM (None: the folder's list, else all)."})
+    benchmarks: str | None = field(default=None, metadata={"help": "Comma-separated benchmark names (any case) or task files (*.yaml, *.json: tasks.py), or all / LLM / VLM (None: the folder's list, else all); `list` prints them and where their data is looked for."})
+    tasks_dir: str | None = field(default=None, metadata={"help": "A folder of task files (tasks.py): its benchmarks can be named in --benchmarks."})
     data_root: str | None = field(default=None, metadata={"help": "Folder of local benchmark copies (see data.load_benchmark)."})
     hub: bool = field(default=True, metadata={"help": "Load a benchmark from the Hugging Face hub when it has no local copy (--no_hub: never)."})
     on_error: str = field(default="raise", metadata={"help": "A bad sample (missing image, empty question, an image that does not decode): raise (stop) | skip (logged, counted; met while generating: recorded in bad_samples.jsonl, not retried)."})
     limit: int | None = field(default=None, metadata={"help": "First N samples per benchmark (smoke runs; stages 1-2)."})
     output_dir: str | None = field(default=None, metadata={"help": "Folder of generations/, judged/, the report and manifest.json (None: runs/eval/<model name>)."})
-    overwrite: bool = field(default=False, metadata={"help": "When output_dir holds another model's or other settings' results: delete them instead of stopping."})
+    overwrite: bool = field(default=False, metadata={"help": "When output_dir holds another model's or other settings' generations (or judgements the manifest does not name): delete them instead of stopping."})
+    verbose: bool = field(default=False, metadata={"help": "Show vLLM's and transformers' info logs and loading bars (hidden by default: rollout.quiet_logs)."})
     # stage 1 (generate)
     engine: str = field(default="auto", metadata={"help": "In-process engine for --model (and an in-process judge): vllm | hf | auto (vllm if installed)."})
     max_new_tokens: int = field(default=2048, metadata={"help": "The policy's answer budget (the released evaluation: 2,048)."})
@@ -278,29 +290,6 @@ def _messages_or_skip(sample: Sample, cfg: EvalConfig, stats: dict) -> list[dict
             f.write(json.dumps({"id": sample.id, "benchmark": sample.source, "file": sample.meta.get("file"), "error": str(e)}) + "\n")
         stats["bad"] += 1
         return None
-
-
-def _engine_kind(engine: str) -> str:
-    if engine == "auto":
-        return "vllm" if importlib.util.find_spec("vllm") else "hf"
-    if engine not in ("vllm", "hf"):
-        raise SystemExit(f"--engine must be auto, vllm or hf, not {engine!r}")
-    return engine
-
-
-def policy_engine(cfg: EvalConfig):
-    """rollout.py's engine for the checkpoint `cfg.model`: VLLMRollout, or HFRollout (transformers
-    `generate`, about 12x slower on CPU) with `--engine hf` or where vLLM is not installed."""
-    import torch
-
-    import rollout
-
-    cuda = torch.cuda.is_available()
-    if _engine_kind(cfg.engine) == "vllm":
-        # No sleep mode: no trainer shares the device here (and a level-2 sleep would drop the weights).
-        return rollout.VLLMRollout(cfg.model, max_model_len=cfg.max_model_len or 4096, seed=cfg.seed, enforce_eager=not cuda,
-                                   enable_sleep_mode=False, gpu_memory_utilization=cfg.gpu_memory_utilization)  # fmt: skip
-    return rollout.HFRollout(cfg.model, dtype=torch.bfloat16 if cuda else torch.float32, device="cuda" if cuda else None)
 
 
 class LocalJudge:
@@ -537,6 +526,12 @@ Reply with the JSON object only, in this form:
 {{"score": <integer from 0 to 5>}}"""
 
 REEVALUATE = "Please re-evaluate your judgment and make sure it is correct. Reply with the JSON object only."
+# The judge prompt a judged line was made with: its name and a hash of its wording (the readable record's `template_id`).
+TEMPLATE_IDS = {
+    "BASE": "BASE-" + hashlib.sha256((BASE_TEMPLATE + REEVALUATE).encode()).hexdigest()[:8],
+    "MIMIC": "MIMIC-" + hashlib.sha256((MIMIC_TEMPLATE + REEVALUATE).encode()).hexdigest()[:8],
+    "EXACT": f"EXACT-{RULES}",
+}
 
 
 def _judge_schema(rubric: bool) -> dict:
@@ -634,9 +629,12 @@ class _JudgeJob:
         failure = None
         if score is None:
             failure = "; ".join(sorted({e for e in self.errors if e})) or "votes tied"
+        template = "MIMIC" if self.rubric else "BASE"
+        shown = cap(final_answer(str(self.rec.get("response") or "")), self.cfg.max_response_chars)
         return {
-            "id": self.rec["id"], "score": score, "rounds": self.scores, "failure": failure,
-            "template": "MIMIC" if self.rubric else "BASE", "judge": judge_name, "replies": self.replies,
+            "id": self.rec["id"], **readable_sample(self.rec), "final_answer": shown, "score": score, "rounds": self.scores,
+            "failure": failure, "template": template, "template_id": TEMPLATE_IDS[template], "judge": judge_name,
+            "replies": self.replies,
         }  # fmt: skip
 
 
@@ -685,6 +683,10 @@ def judge(cfg: EvalConfig, prepared: bool = False) -> dict:
             client = _chat_client(cfg.judge, cfg.judge_model, cfg, cfg.judge_api_key_env)
             run_sync(lambda: _judge_http(client, jobs, cfg, stats, finish))
         elif jobs:
+            if not cfg.verbose:
+                import rollout
+
+                rollout.quiet_logs()
             judge_engine = LocalJudge(cfg.judge, cfg.engine, max_model_len=cfg.max_model_len, seed=cfg.seed,
                                       gpu_memory_utilization=cfg.gpu_memory_utilization)  # fmt: skip
             _judge_local(judge_engine, jobs, cfg, stats, finish)
@@ -705,20 +707,31 @@ EXACT = "exact"  # --judge exact: no judge model, the closed answer's option com
 
 
 def exact_match_record(rec: dict) -> dict:
-    """The judged line for a closed (MCQ, yes/no/maybe) answer without a judge model: 1 when the answer
-    (inside `<answer>` if there is one, else after the reasoning) is the correct option's letter or text."""
+    """The judged line for a closed (MCQ, yes/no/maybe) answer without a judge model: the option the answer
+    after the reasoning chose (exact_match.choose_option: its letter, its text, "the answer is X", ...);
+    1 when it is the correct one. `choice` None: the reply named no option (`unmatched`, counted)."""
     if rec.get("kind") != "mcq" or not rec.get("choices"):
         raise SystemExit(f"--judge exact scores closed answers only; {rec.get('benchmark')} sample {rec.get('id')!r} "
                          "is open-ended or a report: use a judge model")  # fmt: skip
-    response = normalise_text(final_answer(str(rec.get("response") or "")))  # no zero-width characters inside a tag
-    tagged = re.search(r"<answer>(.*?)</answer>", response, re.DOTALL | re.IGNORECASE)
-    said = _norm_option(tagged.group(1) if tagged else response)
-    letter = str(rec.get("label") or "")
-    correct = rec["choices"][LETTERS.index(letter)] if letter in LETTERS[: len(rec["choices"])] else None
-    forms = {letter, correct, f"{letter}. {correct}", f"{letter}) {correct}", f"({letter}) {correct}"} if correct else set()
-    score = float(said in {_norm_option(f) for f in forms})
-    return {"id": rec["id"], "score": score, "rounds": [score], "failure": None, "template": "EXACT", "judge": EXACT,
-            "replies": [], "answer": said}  # fmt: skip
+    choices = rec["choices"]
+    chosen, rule = choose_option(final_answer(str(rec.get("response") or "")), choices)
+    letter = LETTERS[chosen] if chosen is not None else None
+    score = float(letter is not None and letter == str(rec.get("label") or ""))
+    return {
+        "id": rec["id"], **readable_sample(rec), "choice": letter, "answer": None if chosen is None else _norm_option(choices[chosen]),
+        "matched_by": rule, "score": score, "rounds": [score], "failure": None, "template": "EXACT",
+        "template_id": TEMPLATE_IDS["EXACT"], "judge": EXACT, "replies": [],
+    }  # fmt: skip
+
+
+def readable_sample(gen: dict) -> dict:
+    """What a person needs beside a judgement to read it (no join with generations/): the benchmark, the
+    question, the reference (and the correct option's letter), the response."""
+    out = {k: gen.get(k) for k in ("benchmark", "question", "reference") if k in gen}
+    if gen.get("label") is not None:
+        out["label"] = gen["label"]
+    out["response"] = gen.get("response")
+    return out
 
 
 def _norm_option(text: str) -> str:
@@ -796,6 +809,7 @@ class BenchmarkScore:
     points: float  # sum of the scores (binary: the number correct)
     ids: frozenset = field(default=frozenset(), repr=False)  # the judged sample ids
     unjudged: int = 0  # generated samples without a judgement (scored anyway with --allow_partial)
+    unmatched: int | None = None  # --judge exact: replies that named no option (scored 0); None: another judge
 
     @property
     def max_points(self) -> int:
@@ -806,8 +820,45 @@ class BenchmarkScore:
         return self.points / self.max_points
 
 
-def judged_path(output_dir: str | Path, name: str) -> Path:
-    return Path(output_dir) / "judged" / f"{name}.jsonl"
+def judged_path(output_dir: str | Path, name: str, key: str | None = None) -> Path:
+    """`judged/<judge key>/<benchmark>.jsonl`: each judge of a folder's generations keeps its own results
+    (`key` None: the judge the folder's manifest names last; "": `judged/<benchmark>.jsonl`, the layout of
+    folders judged before keys, and of judge() called without a manifest, as training's validation does)."""
+    if key is None:
+        key = (read_manifest(Path(output_dir)).get("judge") or {}).get("key", "")
+    return Path(output_dir) / "judged" / key / f"{name}.jsonl"
+
+
+def known_judges(manifest: dict) -> dict[str, dict]:
+    """judge key -> its identity, for every judge of the folder's generations, the latest last. A folder
+    judged before keys: its one judge, whose results are in `judged/<benchmark>.jsonl` (key "")."""
+    judges = dict(manifest.get("judges") or {})
+    if not judges and manifest.get("judge"):
+        judges[manifest["judge"].get("key", "")] = manifest["judge"]
+    return judges
+
+
+def _judge_key(identity: dict) -> str:
+    """A readable folder name for a judge: its model's name, then a hash of what shapes its judgements
+    (settings, templates, weights; not where it is served): `Qwen--Qwen3-14B-1a2b3c4d`; `exact`."""
+    if identity.get("judge") == EXACT:
+        return f"{EXACT}-{RULES}"
+    what = {k: v for k, v in identity.items() if k not in (*_WHERE_KEYS, "key")}
+    name = identity.get("judge_model") or redact_url(identity.get("judge")) or "judge"
+    return f"{_folder_name(name)}-{_sha(json.dumps(what, sort_keys=True).encode())[:8]}"
+
+
+def choose_judge(out: Path, manifest: dict, judge: str | None) -> tuple[str, dict | None]:
+    """(key, identity) of the judge whose results the score stage shows: `--judge` (a key, or the judge's
+    URL, model name or path, the latest matching one), else the latest judge of the folder."""
+    judges = known_judges(manifest)
+    if judge is None or not judges:
+        return next(reversed(judges.items()), ("", None))
+    matches = [k for k, v in judges.items() if {judge, redact_url(judge)} & {k, v.get("judge"), v.get("judge_model")}]
+    if not matches:
+        raise SystemExit(f"--judge {redact_url(judge)}: {out} has no judgements of it; its judges: "
+                         + ", ".join(f"{k or 'judged/'} ({_name_of(v)})" for k, v in judges.items()))  # fmt: skip
+    return matches[-1], judges[matches[-1]]
 
 
 def read_judged(path: str | Path, name: str) -> BenchmarkScore:
@@ -816,6 +867,7 @@ def read_judged(path: str | Path, name: str) -> BenchmarkScore:
     b = BENCHMARKS[name]
     rubric = b.kind == "report"
     scores: dict[str, float | None] = {}
+    unmatched: dict[str, bool] = {}  # exact judgements: id -> the reply named no option
     duplicates = 0
     for n, rec in jsonl_lines(path):
         if "id" not in rec or "score" not in rec:
@@ -830,6 +882,10 @@ def read_judged(path: str | Path, name: str) -> BenchmarkScore:
         if rec["id"] in scores:
             duplicates += 1
         scores[rec["id"]] = s  # a re-judged sample: its last line wins
+        if rec.get("template") == "EXACT" and "choice" in rec:
+            unmatched[rec["id"]] = rec["choice"] is None
+        else:
+            unmatched.pop(rec["id"], None)
     if duplicates:
         logger.warning("%s: %d duplicate ids, the last line of each kept", path, duplicates)
     if not scores:
@@ -840,6 +896,7 @@ def read_judged(path: str | Path, name: str) -> BenchmarkScore:
     return BenchmarkScore(
         name=name, group=b.group, rubric=rubric, n=len(scores), judge_failures=failures,
         points=float(sum(s for s in scores.values() if s is not None)), ids=frozenset(map(str, scores)),
+        unmatched=sum(unmatched.values()) if unmatched else None,
     )  # fmt: skip
 
 
@@ -854,7 +911,7 @@ def aggregate(results: dict[str, BenchmarkScore]) -> dict:
         out["benchmarks"][name] = {
             "group": r.group, "scoring": "rubric 0-5: sum / (5 N)" if r.rubric else "binary: correct / N",
             "n": r.n, "judge_failures": r.judge_failures, "points": r.points, "max_points": r.max_points,
-            "score": r.score, "unjudged": r.unjudged,
+            "score": r.score, "unjudged": r.unjudged, "unmatched": r.unmatched,
         }  # fmt: skip
     for key, group in (("LLM", "LLM"), ("VLM", "VLM"), ("overall", None)):
         names = [n for n in benchmark_names(group) if n in results]
@@ -863,8 +920,15 @@ def aggregate(results: dict[str, BenchmarkScore]) -> dict:
             "of": len(benchmark_names(group)),
         }  # fmt: skip
     out["judge_failures"] = sum(r.judge_failures for r in results.values())
+    exact = [r.unmatched for r in results.values() if r.unmatched is not None]
+    out["unmatched"] = sum(exact) if exact else None  # --judge exact: replies that named no option
     out["missing"] = [n for n in benchmark_names() if n not in results]
     return out
+
+
+def _num(v: float | None) -> str:
+    """A score as the report prints it: 3 decimals, "-" for none."""
+    return "-" if v is None else f"{v:.3f}"
 
 
 def _published_mean(group: str | None, j: int) -> float | None:
@@ -877,8 +941,7 @@ def _partial(mean: dict) -> str:
 
 def report_markdown(summary: dict, label: str) -> str:
     """The paper's table: benchmarks as rows, the published models then ours as columns."""
-    def cell(v):
-        return "-" if v is None else f"{v:.3f}"
+    cell = _num
 
     head = ["Benchmark", *PUBLISHED_MODELS, f"**{label}**"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
@@ -898,14 +961,24 @@ def report_markdown(summary: dict, label: str) -> str:
         "Binary tasks: correct / N; MIMIC-CXR tasks: sum of 0-5 rubric scores / (5 N). Means are unweighted "
         "over tasks. Published columns: the MediX-R1 paper (its AVG row as published; the group means "
         "computed here from its figures).", "", *rows, "",
-        "| Benchmark | N | judge failures (counted wrong) | points / max |", "|---|---:|---:|---:|",
     ]  # fmt: skip
+    exact = summary.get("unmatched") is not None  # the column of replies that named no option (--judge exact)
+    text += ["| Benchmark | N | judge failures (counted wrong) | " + ("unmatched: no option named (counted wrong) | " if exact else "")
+             + "points / max |", "|---|---:|---:|" + ("---:|" if exact else "") + "---:|"]  # fmt: skip
     for n in benchmark_names():
         if n in ours:
             r = ours[n]
-            text.append(f"| {n} | {r['n']} | {r['judge_failures']} | {r['points']:g} / {r['max_points']} |")
+            unmatched = ("-" if r.get("unmatched") is None else str(r["unmatched"])) + " | " if exact else ""
+            text.append(f"| {n} | {r['n']} | {r['judge_failures']} | {unmatched}{r['points']:g} / {r['max_points']} |")
     text.append("")
+    judge = summary.get("judge") or {}
+    if judge:
+        others = ", ".join(judge["other_judges"])
+        text.append(f"Judge: {judge['name']}, results in {judge['folder']}/" + (f"; other judges of these generations: {others} "
+                    "(--stage score --judge KEY shows one)" if others else "") + ".")  # fmt: skip
     text.append(f"Judge failures in all: {summary['judge_failures']}.")
+    if summary.get("unmatched") is not None:
+        text.append(f"Replies that named no option (--judge exact; scored 0): {summary['unmatched']}.")
     invalid = summary.get("invalid")
     if invalid:
         text.append(f"**Not a valid score: {invalid}.**")
@@ -971,10 +1044,11 @@ def score(cfg: EvalConfig, prepared: bool = False) -> dict:
     if not out.is_dir():
         raise SystemExit(f"--output_dir {out}: no such folder (no run there to score)")
     manifest = read_manifest(out)
+    key, shown = choose_judge(out, manifest, cfg.judge)
     skipped = manifest.get("missing") or {}
     results, missing = {}, []
     for name in selected_benchmarks(cfg.benchmarks):
-        path = judged_path(out, name)
+        path = judged_path(out, name, key)
         if path.is_file():
             results[name] = read_judged(path, name)
         elif name not in skipped:
@@ -991,6 +1065,9 @@ def score(cfg: EvalConfig, prepared: bool = False) -> dict:
     for name, (k, _) in gaps.items():
         results[name].unjudged = k
     summary = {"label": cfg.label, **aggregate(results), "skipped": {n: skipped[n] for n in skipped if n not in results}, "bad_samples": bad}
+    others = [k or "judged/ (unkeyed)" for k in known_judges(manifest) if k != key]
+    summary["judge"] = {"key": key, "folder": str(Path("judged") / key), "name": _name_of(shown) if shown else "unknown (no manifest)",
+                        "other_judges": others}  # fmt: skip
     failed, total = summary["judge_failures"], sum(r.n for r in results.values())
     if total and failed / total > cfg.max_judge_failures:
         summary["invalid"] = f"{failed} of {total} samples have no judge score (more than --max_judge_failures {cfg.max_judge_failures:.0%})"
@@ -999,9 +1076,9 @@ def score(cfg: EvalConfig, prepared: bool = False) -> dict:
     (out / "report.md").write_text(report_markdown(summary, cfg.label), encoding="utf-8")
     plot_scores(summary, cfg.label, cfg.compare_to, out / "scores.png")
     m = summary["means"]
-    logger.info("score: overall %.3f over %d tasks (LLM %s, VLM %s), %d judge failures; report in %s",
-                m["overall"]["score"], m["overall"]["tasks"], m["LLM"]["score"], m["VLM"]["score"],
-                summary["judge_failures"], out / "report.md")  # fmt: skip
+    logger.info("score: overall %s over %d tasks (LLM %s, VLM %s), %d judge failures, judge %s; report in %s",
+                _num(m["overall"]["score"]), m["overall"]["tasks"], _num(m["LLM"]["score"]), _num(m["VLM"]["score"]),
+                summary["judge_failures"], summary["judge"]["name"], out / "report.md")  # fmt: skip
     _check_failures(failed, total, cfg, "score", f"the report in {out / 'report.md'} lists them")
     return summary
 
@@ -1017,7 +1094,6 @@ STAGES = ("generate", "judge", "score")
 GENERATION_KEYS = ("model", "model_url", "max_new_tokens", "format_prompt", "one_shot", "think_tag", "system_prompt")
 JUDGE_KEYS = ("judge", "judge_model", "judge_rounds", "judge_max_tokens", "structured", "judge_thinking", "max_response_chars")
 _WHERE_KEYS = ("model", "model_url", "judge")  # where a model lives, not what it is (the fingerprint says that): not compared
-_SAMPLE_BYTES = 1 << 20
 
 
 class TooManyJudgeFailures(SystemExit):
@@ -1045,13 +1121,8 @@ def _check_flags(cfg: EvalConfig) -> None:
 
 
 def selected_benchmarks(spec: str) -> list[str]:
-    if spec in ("all", "LLM", "VLM"):
-        return benchmark_names(None if spec == "all" else spec)
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [n for n in names if n not in BENCHMARKS]
-    if unknown or not names:
-        raise SystemExit(f"--benchmarks: unknown {', '.join(map(repr, unknown)) or 'empty list'}; known: all, LLM, VLM, {', '.join(BENCHMARKS)}")
-    return names
+    """--benchmarks as registered names: all / LLM / VLM, names in any case, task files (tasks.resolve)."""
+    return tasks.resolve(spec)
 
 
 def _folder_name(model: str) -> str:
@@ -1127,41 +1198,6 @@ def _pick_served(name: str | None, served: list[str] | None, flag: str, url: str
     return name or served[0]
 
 
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def model_fingerprint(model: str, flag: str) -> dict:
-    """What a model is, whatever its path: for a folder, its config.json and its weight files
-    (names, sizes, and 1 MB from the start, middle and end of each: hashing all of a 16 GB
-    checkpoint takes a minute, and training changes every sample); for a hub id, the commit of
-    the copy in the Hugging Face cache. A folder that is not there stops the run in one line."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise SystemExit(f"{flag} {model}: no config.json there (not a Hugging Face model folder)")
-        h = hashlib.sha256()
-        for f in sorted(path.iterdir()):
-            if f.suffix in (".safetensors", ".bin", ".pt", ".pth", ".gguf") or f.name.endswith(".index.json"):
-                size = f.stat().st_size
-                h.update(f"{f.name}:{size}".encode())
-                with open(f, "rb") as fh:
-                    for at in (0, size // 2, max(0, size - _SAMPLE_BYTES)):
-                        fh.seek(at)
-                        h.update(fh.read(_SAMPLE_BYTES))
-        return {"config": _sha((path / "config.json").read_bytes()), "weights": h.hexdigest()[:16]}
-    if model.startswith(("/", ".", "~")) or model.count("/") > 1:
-        raise SystemExit(f"{flag} {model}: no such folder")
-    try:
-        from huggingface_hub import snapshot_download
-
-        snapshot = snapshot_download(model, allow_patterns=["config.json"])
-    except Exception as e:  # not cached and offline, no such repository, gated, a malformed id: all "not here"
-        why = (str(e).strip().splitlines() or [""])[0][:160]
-        raise SystemExit(f"{flag} {model}: no such folder, and no such model in the Hugging Face cache or hub ({type(e).__name__}: {why})") from None
-    return {"hub_revision": Path(snapshot).name}
-
-
 def generation_identity(cfg: EvalConfig) -> dict:
     """The policy and the settings that shape its answers; checks the policy is there."""
     if cfg.model_url:
@@ -1176,7 +1212,7 @@ def generation_identity(cfg: EvalConfig) -> dict:
 def judge_identity(cfg: EvalConfig) -> dict:
     """The judge, its templates and settings; checks the judge is there (served, or on disk)."""
     if cfg.judge == EXACT:
-        return {"judge": EXACT, "template": "exact match of the chosen option"}
+        return {"judge": EXACT, "template": f"exact match of the chosen option ({RULES})"}
     if _is_url(cfg.judge):
         served = served_models(cfg.judge, "--judge", cfg.judge_api_key_env, cfg.timeout)
         cfg.judge_model = _pick_served(cfg.judge_model, served, "--judge", cfg.judge, "--judge_model")
@@ -1190,7 +1226,10 @@ def judge_identity(cfg: EvalConfig) -> dict:
 def _redacted(manifest: dict) -> dict:
     """The manifest as written: where the models live, without the passwords of their URLs."""
     where = {"generation": "model_url", "judge": "judge"}
-    return {k: {**v, where[k]: redact_url(v.get(where[k]))} if k in where and v and v.get(where[k]) else v for k, v in manifest.items()}
+    out = {k: {**v, where[k]: redact_url(v.get(where[k]))} if k in where and v and v.get(where[k]) else v for k, v in manifest.items()}
+    if manifest.get("judges"):
+        out["judges"] = {key: {**v, "judge": redact_url(v.get("judge"))} for key, v in manifest["judges"].items()}
+    return out
 
 
 def _adopted(out: Path, flag: str, value):
@@ -1237,14 +1276,49 @@ def _name_of(section: dict | None) -> str:
     return f"{name!r} ({_sha(json.dumps(section.get('fingerprint'), sort_keys=True).encode())[:8]})"
 
 
+def _differ(theirs: dict, mine: dict) -> list[str]:
+    """The settings two identities differ in (not where a model lives, nor a judge's folder key)."""
+    return [k for k in sorted(set(theirs) | set(mine)) if k not in (*_WHERE_KEYS, "key") and theirs.get(k) != mine.get(k)]
+
+
+def _existing_key(manifest: dict, mine: dict) -> str | None:
+    """The key of the folder's judge whose identity is `mine`, if it has judged these generations before."""
+    return next((key for key, theirs in known_judges(manifest).items() if not _differ(theirs, mine)), None)
+
+
+def judge_key(cfg: EvalConfig) -> str:
+    """The folder judged/<key>/ that the judge stage writes with `cfg`'s judge in cfg.output_dir (it asks a
+    URL judge for its model, as that stage does)."""
+    mine = judge_identity(cfg)
+    key = _existing_key(read_manifest(Path(cfg.output_dir)), mine)
+    return _judge_key(mine) if key is None else key
+
+
+def _claim_judge(out: Path, manifest: dict, mine: dict, overwrite: bool) -> str:
+    """The key (judged/<key>/) of the judge `mine`: an earlier judge of these generations with the same
+    identity (whose results a rerun resumes), else a new one; other judges' results stay beside it. A
+    folder under that key of unknown origin (not in the manifest) is refused unless --overwrite deletes it."""
+    key = _existing_key(manifest, mine)
+    if key is not None:
+        return key
+    key = _judge_key(mine)
+    if any((out / "judged" / key).glob("*.jsonl")):
+        if not overwrite:
+            raise SystemExit(f"{out / 'judged' / key} holds judgements that {out / MANIFEST} does not name (made by hand, or "
+                             "the manifest was replaced): pass --overwrite to delete them, or choose another --output_dir")  # fmt: skip
+        logger.warning("--overwrite: deleting %s", out / "judged" / key)
+        shutil.rmtree(out / "judged" / key)
+    return key
+
+
 def _claim(out: Path, manifest: dict, key: str, mine: dict, overwrite: bool) -> None:
-    """Stop when `out` holds results of another model or settings (or of unknown origin), unless
-    --overwrite, which deletes them. Generations go with the judgements made of them."""
-    what, dirs = {"generation": ("generations", ("generations", "judged")), "judge": ("judgements", ("judged",))}[key]
+    """Stop when `out` holds generations of another model or settings (or of unknown origin), unless
+    --overwrite, which deletes them and every judgement made of them."""
+    what, dirs = {"generation": ("generations", ("generations", "judged"))}[key]
     theirs = manifest.get(key)
     if theirs is None and not any((out / dirs[0]).glob("*.jsonl")):
         return
-    differ = [] if theirs is None else [k for k in sorted(set(theirs) | set(mine)) if k not in _WHERE_KEYS and theirs.get(k) != mine.get(k)]
+    differ = [] if theirs is None else _differ(theirs, mine)
     if theirs is not None and not differ:
         return
     if not overwrite:
@@ -1257,8 +1331,7 @@ def _claim(out: Path, manifest: dict, key: str, mine: dict, overwrite: bool) -> 
         shutil.rmtree(out / d, ignore_errors=True)
     for f in REPORT_FILES:
         (out / f).unlink(missing_ok=True)
-    if key == "generation":
-        manifest["judge"] = None
+    manifest["judge"], manifest["judges"] = None, {}
 
 
 def _load_benchmarks(names: list[str], cfg: EvalConfig) -> tuple[dict[str, list[Sample]], dict[str, str]]:
@@ -1291,6 +1364,10 @@ def prepare(cfg: EvalConfig, stages: tuple[str, ...]) -> dict[str, list[Sample]]
         # written under it, and a second run on this folder stops here.
         folder_lock.acquire(out, "another evaluate.py")
     manifest = read_manifest(out)
+    for spec in (manifest.get("tasks") or {}).values():  # the folder's task-file benchmarks, as first read
+        tasks.register(spec)
+    if cfg.tasks_dir:
+        tasks.load_tasks_dir(cfg.tasks_dir)
     if "generate" in stages and generation is None:
         if not manifest.get("generation"):
             raise SystemExit("the generate stage needs --model (a checkpoint) or --model_url (an OpenAI-compatible endpoint)")
@@ -1300,6 +1377,7 @@ def prepare(cfg: EvalConfig, stages: tuple[str, ...]) -> dict[str, list[Sample]]
     if cfg.benchmarks is None:
         cfg.benchmarks = ",".join(manifest.get("benchmarks") or []) or "all"
     names = selected_benchmarks(cfg.benchmarks)
+    cfg.benchmarks = ",".join(names)  # the later stages of this run read names, not task files
     skipped = {n: why for n, why in (manifest.get("missing") or {}).items()}  # left out by --allow_missing earlier
     samples: dict[str, list[Sample]] = {}
     if "generate" in stages:
@@ -1332,24 +1410,35 @@ def prepare(cfg: EvalConfig, stages: tuple[str, ...]) -> dict[str, list[Sample]]
             raise
     if generation is None and judgement is None:
         return samples  # the score stage reads, never writes the manifest
-    for key, mine in (("generation", generation), ("judge", judgement)):
-        if mine is not None:
-            _claim(out, manifest, key, mine, cfg.overwrite)
-            manifest[key] = mine
+    if generation is not None:
+        _claim(out, manifest, "generation", generation, cfg.overwrite)
+        manifest["generation"] = generation
+    if judgement is not None:  # judges of the same generations sit side by side, each in judged/<key>/
+        judges = known_judges(manifest)
+        judgement["key"] = key = _claim_judge(out, manifest, judgement, cfg.overwrite)
+        judges.pop(key, None)  # re-inserted last: the latest judge, which the score stage shows by default
+        manifest["judges"], manifest["judge"] = {**judges, key: judgement}, judgement
     now = time.strftime("%Y-%m-%d %H:%M:%S")
     manifest.update(
         benchmarks=list(dict.fromkeys([*(manifest.get("benchmarks") or []), *names])), missing=skipped,
         samples={**(manifest.get("samples") or {}), **{n: len(v) for n, v in samples.items()}},
         versions=_versions(), created=manifest.get("created", now), updated=now,
+        tasks={**(manifest.get("tasks") or {}), **{n: BENCHMARKS[n].rows.spec for n in names if BENCHMARKS[n].rows is not None}},
     )  # fmt: skip
     manifest.setdefault("generation", None)
     manifest.setdefault("judge", None)
+    manifest.setdefault("judges", {})
     _write_manifest(out, _redacted(manifest))
     return samples
 
 
 @folder_lock.releases  # the output folder's lock, taken by `prepare`
 def main(cfg: EvalConfig) -> dict | None:
+    if (cfg.benchmarks or "").strip().casefold() == "list":
+        if cfg.tasks_dir:
+            tasks.load_tasks_dir(cfg.tasks_dir)
+        print(tasks.listing(cfg.data_root))
+        return None
     _check_flags(cfg)
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)
     samples = prepare(cfg, stages)
@@ -1406,8 +1495,13 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config = parse_args()
+    if config.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    else:  # this toolkit's own lines; other libraries' warnings and errors only (vLLM's: rollout.quiet_logs, when it loads)
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+        for name in ("__main__", "evaluate", "data", "tasks", "rewards", "rollout", "folder_lock", "eval_policy"):
+            logging.getLogger(name).setLevel(logging.INFO)
     try:
         main(config)
     except (DataError, ResultsError) as e:  # bad input files: the message names the file (and sample or line)

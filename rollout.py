@@ -25,6 +25,23 @@ import torch
 
 log = logging.getLogger(__name__)
 
+
+def quiet_logs() -> None:
+    """Only errors from vLLM and transformers (their warnings include the expected "Failed to load
+    weights" of a tied lm_head, which follows the embedding), and no loading bars. Call it before vLLM
+    is imported: vLLM reads VLLM_LOGGING_LEVEL then. Used by train_grpo.py and evaluate.py (without --verbose)."""
+    import warnings
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
+    logging.getLogger("vllm").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
 Prompt = list  # a list of chat messages (dicts with "role" and "content")
 
 

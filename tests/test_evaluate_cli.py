@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+import evaluate as E
 from tests.kit import REPO, SHARED_DATA
 from tests.test_evaluate import fake  # noqa: F401  (the module-scoped fake OpenAI server fixture, reused)
 
@@ -130,6 +131,6 @@ def test_the_judge_stage_fails_the_run_when_too_many_judgements_fail(tmp_path, f
     lines = error_lines(r.stderr)
     assert r.returncode != 0 and len(lines) == 1, r.stderr[-3000:]
     assert "score: 3 of 3 samples have no judge score (100%, more than --max_judge_failures 2%)" in lines[0]
-    assert len((out / "judged" / "PubMedQA.jsonl").read_text().splitlines()) == 3
+    assert len(E.judged_path(out, "PubMedQA").read_text().splitlines()) == 3
     assert "**Not a valid score: 3 of 3 samples have no judge score" in (out / "report.md").read_text()
     assert json.loads((out / "summary.json").read_text())["judge_failures"] == 3
