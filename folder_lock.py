@@ -10,16 +10,31 @@ interleave), and two close starts with different models could both pass the mani
 lock is held by this process until `release` (taking it again in the same process is a no-op, so
 nested stages share it); the operating system drops it when the process dies, even by SIGKILL, so a
 killed run never leaves a stale lock. The lock file holds the holder's pid and is removed on release.
-Linux and macOS (fcntl); stdlib only.
+On a file system without locks (Lustre without -o flock, some FUSE mounts) it warns once and goes on
+unlocked. Linux and macOS (fcntl); stdlib only.
 """
 from __future__ import annotations
 
+import errno
 import functools
 import os
+import sys
 from pathlib import Path
 
 LOCK_FILE = ".lock"
 _held: dict[str, tuple[int, Path, bool]] = {}  # resolved folder -> (fd of its lock file, the file, we made the folder)
+# flock's errors where the file system has no locks: Lustre mounted without -o flock (ENOSYS), some FUSE
+# and network file systems (EOPNOTSUPP / ENOTSUP), NFS without its lock daemon (ENOLCK).
+NO_LOCKS = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOLCK}
+_warned = False
+
+
+def _warn_unlocked(folder: Path, e: OSError) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        print(f"warning: {folder}: its file system cannot lock files (flock: {e.strerror}): running without the lock, "
+              "so make sure no other run uses the same folder", file=sys.stderr)
 
 
 def acquire(folder: str | Path, what: str = "another run") -> None:
@@ -42,6 +57,12 @@ def acquire(folder: str | Path, what: str = "another run") -> None:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise SystemExit(f"{folder} is in use by {what} (pid {holder}): wait for it to end, or choose another folder") from None
+        except OSError as e:
+            if e.errno not in NO_LOCKS:
+                os.close(fd)
+                raise
+            _warn_unlocked(folder, e)  # a file system without locks: run as before locks existed
+            break
         try:  # the holder may have removed the file between our open and our lock: then lock the new one
             if os.path.samestat(os.fstat(fd), os.stat(path)):
                 break

@@ -1,6 +1,7 @@
 """The evaluation folder: a bad sample met mid-run, one run at a time (the folder lock), the reference
 cap in the judge prompt, and the trimming of a training log that a kill cannot lose. The policy and
 the judge are the fake OpenAI server of test_evaluate.py."""
+import errno
 import io
 import json
 import os
@@ -107,6 +108,26 @@ def test_the_stages_hold_the_folder_while_they_run_and_give_it_back(tmp_path, fa
     monkeypatch.setattr(E, "_generate_http", spy)
     E.main(cfg_for(tmp_path, fake, limit=2))
     assert held == [True] and not folder_lock._held and not (tmp_path / folder_lock.LOCK_FILE).exists()
+
+
+@pytest.mark.parametrize("code", [errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK])
+def test_a_file_system_without_locks_warns_once_and_runs_unlocked(tmp_path, monkeypatch, capsys, code):
+    """flock failing with ENOSYS stands for Lustre mounted without -o flock; EOPNOTSUPP for a FUSE file
+    system without lock support; ENOLCK for NFS without a lock daemon. The run goes on, warned once."""
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setattr(folder_lock, "_warned", False)
+    folder_lock.acquire(tmp_path / "a")
+    folder_lock.acquire(tmp_path / "b")
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "a: " in err and "without the lock" in err and "\n" == err[-1] and err.count("\n") == 1, err
+    folder_lock.release(tmp_path / "a")
+    folder_lock.release(tmp_path / "b")
+    assert not folder_lock._held and not (tmp_path / "a").exists()
 
 
 def test_references_are_capped_in_the_judge_prompt_as_in_training():
