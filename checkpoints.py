@@ -258,7 +258,7 @@ def _dcp_allowed() -> dict:
     allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
     allowed[("collections", "OrderedDict")] = __import__("collections").OrderedDict
     for cls in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"):
-        allowed[("pathlib", cls)] = getattr(pathlib, cls)
+        allowed[("pathlib", cls)] = allowed[("pathlib._local", cls)] = getattr(pathlib, cls)  # 3.13 pickles pathlib._local's
     for name in dir(torch):  # torch.float32, torch.strided, torch.contiguous_format ...
         if isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
             allowed[("torch", name)] = getattr(torch, name)
@@ -336,7 +336,10 @@ def _problem(ckpt: Path, use_peft: bool, rank: int, world: int) -> str | None:
     weights = ckpt / "adapter" if use_peft else ckpt
     files = sorted(weights.glob("*.safetensors"))
     index = weights / "model.safetensors.index.json"
-    shards = set(json.loads(index.read_text())["weight_map"].values()) if index.exists() else set()
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values()) if index.exists() else set()
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+        return f"{index} is unreadable or truncated ({_first_line(e)})"
     missing = sorted(shards - {f.name for f in files})
     if missing:
         return f"{weights / missing[0]} is missing"

@@ -3,6 +3,7 @@ checkpoint holds runs code on load; a changed run-defining setting is refused an
 applied and recorded; SIGTERM ends with a checkpoint; a corrupt checkpoint or a full disk stops the run
 in one line naming the file and the newest intact earlier checkpoint."""
 import errno
+import io
 import json
 import os
 import pickle
@@ -203,6 +204,7 @@ CORRUPT = {
     "trainer_state.json truncated": (lambda c: truncate(c / "trainer_state.json"), "trainer_state.json"),
     "rank state missing": (lambda c: (c / "trainer_state_rank0.pt").unlink(), "trainer_state_rank0.pt"),
     "NaN weights": (nan_weight, "model.layers.1.mlp.up_proj.weight"),
+    "shard index truncated": (lambda c: (c / "model.safetensors.index.json").write_text('{"weight_map": {"lm_head'), "model.safetensors.index.json"),
 }
 
 
@@ -224,6 +226,26 @@ def test_a_corrupt_only_checkpoint_says_how_to_start_afresh(honest, tmp_path):
     with pytest.raises(SystemExit) as e:
         train_grpo.setup(cfg, toy_reward)
     assert "no intact earlier checkpoint" in one_line(e)
+
+
+def test_a_damaged_earlier_checkpoint_does_not_break_the_search_for_an_intact_one(honest, tmp_path):
+    cfg = copy_run(honest, tmp_path)
+    (tmp_path / "run" / "checkpoint-1" / "model.safetensors.index.json").write_text("{")
+    truncate(tmp_path / "run" / "checkpoint-2" / "trainer_state.json")
+    with pytest.raises(SystemExit) as e:
+        train_grpo.setup(cfg, toy_reward)
+    assert "trainer_state.json" in one_line(e) and "no intact earlier checkpoint" in one_line(e)
+
+
+def test_the_metadata_of_python_3_13_paths_is_admitted():
+    """Python 3.13 pickles a PosixPath as pathlib._local.PosixPath: DCP's .metadata written there names it."""
+    from pathlib import PurePosixPath
+
+    raw = pickle.dumps(PurePosixPath("optimizer/__0_0.distcp"), protocol=2)
+    assert b"cpathlib\nPurePosixPath\n" in raw
+    for cls in (b"PurePosixPath", b"PosixPath"):
+        made = raw.replace(b"cpathlib\nPurePosixPath\n", b"cpathlib._local\n" + cls + b"\n")
+        assert str(checkpoints._MetadataUnpickler(io.BytesIO(made)).load()) == "optimizer/__0_0.distcp"
 
 
 @pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
