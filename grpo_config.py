@@ -58,6 +58,7 @@ class Config:
     tensor_parallel_size: int = field(default=1, metadata={"help": "vLLM tensor parallelism: processes per engine. Its processes generate together (their prompts gathered) and train apart, each on its own prompts."})
     enforce_eager: bool = field(default=False, metadata={"help": "Skip vLLM's graph compilation (saves 1-2 minutes of start-up on a CPU)."})
     sleep_level: int = field(default=2, metadata={"help": "vLLM sleep during the update (GPU): 2 frees weights and KV cache, 1 keeps the weights in CPU memory, 0 never sleeps."})
+    offload_during_rollout: bool = field(default=False, metadata={"help": "Move the trainer's parameters, gradients, optimiser state and reference model to CPU memory while the vLLM engine is awake, back for the update (the release's actor offload; needs host RAM for them)."})
     sync_probe_max: float = field(default=0.0, metadata={"help": "Stop when engine and trainer disagree by more than this on the probe after a sync (0: 1e-3 in float32, 0.1 in bfloat16)."})
     think_tag: str = field(default="think", metadata={"help": "Reasoning tag in the prompt and the rewards (thinking: as released)."})
     one_shot: bool = field(default=False, metadata={"help": "Add one example of the output format to the prompt."})

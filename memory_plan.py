@@ -7,8 +7,9 @@
 
 The model's parameters are counted on the meta device from its config.json (no weights): a
 config.json path, a model folder, a hub id in the local cache, or one shipped in configs/models/.
-Phases, per GPU: "load" (train_grpo loads a whole copy per process before sharding), "rollout"
-(the trainer's resident state beside the engine: vLLM takes gpu_memory_utilization x the GPU),
+Phases, per GPU: "load" (the shards, and one block moved whole at a time by FSDP2; one process: the
+whole model), "rollout" (the trainer's resident state beside the engine: vLLM takes gpu_memory_utilization
+x the GPU; with offload_during_rollout only the parameters, at the sync probe and checkpoints),
 "update" (sharded masters, gradients, AdamW state, reference, gathered blocks, activations, logits).
 Every term and its formula is in `plan` below; docs/memory_plan.md checks them against published
 requirements, and bench/gpu_check.py against torch.cuda.max_memory_allocated on a GPU. Estimates:
@@ -271,8 +272,9 @@ def plan(cfg, world: int | None = None, gpu: float | None = None, *, shape: Shap
     """The per-GPU memory of each phase for the run `cfg` over `world` processes on GPUs of `gpu` bytes
     (None: `gpu_bytes(cfg)`). `easyr1`: as EasyR1/verl run it, for published setups: weights loaded
     sharded (rank 0 reads them, the others start on the meta device) and the actor's parameters and
-    optimiser state offloaded to CPU while the engine is awake (train_grpo does neither). `fsdp`: sharded
-    with FSDP2 (default: when world > 1, as train_grpo.setup does)."""
+    optimiser state offloaded to CPU while the engine is awake (train_grpo: `offload_during_rollout`, and
+    every process reads the weights into CPU memory). `fsdp`: sharded with FSDP2 (default: when world > 1,
+    as train_grpo.setup does)."""
     world = world or int(os.environ.get("WORLD_SIZE", "1"))
     gpu = gpu_bytes(cfg) if gpu is None else gpu
     s = shape or model_shape(cfg.model)
@@ -289,16 +291,22 @@ def plan(cfg, world: int | None = None, gpu: float | None = None, *, shape: Shap
     ref = s.total * c / n if cfg.beta > 0 else 0.0  # policy.load_reference: the compute dtype, sharded like the policy
     problems = []
 
-    # load: policy.load_policy moves the whole model to every GPU, then train_grpo.setup shards it (and
-    # the reference, loaded whole in the compute dtype before either is sharded).
-    whole = s.total * m + lora * m + (s.total * c if cfg.beta > 0 else 0)
-    load = Phase("load", {"whole copies": whole, "overhead": OVERHEAD}, [
-        f"the whole {cfg.master_dtype} policy{' and bf16 reference' if cfg.beta > 0 else ''} per GPU before sharding; "
-        f"host RAM while loading: {s.total * m / GiB:.1f} GiB per process"])  # fmt: skip
+    # load: policy.load_policy and load_reference read the weights into CPU memory; policy.place shards them,
+    # and FSDP2's fully_shard moves one block (then the root) whole to the GPU and keeps this process's shard.
+    # One process moves the whole model: that is what it trains.
+    host = (s.total + lora) * m + (s.total * c if cfg.beta > 0 else 0)
+    transit = max(s.root, s.block_max) * m if fsdp else 0.0
+    load = Phase("load", {"params": params, "reference": ref, "block in transit": transit, "overhead": OVERHEAD}, [
+        f"host RAM while loading: the whole {cfg.master_dtype} policy{' and reference' if cfg.beta > 0 else ''}, "
+        f"{host / GiB:.1f} GiB per process"])  # fmt: skip
     if easyr1:
         load = Phase("load", {"params": params, "reference": ref, "overhead": OVERHEAD}, ["sharded as loaded (rank 0 reads the weights)"])
 
-    resident = {"params": 0.0 if easyr1 else params, "reference": ref, "optimiser": 0.0 if easyr1 else optim}
+    # offload_during_rollout (policy.Offload): the optimiser state stays in CPU memory while the engine is awake,
+    # the parameters and reference too during the rollout itself, but they are on the GPU beside the awake engine
+    # at the sync probe and at checkpoints (train_grpo.stow_trainer): counted here.
+    offload = getattr(cfg, "offload_during_rollout", False) and not easyr1
+    resident = {"params": 0.0 if easyr1 else params, "reference": ref, "optimiser": 0.0 if easyr1 or offload else optim}
     if cfg.engine == "vllm":
         tp = cfg.tensor_parallel_size
         engine_weights = s.total * c / tp  # the engine's weights in the compute dtype, split by tensor parallelism
@@ -314,6 +322,9 @@ def plan(cfg, world: int | None = None, gpu: float | None = None, *, shape: Shap
                              f"{kv / GiB:.1f} GiB of its {budget / GiB:.1f} GiB budget (gpu_memory_utilization "
                              f"{cfg.gpu_memory_utilization:g}) for the KV cache, under one {seq}-token sequence "
                              f"({kv_token * seq / GiB:.2f} GiB)"))  # fmt: skip
+        if offload:
+            notes.append(f"offload_during_rollout: AdamW state ({optim / GiB:.1f}) in CPU memory; the parameters on the GPU "
+                         f"beside the awake engine only at the sync probe and checkpoints (host RAM: {(params + optim + ref) / GiB:.1f} GiB per process)")  # fmt: skip
         rollout = Phase("rollout", {**resident, "engine": budget, "overhead": OVERHEAD}, notes)
         asleep = 0.0 if cfg.sleep_level > 0 else budget  # level 1 and 2 free the engine's GPU memory for the update
     else:  # HFRollout: transformers generate on the trainer's model (all rows at once)
@@ -360,6 +371,8 @@ def _suggest(cfg, world, gpu, shape, easyr1) -> str:
     if cfg.engine == "vllm":
         tries += [dict(tensor_parallel_size=t) for t in (2, 4, 8) if t > cfg.tensor_parallel_size and world % t == 0]
         tries += [dict(gpu_memory_utilization=u) for u in (0.6, 0.5, 0.4, 0.3, 0.2) if u != cfg.gpu_memory_utilization]
+        if not getattr(cfg, "offload_during_rollout", False):
+            tries.append(dict(offload_during_rollout=True))
     if cfg.master_dtype == "float32":
         tries.append(dict(master_dtype="bfloat16"))
     if not cfg.use_peft:
@@ -488,9 +501,12 @@ def main(argv=None) -> None:
             raise SystemExit("memory_plan.py: --num_processes takes a count of processes (GPUs), e.g. --num_processes 8")
         world = int(argv[i + 1])
         del argv[i : i + 2]
+    from unittest import mock
+
     from grpo_config import parse_config
 
-    cfg = parse_config(argv + ["--plan"])
+    with mock.patch.dict(os.environ, {"WORLD_SIZE": str(world)} if world else {}):  # parsed as that launch would be
+        cfg = parse_config(argv + ["--plan"])
     p = plan(cfg, world)
     print(p.table())
     if p.failure():

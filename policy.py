@@ -180,18 +180,16 @@ def _tensors(x) -> Iterator[torch.Tensor]:
 
 def load_policy(cfg, path: str, adapter: str | None = None, *, lora: bool | None = None):
     """A Qwen-VL (image-text-to-text) or a causal LM, and its processor or tokenizer; with LoRA
-    (`cfg.use_peft`, unless `lora` says otherwise) wrapped by peft, with the adapter at `adapter` or a new one."""
+    (`cfg.use_peft`, unless `lora` says otherwise) wrapped by peft, with the adapter at `adapter` or a new one.
+    The model stays in CPU memory: `place` puts it on the GPU, sharded, so no GPU holds a whole copy first."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-    on_gpu = torch.cuda.is_available()
     vlm = is_vlm(AutoConfig.from_pretrained(path))
     cls = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
     # Master weights: the optimiser's copy (float32 as the release; AdamW at lr 1e-6 barely moves bf16 weights).
     model = cls.from_pretrained(path, dtype=getattr(torch, cfg.master_dtype))
     pixels = dict(min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels) if vlm else {}
     processor = (AutoProcessor if vlm else AutoTokenizer).from_pretrained(path, **pixels)
-    if on_gpu:
-        model.to(torch.device("cuda", torch.cuda.current_device()))
     if vlm and cfg.freeze_vision:
         for name, p in model.named_parameters():
             if ".visual." in f".{name}" or name.startswith("visual."):
@@ -245,14 +243,12 @@ def expert_parameters(model) -> list[str]:
 def load_reference(path: str, dtype: torch.dtype):
     """The frozen reference policy of the KL term (beta > 0): the weights at `path` loaded straight in the
     compute `dtype` (it never trains, so no float32 master copy: EasyR1 keeps it in bf16 too), no LoRA, no
-    gradient checkpointing, eval mode. With several processes `shard` it like the policy, and `reshard` it
-    after its forwards."""
+    gradient checkpointing, eval mode, in CPU memory (`place` it like the policy), and `reshard` it after its
+    forwards."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     cls = AutoModelForImageTextToText if is_vlm(AutoConfig.from_pretrained(path)) else AutoModelForCausalLM
     model = cls.from_pretrained(path, dtype=dtype)
-    if torch.cuda.is_available():
-        model.to(torch.device("cuda", torch.cuda.current_device()))
     return model.requires_grad_(False).eval()
 
 
@@ -280,3 +276,72 @@ def shard(model, compute_dtype: torch.dtype) -> None:
         if type(module).__name__ in blocks:
             fully_shard(module, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+
+
+def place(model, compute_dtype: torch.dtype, world: int, device) -> None:
+    """Put a model that `load_policy` / `load_reference` left in CPU memory where it trains. Several processes:
+    `shard`, whose fully_shard moves one block at a time to this process's GPU and keeps only its shard there,
+    so no GPU ever holds a whole copy (the load phase of memory_plan.py). One process: the whole model to `device`."""
+    if world > 1:
+        shard(model, compute_dtype)
+    else:
+        model.to(device)
+
+
+class Offload:
+    """The trainer's state off the GPU while the rollout engine is awake (`offload_during_rollout`, the release's
+    actor offload; verl's offload_fsdp_model_to_cpu / offload_fsdp_optimizer pattern):
+
+        off = Offload([model, ref_model], optimizer, "cpu")
+        off.stow()                  # every parameter (FSDP2: this process's DTensor shard), gradient and buffer of
+                                    # the models, and every optimiser-state tensor, to `device`
+        off.stow(models=False)      # the optimiser state only
+        off.restore(optimizer=False)  # the models only; restore(): everything back where it was, bit for bit
+
+    Each part moves once: stowing what is stowed, or restoring what is home, does nothing.
+    Explicit moves rather than FSDP2's CPUOffloadPolicy: that one keeps the parameters in CPU memory for the whole
+    run, copies each block to the GPU at every forward and backward and steps the optimiser on the CPU; here the
+    update runs on the GPU as without offload, and each step pays two copies. Modules move through
+    nn.Module._apply, the path of Module.to, which FSDP2 overrides to re-point its shards (the optimiser keeps its
+    parameter objects: swap_tensors / .data). Between two devices a move is a copy; when `device` is where the
+    state already lives (a CPU-only machine: the tests) every move still copies into new memory, which is what
+    the tests can see."""
+
+    def __init__(self, models, optimizer, device="cpu"):
+        self.models = [m for m in models if m is not None]
+        self.optimizer, self.device = optimizer, torch.device(device)
+        self.model_homes = None  # while the models are stowed: each one's device
+        self.state_homes = None  # while the optimiser state is stowed: (parameter, key) -> device
+
+    @torch.no_grad()
+    def stow(self, models: bool = True, optimizer: bool = True) -> None:
+        if optimizer and self.state_homes is None:
+            self.state_homes = {}
+            for p, values in self.optimizer.state.items():
+                for key, value in values.items():
+                    if torch.is_tensor(value):  # torch AdamW's `step` lives on the CPU: it goes back there
+                        self.state_homes[(p, key)] = value.device
+                        values[key] = _moved(value, value.device, self.device)
+        if models and self.model_homes is None:
+            self.model_homes = [next(m.parameters()).device for m in self.models]
+            for m, home in zip(self.models, self.model_homes):
+                m._apply(lambda t, h=home: _moved(t, h, self.device))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # hand the freed blocks to the engine, which allocates outside PyTorch's cache
+
+    @torch.no_grad()
+    def restore(self, models: bool = True, optimizer: bool = True) -> None:
+        if models and self.model_homes is not None:
+            for m, device in zip(self.models, self.model_homes):
+                m._apply(lambda t, d=device: _moved(t, self.device, d))
+            self.model_homes = None
+        if optimizer and self.state_homes is not None:
+            for (p, key), device in self.state_homes.items():
+                self.optimizer.state[p][key] = _moved(self.optimizer.state[p][key], self.device, device)
+            self.state_homes = None
+
+
+def _moved(t: torch.Tensor, source: torch.device, target: torch.device) -> torch.Tensor:
+    """`t` on `target`: a copy between devices; a copy too when both are one device (tests on a CPU); a tensor that is
+    there already (a tied weight met a second time) stays."""
+    return t.to(target, copy=source == target) if t.device == source else t

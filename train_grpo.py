@@ -67,12 +67,15 @@ def train_step(step: int, cfg, run) -> tuple[dict, list[Group]]:
         return {**stats, "skipped": 1, "sync_probe_diff": run.probe_diff, "seconds_step": time.perf_counter() - t0}, groups
     set_advantages(cfg, run, groups)
     run.engine.sleep()  # the trainer gets the accelerator memory for its update
+    restore_trainer(run)  # offload_during_rollout: its state back from CPU memory
     t1 = time.perf_counter()
     update = optimise(cfg, run, groups)  # old log-probs, micro-batched loss + backward, optimiser steps
+    stow_trainer(run, models=False)  # the optimiser state waits in CPU memory for the next update
     t2 = time.perf_counter()
     run.engine.update_weights(rollout.full_parameters(run.model, run.compute_dtype, changed_only=run.engine.keeps_weights))  # in place, one gathered tensor at a time; what a step cannot change only once
     t3 = time.perf_counter()
     run.probe_diff = check_sync(step, cfg, run)  # stops the run if the engine did not take the weights
+    stow_trainer(run)  # the parameters too, before the engine's KV cache wakes for the next rollout
     adv = torch.tensor([a for g in groups for a, ok in zip(g.advantages, g.valid) if ok] or [0.0])
     return {
         **stats, **update, "skipped": 0, "adv_mean": adv.mean().item(), "adv_std": adv.std().nan_to_num(0.0).item(),
@@ -618,51 +621,104 @@ def setup(cfg, reward_fn=None) -> Run:
     # The engine before the trainer state: starting vLLM re-seeds every global generator.
     run.engine = make_engine(cfg, run)
     run.engine.update_weights(rollout.full_parameters(run.model, run.compute_dtype))  # the engine starts from the trainer's weights
-    # The trainer's state leaves the GPU while the engine is awake (the release's actor offload), here after the
-    # probe's trainer pass (check_sync) and at every step's; `trainer_on_gpu` brings it back.
+    # The trainer's state leaves the GPU while the engine is awake (the release's actor offload): `stow_trainer`.
     offload = cfg.offload_during_rollout and not getattr(run.engine, "shares_trainer_model", False)
     run.offload = policy.Offload([run.model, run.ref_model], run.optimizer, "cpu") if offload else None
-    run.probe = make_probe(run)
+    run.probe = make_probe(cfg, run)
     run.probe_diff = check_sync(-1, cfg, run)
     run.start_step = 0
     if cfg.resume and last:
         run.start_step = load_trainer_state(last, run)
         apply_changes(run.optimizer, run.scheduler, run.resumed)  # e.g. a new lr, over the saved one
+    stow_trainer(run)  # offload_during_rollout: the engine is awake from here to the first update
     run.sampling = sampling_settings(cfg)
     return run
+
+
+def stow_trainer(run, models: bool = True) -> None:
+    """With offload_during_rollout: the optimiser state and (`models`) the policy's and reference's parameters and
+    gradients to CPU memory (policy.Offload). Order in a step: all stowed while the engine rolls out; restored when
+    it sleeps; the optimiser state stowed after the update; the parameters after the sync, which gathers them."""
+    if getattr(run, "offload", None) is not None:
+        run.offload.stow(models=models)
+
+
+def restore_trainer(run, optimizer: bool = True) -> None:
+    if getattr(run, "offload", None) is not None:
+        run.offload.restore(optimizer=optimizer)
+
+
+@contextlib.contextmanager
+def parameters_on_gpu(run):
+    """The stowed models back on the GPU inside (a checkpoint gathers the full weights), stowed again after. The
+    optimiser state stays in CPU memory: torch.distributed.checkpoint writes each rank's shards from there (as
+    under FSDP2's CPUOffloadPolicy), so the engine's budget and the parameters are all a save adds."""
+    stowed = getattr(run, "offload", None) is not None and run.offload.model_homes is not None
+    restore_trainer(run, optimizer=False)
+    try:
+        yield
+    finally:
+        if stowed:
+            stow_trainer(run)
 
 
 # A fixed text prompt whose greedy completion (chosen once, at start) both the engine and the
 # trainer score after every weight sync: stale or garbage engine weights show up as a difference.
 PROBE = [{"role": "user", "content": "Which imaging modality shows a fractured wrist bone best? Answer briefly."}]
+PROBE_SETTINGS = rollout.SamplingSettings(temperature=0.0, max_new_tokens=16)
 
 
-def make_probe(run) -> Group | None:
-    """A fixed prompt and the engine's greedy answer to it, as a one-completion Group: the trainer scores it
-    through the same micro-batch and forward pass as training (`check_sync`)."""
+def probe_image():
+    """The image probe's picture: 112 x 112 pixels made in code, the same on every process and in every run."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:112, 0:112]
+    return Image.fromarray(np.stack([x * 2, y * 2, (x ^ y) * 8 % 256], axis=-1).astype(np.uint8))
+
+
+def make_probe(cfg, run) -> list[Group]:
+    """The sync probes, one-completion Groups the trainer scores through the same micro-batch and forward pass as
+    training (`check_sync`): the fixed text prompt and the engine's greedy answer to it; and when the vision tower
+    trains (a VLM without freeze_vision) an image prompt (`probe_image`), so that a vision tower the engine did not
+    take shows too. None when the engine is the trainer's own model."""
     if getattr(run.engine, "shares_trainer_model", False):
-        return None
-    (c,) = run.engine.generate([PROBE], n=1, settings=rollout.SamplingSettings(temperature=0.0, max_new_tokens=16))
+        return []
+    (c,) = run.engine.generate([PROBE], n=1, settings=PROBE_SETTINGS)
     if not c.token_ids:
         c = dataclasses.replace(c, token_ids=[run.tokenizer.eos_token_id], logprobs=[0.0])
-    return Group(None, PROBE, rollout.encode_prompts(run.processor, [PROBE]), [c], {"total": [1.0]})
+    probes = [Group(None, PROBE, rollout.encode_prompts(run.processor, [PROBE]), [c], {"total": [1.0]})]
+    if rollout.is_vlm(run.model.config) and not cfg.freeze_vision:
+        image = [{"role": "user", "content": [{"type": "image", "image": probe_image()}, {"type": "text", "text": "Which imaging modality is this? Answer briefly."}]}]
+        probes.append(Group(None, image, rollout.encode_prompts(run.processor, [image]), [], {"total": [1.0]}))
+    return probes
 
 
 def check_sync(step: int, cfg, run) -> float:
-    """Mean |engine - trainer| log-prob over the probe's tokens; stops the run above `sync_probe_max`."""
-    if getattr(run.engine, "shares_trainer_model", False):
+    """The largest, over the probes, mean |engine - trainer| log-prob over the probe's tokens (`sync_probe_diff`);
+    stops the run above `sync_probe_max`. The text probe's tokens are scored by the engine; the engine's score()
+    takes text only, so the image probe's answer is generated again (greedy) and its log-probs compared."""
+    if not run.probe:
         return 0.0  # the engine is the trainer's own model
-    probe = run.probe.completions[0]
-    (engine,) = run.engine.score([run.probe.encoded["input_ids"][0].tolist()], [probe.token_ids])
+    text, *images = run.probe
+    (engine,) = run.engine.score([text.encoded["input_ids"][0].tolist()], [text.completions[0].token_ids])
+    pairs = [(text, engine)]
+    for g in images:
+        (c,) = run.engine.generate([g.messages], n=1, settings=PROBE_SETTINGS)
+        g.completions = [c]
+        pairs.append((g, c.logprobs))
     training = run.model.training
     run.model.eval()  # as the engine: no (LoRA) dropout
-    with torch.no_grad(), compute_precision(run):
-        logp, _ = policy_logprobs(run.model, micro_batch([(run.probe, 0)], run.processor, run.device), 1.0)
+    diffs = []
+    for g, engine in pairs:
+        with torch.no_grad(), compute_precision(run):
+            logp, _ = policy_logprobs(run.model, micro_batch([(g, 0)], run.processor, run.device), 1.0)
+        trainer = logp[0, : len(engine)]
+        diffs.append((torch.tensor(engine, device=trainer.device) - trainer).abs().mean().nan_to_num(0.0).item())
     run.model.train(training)
-    trainer = logp[0, : len(probe.token_ids)]
     if hasattr(run.model, "reshard"):  # FSDP2 keeps the root's parameters gathered after a forward without backward
         run.model.reshard()
-    diff = (torch.tensor(engine, device=trainer.device) - trainer).abs().mean().item()
+    diff = max(diffs)
     worst = max_rank(run, diff)  # every process stops together
     limit = cfg.sync_probe_max or (1e-3 if policy_dtype(cfg) == "float32" else 0.1)
     if not worst <= limit:
@@ -1040,9 +1096,11 @@ def main(cfg: Config, reward_fn=None) -> Path:
             if run.rank == 0 and cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
                 write_samples(out / "samples.md", step + 1, groups, run.acc.trackers)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                ckpt = save_checkpoint(cfg, run, step + 1)
+                with parameters_on_gpu(run):  # offload_during_rollout: the save gathers the full weights
+                    ckpt = save_checkpoint(cfg, run, step + 1)
             if cfg.save_on_preempt and step + 1 < cfg.steps and any_rank(run, stop.signalled):  # all stop at one step
-                ckpt = stop.save(cfg, run, step + 1, ckpt)
+                with parameters_on_gpu(run):
+                    ckpt = stop.save(cfg, run, step + 1, ckpt)
                 break
     finally:  # also on a stop (SystemExit): the engine's memory and worker go with it
         stop.close()

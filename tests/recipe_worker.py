@@ -3,8 +3,9 @@
 A shipped recipe YAML is loaded as it is; only the model (a tiny kit VLM of the recipe's family), the
 sizes, the data (image and text samples mixed) and the reward are swapped. The reward makes the online
 filter drop groups ("flat" answers always score 1), so refills happen. With `--sleep` vLLM runs through
-the stand-in of CUDA sleep mode (tests/sleep_standin.py). Phase a: 2 steps in one go into OUT/a; phase b
-(a second launch, after the test copied OUT/a/checkpoint-1 into OUT/b): resumes it for step 2; rank 0 writes OUT/result.json.
+the stand-in of CUDA sleep mode (tests/sleep_standin.py); tensor parallelism is 1 (vLLM's CPU build has none).
+Phase a: 2 steps in one go into OUT/a; phase b (a second launch, after the test copied OUT/a/checkpoint-1 into
+OUT/b): resumes it for step 2; rank 0 writes OUT/result.json.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/recipe_worker.py RECIPE.yaml OUT a|b [--sleep]
 """
@@ -47,6 +48,9 @@ def main(recipe: str, out: Path, phase: str, sleep: bool) -> None:
              "--max_prompt_length", "2048", "--steps", "2", "--save_every", "1", "--micro_batch_size", "2",
              "--enforce_eager", "--log_samples_every", "1", "--max_filter_tries", "4",
              "--lr", "1e-3", "--embedder", ""]  # fmt: skip
+    # vLLM's CPU build runs no tensor parallelism: each process gets a whole engine (the recipes' TP 2 / 8 runs
+    # through tests/tp_standin.py in tests/test_tensor_parallel.py); offload_during_rollout stays as shipped.
+    flags += ["--tensor_parallel_size", "1"]
     unit = 28 if kind == "qwen2_5_vl" else 32  # the kit's image sizes: 4 to 16 image tokens
     flags += ["--min_pixels", str(4 * unit * unit), "--max_pixels", str(16 * unit * unit)]
     if phase == "a":

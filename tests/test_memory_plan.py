@@ -121,16 +121,34 @@ def test_the_8b_dapo_recipe_fits_eight_80gb_gpus_and_its_terms_add_up():
     # bf16 masters: params and grads 2 bytes, AdamW's two states and optim.py's Kahan buffer 2 bytes each.
     bf16 = memory_plan.plan(dataclasses.replace(cfg, master_dtype="bfloat16"), 8, 80 * GiB)
     assert {ph.name: ph for ph in bf16.phases}["update"].parts["optimiser"] == pytest.approx(n * 6 / 8)
-    # KL on: a reference model per GPU (bf16, sharded), loaded whole beside the float32 policy before sharding.
+    # KL on: a reference model per GPU (bf16, sharded); loaded sharded too: only one block crosses whole (policy.place).
     kl = {ph.name: ph for ph in memory_plan.plan(_recipe("8b_grpo"), 8, 80 * GiB).phases}
-    assert kl["update"].parts["reference"] == pytest.approx(n * 2 / 8) and kl["load"].parts["whole copies"] == n * 4 + n * 2
+    assert kl["update"].parts["reference"] == pytest.approx(n * 2 / 8)
+    assert kl["load"].parts["params"] == pytest.approx(n * 4 / 8) and kl["load"].parts["reference"] == pytest.approx(n * 2 / 8)
+    assert kl["load"].parts["block in transit"] == max(p.shape.root, p.shape.block_max) * 4 < n * 4 / 5  # the root: 16%
+    # offload_during_rollout (every recipe, as released): no AdamW state beside the awake engine; without it, all of it.
+    assert kl["rollout"].parts["optimiser"] == 0 and kl["rollout"].parts["params"] == pytest.approx(n * 4 / 8)
+    kept = {ph.name: ph for ph in memory_plan.plan(_recipe("8b_grpo", offload_during_rollout=False), 8, 80 * GiB).phases}
+    assert kept["rollout"].parts["optimiser"] == pytest.approx(n * 8 / 8)
 
 
-def test_the_ported_30b_recipe_cannot_fit_its_engine_and_says_which_setting_would():
-    p = memory_plan.plan(_recipe("30b_dapo"), 8, 80 * GiB)
+def test_the_30b_recipe_fits_eight_80gb_gpus_as_released_and_not_with_its_engine_whole():
+    cfg = _recipe("30b_dapo")
+    assert (cfg.tensor_parallel_size, cfg.gpu_memory_utilization, cfg.offload_during_rollout) == (8, 0.6, True)
+    p = memory_plan.plan(cfg, 8, 80 * GiB)
+    assert p.failure() is None and p.peak.total < 76 * GiB  # the update: 74.6 GiB
+    rollout = {ph.name: ph for ph in p.phases}["rollout"]
+    assert rollout.parts["engine"] == 0.6 * 80 * GiB and rollout.parts["optimiser"] == 0
+    # Offload off: the bf16 AdamW state (21.7 GiB) would sit beside the 48 GiB engine: 77.9 of 80 GiB, no margin.
+    kept = {ph.name: ph for ph in memory_plan.plan(_recipe("30b_dapo", offload_during_rollout=False), 8, 80 * GiB).phases}
+    assert kept["rollout"].total - rollout.total == kept["rollout"].parts["optimiser"] > 21 * GiB
+
+
+def test_the_30b_recipe_without_tensor_parallelism_cannot_fit_its_engine_and_says_which_setting_would():
+    p = memory_plan.plan(_recipe("30b_dapo", tensor_parallel_size=1), 8, 80 * GiB)
     line = p.failure()
     assert line.startswith("memory plan: Qwen/Qwen3-VL-30B-A3B-Thinking on 8 x 80 GiB GPUs does not fit: rollout:")
-    assert "gpu_memory_utilization 0.5" in line and "--tensor_parallel_size 2" in line and "\n" not in line
+    assert "gpu_memory_utilization 0.6" in line and "--tensor_parallel_size 2" in line and "\n" not in line
     assert memory_plan.plan(_recipe("30b_dapo", tensor_parallel_size=2), 8, 80 * GiB).failure() is None
 
 

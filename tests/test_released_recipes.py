@@ -7,6 +7,7 @@ Each entry names its file and line. Derived values (per-process batch, optimiser
 name every line they come from. Fast: the YAMLs go through `train_grpo.parse_config`, no model loads.
 """
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,8 @@ COMMON = [
     ("save_every", 5),  # config.yaml:100 save_freq
     ("save_total_limit", 3),  # config.yaml:101 save_limit
     ("resume", True),  # config.yaml:105 find_last_checkpoint
+    ("gpu_memory_utilization", 0.6),  # config.yaml:66 rollout.gpu_memory_utilization
+    ("offload_during_rollout", True),  # config.yaml:58-59 actor offload_params, offload_optimizer
     ("steps", 51335 // 512 * 2),  # 51,335 training rows (dataset card) // rollout batch (config.yaml:12) x total_epochs 2 (every .sh)
     ("dtype", "bfloat16"),  # verl/workers/actor/config.py:65 fsdp mp_param_dtype bf16 (compute)
     ("data", "MBZUAI/medix-rl-data"),  # every .sh: data.train_files=MBZUAI/medix-rl-data@train (line 13; 7b: 12)
@@ -102,7 +105,8 @@ RELEASED = [
     ("medix_r1_30b_dapo.yaml", "online_filter", True),  # medix-r1_30b_dapo.sh:30
     ("medix_r1_30b_dapo.yaml", "loss_type", "dapo"),  # verl/workers/actor/config.py:93 loss_avg_mode token
     ("medix_r1_30b_dapo.yaml", "importance_level", "token"),  # verl/workers/actor/config.py:95 loss_type default
-]
+    ("medix_r1_30b_dapo.yaml", "tensor_parallel_size", 8),  # medix-r1_30b_dapo.sh:25
+] + [(f"medix_r1_{r}.yaml", "tensor_parallel_size", 2) for r in ("2b_dapo", "7b_grpo", "8b_grpo", "8b_dapo")]  # config.yaml:69
 TABLE = [(r, k, v) for r in RECIPES for k, v in COMMON] + RELEASED
 
 # Released settings with no counterpart here: each recipe's header comment must name them.
@@ -111,7 +115,11 @@ NO_COUNTERPART = ["n_gpus_per_node 8", "val_freq 5", "val_batch_size 1024", "val
 
 
 def load(recipe: str) -> train_grpo.Config:
-    return train_grpo.parse_config(["--config", str(CONFIGS / recipe)])
+    """The recipe as its 8-process launch parses it (the 30B recipe's tensor_parallel_size 8 needs 8 processes)."""
+    from unittest import mock
+
+    with mock.patch.dict(os.environ, {"WORLD_SIZE": "8"}):
+        return train_grpo.parse_config(["--config", str(CONFIGS / recipe)])
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +159,6 @@ def test_the_header_names_the_script_the_launch_and_what_has_no_counterpart(reci
     assert not missing, missing
     if recipe in DAPO:
         assert "mini_rollout_batch_size 128" in header
-    assert ("tensor_parallel_size 8" if "30b" in recipe else "tensor_parallel_size 2") in header
 
 
 def test_parse_config_refuses_a_key_that_is_not_a_config_field(tmp_path):

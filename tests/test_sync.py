@@ -154,3 +154,22 @@ def test_outside_the_listed_blocks_what_vllm_fuses_goes_together():
     attn1 = {n for n, _ in model.named_parameters() if n.startswith("model.layers.1.self_attn.")}
     assert {n for n in attn0 if "k_proj" in n or "v_proj" in n} and not attn0 & skipped
     assert attn1 and attn1 <= skipped and "model.layers.0.mlp.gate_proj.weight" in skipped
+
+
+def test_the_sync_probe_sees_a_vision_tower_the_engine_did_not_take(tmp_path):
+    """An engine update that drops the vision tower's tensors (a stale tower): the text probe alone does not see
+    it, the image probe (made when the tower trains: a picture drawn in code) stops the run."""
+    cfg = vlm_config(tmp_path, freeze_vision=False)
+    run = train_grpo.setup(cfg, toy_reward)
+    try:
+        assert len(run.probe) == 2 and run.probe_diff < 1e-4  # text and image, after the first full sync
+        update = run.engine.update_weights
+        run.engine.update_weights = lambda named: update((n, t) for n, t in named if "visual." not in n)
+        probes, run.probe = run.probe, run.probe[:1]  # the text probe alone (as before the image probe)
+        metrics, _ = train_grpo.train_step(0, cfg, run)  # the vision tower trains (every prompt has an image)...
+        assert metrics["sync_probe_diff"] < 1e-4  # ...and the text probe passes the stale tower
+        run.probe = probes
+        with pytest.raises(SystemExit, match=r"step 1: .*probe log-prob difference .* > sync_probe_max 0.001"):
+            train_grpo.check_sync(0, cfg, run)
+    finally:
+        run.engine.close()
