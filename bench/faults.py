@@ -599,9 +599,16 @@ class Evaluation:
                     counts[r["id"]] += 1
         return recs, counts
 
+    @staticmethod
+    def results(folder: Path, base: Path, sub: str) -> Path:
+        """generations/PubMedQA.jsonl, or the judge's judged/<key>/PubMedQA.jsonl (evaluate.py keeps one folder
+        per judge; the same judge as base's has base's key)."""
+        key = (json.loads((base / "manifest.json").read_text()).get("judge") or {}).get("key", "") if sub == "judged" else ""
+        return folder / sub / key / "PubMedQA.jsonl"
+
     def check(self, out: Path, base: Path, sub: str, key: str) -> dict:
-        recs, counts = self.records(out / sub / "PubMedQA.jsonl")
-        want, _ = self.records(base / sub / "PubMedQA.jsonl")
+        recs, counts = self.records(self.results(out, base, sub))
+        want, _ = self.records(self.results(base, base, sub))
         lost = sum(i not in recs for i in want)
         dup = sum(c - 1 for c in counts.values()) + sum(i not in want for i in recs)
         wrong = sum(recs[i][key] != want[i][key] for i in want if i in recs)
@@ -614,7 +621,7 @@ class Evaluation:
 
 
 def eval_kill_trial(ev: Evaluation, out: Path, base: Path, stage: str, rng: random.Random, seconds: dict) -> dict:
-    path = {"generate": out / "generations" / "PubMedQA.jsonl", "judge": out / "judged" / "PubMedQA.jsonl"}.get(stage)
+    path = {"generate": ev.results(out, base, "generations"), "judge": ev.results(out, base, "judged")}.get(stage)
     if path is not None:
         step = 2 if stage == "generate" else 1  # generate writes a batch of 2 at a time
         k = rng.choice(range(0, ev.N, step))
@@ -641,7 +648,7 @@ def eval_kill_trial(ev: Evaluation, out: Path, base: Path, stage: str, rng: rand
 
 def eval_torn_trial(ev: Evaluation, out: Path, base: Path, stage: str) -> dict:
     sub = "generations" if stage == "generate" else "judged"
-    cut = tear(out / sub / "PubMedQA.jsonl")
+    cut = tear(ev.results(out, base, sub))
     run(ev.cmd(out, stage))
     r = ev.check(out, base, sub, "response" if stage == "generate" else "score")
     if stage == "judge":

@@ -81,7 +81,9 @@ def test_accuracy(name: str, model: str, limit: int, root: Path = OUT) -> dict:
            "--judge", "exact", "--format_prompt", "--one_shot", "--think_tag", "think", "--max_new_tokens", "96",
            "--limit", str(limit), "--output_dir", str(out)]  # fmt: skip
     seconds = run(cmd, root / f"test-{name}.log")
-    judged = [json.loads(x) for x in (out / "judged" / "PubMedQA.jsonl").read_text().splitlines()]
+    import evaluate
+
+    judged = [json.loads(x) for x in evaluate.judged_path(out, "PubMedQA").read_text().splitlines()]  # judged/<judge key>/
     gens = {r["id"]: r for r in map(json.loads, (out / "generations" / "PubMedQA.jsonl").read_text().splitlines())}
     n = len(judged)
     answers = [r["answer"] if r["answer"] in LABELS else "other" for r in judged]
