@@ -12,7 +12,7 @@ Loading never runs code from a checkpoint: the per-process state is read with to
 the optimiser's DCP metadata through an unpickler that admits only the classes DCP's Metadata holds, its
 non-tensor values with weights_only=True. A corrupt checkpoint, or a disk that fills while saving, stops
 the run in one line (SystemExit) naming the file and the newest intact earlier checkpoint. `Preemption`:
-SIGTERM (how SLURM and Kubernetes preempt) finishes the step, writes a checkpoint and exits EXIT_PREEMPTED.
+SIGTERM or SIGUSR1 finishes the step, writes a checkpoint and output_dir/PREEMPTED, exits EXIT_PREEMPTED.
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ from policy import load_policy, policy_dtype
 # The exit status of a run stopped by SIGTERM after writing its checkpoint: sysexits' EX_TEMPFAIL
 # ("try again later"), so a job script can requeue on it and tell it from a crash (1) or a kill (137).
 EXIT_PREEMPTED = 75
+PREEMPTED = "PREEMPTED"  # the file in output_dir that says a run stopped on a signal with a checkpoint (`Preemption`)
 
 
 def last_checkpoint(out: Path) -> Path | None:
@@ -457,40 +458,57 @@ def apply_changes(optimizer, scheduler, changes: dict) -> None:
 
 
 class Preemption:
-    """SIGTERM (how SLURM and Kubernetes preempt) only sets a flag: the training loop finishes its step;
-    when any process was signalled, all write a checkpoint at that step and exit EXIT_PREEMPTED.
+    """SIGTERM (how SLURM and Kubernetes preempt) or SIGUSR1 (SLURM's early warning, `--signal=USR1@<s>`)
+    only sets a flag: the training loop finishes its step; when any process was signalled, all write a
+    checkpoint at that step, rank 0 writes output_dir/PREEMPTED (JSON: step, time, checkpoint, signal),
+    and all exit EXIT_PREEMPTED. Launchers do not pass the status on (torchrun turns it into 1), so a
+    requeue script tests the file instead; a resumed run removes it when it starts (`clear_preempted`).
 
-        stop = Preemption(cfg.save_on_preempt)     # off (or not the main thread): SIGTERM kills as before
+        stop = Preemption(cfg.save_on_preempt)     # off (or not the main thread): the signals kill as before
         if any_rank(run, stop.signalled): ckpt = stop.save(cfg, run, step, ckpt); break
         stop.close(); ...; stop.exit(cfg, run.rank)
     """
 
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
     def __init__(self, enabled: bool):
-        self.signalled, self.step, self.ckpt, self._old = False, None, None, None
+        self.signalled, self.name, self.step, self.ckpt, self._old = False, None, None, None, {}
         if enabled and threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handle) or signal.SIG_DFL
+            self._old = {s: signal.signal(s, self._handle) or signal.SIG_DFL for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        self.signalled = True
+        self.signalled, self.name = True, self.name or signal.Signals(signum).name
 
     def save(self, cfg, run, step: int, ckpt: Path | None) -> Path:
-        """The checkpoint at `step`, unless the loop has just written it."""
+        """The checkpoint at `step`, unless the loop has just written it; then the PREEMPTED file."""
         self.step = step
         self.ckpt = ckpt if ckpt is not None and read_step(ckpt) == step else save_checkpoint(cfg, run, step)
+        if run.rank == 0:
+            import datetime
+
+            when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            said = {"step": step, "time": when, "checkpoint": str(self.ckpt), "signal": self.name or "another process's"}
+            replace_text(Path(cfg.output_dir) / PREEMPTED, json.dumps(said) + "\n")
         return self.ckpt
 
     def close(self) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-            self._old = None
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old = {}
 
     def exit(self, cfg, rank: int) -> None:
         if self.step is None:
             return
         if rank == 0:
-            print(f"SIGTERM: stopped after step {self.step} of {cfg.steps}, {self.ckpt} written; continue with --resume "
-                  f"(exit status {EXIT_PREEMPTED})", file=sys.stderr, flush=True)  # fmt: skip
+            print(f"{self.name or 'a signal to another process'}: stopped after step {self.step} of {cfg.steps}, {self.ckpt} "
+                  f"written ({Path(cfg.output_dir) / PREEMPTED} says so); continue with --resume (exit status {EXIT_PREEMPTED})",
+                  file=sys.stderr, flush=True)  # fmt: skip
         raise SystemExit(EXIT_PREEMPTED)
+
+
+def clear_preempted(output_dir) -> None:
+    """A resumed run starting: the PREEMPTED file of the run it continues goes (a new one if preempted again)."""
+    Path(output_dir, PREEMPTED).unlink(missing_ok=True)
 
 
 def barrier(run):

@@ -52,13 +52,17 @@ def open_image(image, sample_id: str, file: str):
     from PIL import Image
 
     if isinstance(image, Image.Image):
+        _check_aspect(image.size, sample_id, file, "<in-memory image>")
         return image.convert("RGB")
     if isinstance(image, dict):  # datasets' Image(decode=False) cell
         image = image.get("bytes") or image.get("path")
     where = image if isinstance(image, (str, Path)) else "<embedded bytes>"
     try:
         with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
+            _check_aspect(im.size, sample_id, file, where)
             return im.convert("RGB")  # decodes the whole image, so truncated files fail here
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"sample {sample_id!r} in {file}: image not found: {where}") from None
     except Exception as e:  # PIL raises several types for unreadable data
@@ -73,7 +77,7 @@ def check_image(image, sample_id: str, file: str) -> None:
     from PIL import Image
 
     if isinstance(image, Image.Image):
-        return
+        return _check_aspect(image.size, sample_id, file, "<in-memory image>")
     if isinstance(image, dict):  # datasets' Image(decode=False) cell
         image = image.get("bytes") or image.get("path")
     where = image if isinstance(image, (str, Path)) else "<embedded bytes>"
@@ -82,6 +86,7 @@ def check_image(image, sample_id: str, file: str) -> None:
             fmt, (w, h), fp = im.format, im.size, im.fp
             if not (w > 0 and h > 0):
                 raise ValueError(f"image of size {w}x{h}")
+            _check_aspect((w, h), sample_id, file, where)
             if fmt not in _END_MARKERS:
                 im.load()  # other formats: decoded in full, as before
                 return
@@ -91,8 +96,22 @@ def check_image(image, sample_id: str, file: str) -> None:
                 raise ValueError(f"truncated {fmt} (no end marker)")
     except FileNotFoundError:
         raise DataError(f"sample {sample_id!r} in {file}: image not found: {where}") from None
+    except DataError:
+        raise
     except Exception as e:  # PIL raises several types for unreadable data
         raise DataError(f"sample {sample_id!r} in {file}: unreadable image {where}: {e}") from None
+
+
+# Qwen-VL's processors (smart_resize, also in vLLM) refuse a longer side over 200 times the shorter one with a
+# ValueError; such an image is a bad sample, named at load and when its prompt is built.
+MAX_ASPECT_RATIO = 200
+
+
+def _check_aspect(size: tuple[int, int], sample_id: str, file: str, where) -> None:
+    w, h = size
+    if w > 0 and h > 0 and max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
+        raise DataError(f"sample {sample_id!r} in {file}: image {where} is {w}x{h}: aspect ratio {max(w, h) / min(w, h):.0f}:1 "
+                        f"is over {MAX_ASPECT_RATIO} (Qwen-VL's processors refuse it)")  # fmt: skip
 
 
 _END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND", "MPO": b"\xff\xd9"}

@@ -31,7 +31,7 @@ import data
 import optim
 import policy
 import rollout
-from checkpoints import Preemption, apply_changes, check_resume, resumed_policy  # noqa: F401
+from checkpoints import Preemption, apply_changes, check_resume, clear_preempted, resumed_policy  # noqa: F401
 from checkpoints import last_checkpoint, load_trainer_state, read_log, read_step, run_header, save_checkpoint, truncate_log, truncate_samples  # noqa: F401
 from grpo_config import LOSS_TYPES, Config, check_config, parse_config, public_config, tracker_kwargs, trackers  # noqa: F401
 from policy import load_policy, policy_dtype, shard  # noqa: F401
@@ -578,11 +578,16 @@ def setup(cfg, reward_fn=None) -> Run:
     run.resumed = {}  # settings changed on resume: {name: [old, new]}, applied and logged
     if cfg.resume and last:
         print(f"resuming from {last} (step {read_step(last)})")
+        if run.rank == 0:  # before any check: a resume that fails is not requeued for ever
+            clear_preempted(out)
         run.resumed = check_resume(cfg, last, run)  # a corrupt checkpoint or a changed run-defining setting stops here
     elif cfg.resume:
         print(f"--resume: no complete checkpoint in {out}; starting from step 0")
 
-    samples = data.load_training_data(cfg.data, on_error="skip" if cfg.skip_bad_samples else "raise")
+    try:
+        samples = data.load_training_data(cfg.data, on_error="skip" if cfg.skip_bad_samples else "raise")
+    except data.DataError as e:  # one line naming the sample (or the file)
+        raise SystemExit(f"{e} (--skip_bad_samples skips such samples)" if str(e).startswith("sample ") else str(e)) from None
     if cfg.text_only:
         samples = [s for s in samples if not s.images]
     run.samples = samples
@@ -907,7 +912,7 @@ def validate(step: int, cfg, run) -> dict:
         model=cfg.model, output_dir=str(out), benchmarks=cfg.eval_data, judge=cfg.eval_judge, think_tag=cfg.think_tag,
         format_prompt=True, max_judge_failures=1.0, label=f"step {step}",
     )  # fmt: skip
-    prompts = [data.build_messages(s, think_tag=cfg.think_tag, one_shot=cfg.one_shot) for s in run.val_samples]
+    prompts = validation_prompts(cfg, run)
     done = run.engine.generate(prompts, n=1, settings=rollout.SamplingSettings(temperature=0.0, max_new_tokens=cfg.max_completion_length))
     path = evaluate.generations_path(out, cfg.eval_data)
     path.parent.mkdir(parents=True)
@@ -927,6 +932,28 @@ def validate(step: int, cfg, run) -> dict:
         answers = [r["answer"] if r["answer"] in options else "other" for r in judged.values()]
         metrics.update({f"val/answer_{a}": answers.count(a) / len(answers) for a in sorted(options) + ["other"] if len(options) <= 5})
     return metrics
+
+
+def validation_prompts(cfg, run) -> list:
+    """The prompts of `run.val_samples`. A sample whose prompt cannot be built (an image that does not decode)
+    stops the run in one line, or with --skip_bad_samples is logged (a line, bad_samples.jsonl) and dropped
+    from the validation set, so the next validation does not meet it again."""
+    prompts, kept = [], []
+    for s in run.val_samples:
+        try:
+            prompts.append(data.build_messages(s, think_tag=cfg.think_tag, one_shot=cfg.one_shot))
+            kept.append(s)
+        except data.DataError as e:
+            if not cfg.skip_bad_samples:
+                raise SystemExit(f"--eval_data {cfg.eval_data}: {e} (--skip_bad_samples skips such samples)") from None
+            print(f"skipped bad validation sample: {e}")
+            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+            with open(Path(cfg.output_dir) / "bad_samples.jsonl", "a") as f:
+                f.write(json.dumps({"id": s.id, "file": s.meta.get("file"), "error": str(e), "validation": True}) + "\n")
+    if not kept:
+        raise SystemExit(f"--eval_data {cfg.eval_data}: every validation sample is bad (each logged above)")
+    run.val_samples = kept
+    return prompts
 
 
 def load_validation(cfg) -> list:

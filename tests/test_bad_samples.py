@@ -1,5 +1,7 @@
 """Bad samples met mid-run in training (an image that passes the load-time check but cannot be decoded),
-and the warnings about references too long to score, given when data loads."""
+in the validation set, images too wide for Qwen-VL's processors, and the warnings about references too
+long to score, given when data loads."""
+import dataclasses
 import io
 import json
 import logging
@@ -10,7 +12,8 @@ import torch
 import data
 import train_grpo
 from data import load_benchmark, load_training_data
-from tests.test_eval_folder import broken_png
+from tests.kit import SHARED_DATA, tiny_vlm_dir
+from tests.test_eval_folder import broken_png, wide_png
 from tests.test_train_grpo import config, toy_reward
 
 
@@ -102,3 +105,56 @@ def test_benchmark_references_over_the_judge_cap_are_warned_about_at_load(tmp_pa
         assert len(load_benchmark("MedQA", tmp_path)) == 2
     (msg,) = [r.getMessage() for r in caplog.records if "characters" in r.getMessage()]
     assert "1 reference longer" in msg and "4000 characters" in msg and "'MedQA-0'" in msg and "judge prompt" in msg
+
+
+def test_an_image_wider_than_qwen_vl_takes_is_a_bad_sample_at_load_and_when_built(tmp_path):
+    """Qwen-VL's smart_resize refuses an aspect ratio over 200 (ValueError from the processor, outside any
+    bad-sample handling): the image checks refuse it first, naming sample and file; 200:1 still passes."""
+    from transformers import AutoProcessor
+
+    import rollout
+
+    wide, edge = wide_png(tmp_path / "wide.png"), wide_png(tmp_path / "edge.png", 5600, 28)
+    for check in (data.check_image, data.open_image):
+        with pytest.raises(data.DataError, match=r"sample 's' in f: image .*wide\.png is 6000x28: aspect ratio 214:1 is over 200"):
+            check(str(wide), "s", "f")
+        check(str(edge), "s", "f")
+    processor = AutoProcessor.from_pretrained(tiny_vlm_dir())
+    sample = data.Sample(id="s", question="What is it?", answer="a", images=[str(edge)], meta={"file": "f"})
+    rollout.encode_prompts(processor, [data.build_messages(sample)])  # 200:1: the processor takes it
+    with pytest.raises(ValueError, match="aspect ratio"):  # what the check keeps from the processor
+        rollout.encode_prompts(processor, [[{"role": "user", "content": [{"type": "image", "image": data.open_image(str(edge), "s", "f").resize((6000, 28))}]}]])
+
+
+def test_a_too_wide_image_in_training_data_stops_in_one_line_or_is_skipped(tmp_path, capsys):
+    rows = [{"id": f"q{i}", "image": [], "problem": f"Question {i}?", "solution": "<OTHER> yes"} for i in range(4)]
+    rows[train_grpo.PromptSampler(4, 3).next(1)[0]].update(id="wide", image=[str(wide_png(tmp_path / "wide.png"))])  # drawn first
+    path = tmp_path / "wide.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = config(tmp_path, model=str(tiny_vlm_dir()), data=str(path), steps=1, save_every=1, max_prompt_length=4096)
+    with pytest.raises(SystemExit) as e:
+        train_grpo.main(cfg, reward_fn=toy_reward)
+    msg = str(e.value)
+    assert "'wide'" in msg and str(path) in msg and "aspect ratio" in msg and "--skip_bad_samples" in msg and "\n" not in msg, msg
+
+
+def test_a_broken_image_in_the_validation_set_is_skipped_once_or_stops_in_one_line(tmp_path, capsys):
+    cfg = config(tmp_path, steps=1, eval_every=1, eval_data="PubMedQA", eval_data_root=str(SHARED_DATA), eval_limit=3,
+                 max_prompt_length=4096, skip_bad_samples=True)  # fmt: skip
+    run = train_grpo.setup(cfg, toy_reward)
+    try:
+        bad = dataclasses.replace(run.val_samples[1], id="vbad", images=[str(broken_png(tmp_path / "v.png"))], meta={"file": "val.json"})
+        good = [run.val_samples[0], run.val_samples[2]]
+        run.val_samples = [good[0], bad, good[1]]
+        metrics = train_grpo.validate(1, cfg, run)
+        assert 0.0 <= metrics["val/accuracy"] <= 1.0 and run.val_samples == good  # not met again at the next validation
+        (line,) = [x for x in capsys.readouterr().out.splitlines() if "'vbad'" in x]
+        assert "skipped" in line and "v.png" in line and "val.json" in line
+        cfg.skip_bad_samples = False
+        run.val_samples = [good[0], bad]
+        with pytest.raises(SystemExit) as e:
+            train_grpo.validate(2, cfg, run)
+        msg = str(e.value)
+        assert "'vbad'" in msg and "val.json" in msg and "--skip_bad_samples" in msg and "\n" not in msg, msg
+    finally:
+        run.engine.close()

@@ -40,6 +40,12 @@ def broken_png(path):
     return path
 
 
+def wide_png(path, w=6000, h=28):
+    """A PNG that decodes but is too wide for Qwen-VL's processors (aspect ratio over 200)."""
+    Image.new("RGB", (w, h), (90, 90, 90)).save(path)
+    return path
+
+
 def slake_copy_with_a_broken_image(root, n=5):
     """data_root/slake: the first n English SLAKE questions, the third one's image a broken PNG."""
     records = [r for r in json.loads((SHARED_DATA / "slake" / "test.json").read_text()) if r["q_lang"] == "en"][:n]
@@ -68,6 +74,16 @@ def test_a_broken_image_is_skipped_recorded_and_not_retried_and_the_summary_coun
     summary = E.score(cfg_for(tmp_path, fake, **cfg))  # 4 of 5 judged: complete, since the fifth was skipped
     assert summary["bad_samples"] == {"SLAKE-VQA": 1} and summary["benchmarks"]["SLAKE-VQA"]["n"] == 4
     assert "bad_samples.jsonl" in (out / "report.md").read_text()
+
+
+def test_an_image_too_wide_for_qwen_vl_is_a_bad_sample(tmp_path, fake):  # noqa: F811
+    bad_id, file = slake_copy_with_a_broken_image(tmp_path / "data")
+    wide_png(tmp_path / "data" / "slake" / "imgs" / "broken" / "source.png")  # decodes; the processor would raise
+    cfg = dict(benchmarks="SLAKE-VQA", data_root=str(tmp_path / "data"), limit=None, output_dir=str(tmp_path / "run"), on_error="skip")
+    stats = E.generate(cfg_for(tmp_path, fake, **cfg))
+    assert stats["written"] == 4 and stats["bad"] == 1
+    (rec,) = [json.loads(x) for x in (tmp_path / "run" / "bad_samples.jsonl").read_text().splitlines()]
+    assert rec["id"] == bad_id and "6000x28" in rec["error"] and "aspect ratio" in rec["error"]
 
 
 def test_a_broken_image_stops_generation_in_one_line_without_skip(tmp_path, fake):  # noqa: F811

@@ -310,10 +310,41 @@ def test_sigterm_finishes_the_step_saves_and_resumes_exactly(tmp_path):
     assert last is not None and train_grpo.read_step(last) == logged[-1] < 4
     said = [x for x in (out + err).splitlines() if "SIGTERM" in x]
     assert len(said) == 1 and last.name in said[0] and "--resume" in said[0], out[-2000:] + err[-2000:]
+    marker = Path(cfg.output_dir) / checkpoints.PREEMPTED
+    assert json.loads(marker.read_text())["checkpoint"] == str(last)
     cmd, env = child(cfg, "--resume=True")
     subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+    assert not marker.exists()
     assert [x["step"] for x in train_grpo.read_log(log)] == [1, 2, 3, 4]
     assert max_diff(weights(Path(ref_cfg.output_dir) / "checkpoint-4"), weights(Path(cfg.output_dir) / "checkpoint-4")) < 1e-5
+
+
+def test_sigusr1_preempts_as_sigterm_and_leaves_a_marker_that_a_resume_removes(honest, tmp_path, capsys):
+    """SLURM's early warning (--signal=USR1@N) is a preemption; the PREEMPTED file in output_dir tells a
+    requeue script so where the exit status cannot (torchrun turns 75 into 1), until the run resumes."""
+    import types
+
+    cfg = copy_run(honest, tmp_path)
+    marker = tmp_path / "run" / checkpoints.PREEMPTED
+    stop = checkpoints.Preemption(True)
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)  # this test's own process
+        assert stop.signalled
+    finally:
+        stop.close()
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    assert stop.save(cfg, types.SimpleNamespace(rank=0, world=1), 2, ckpt) == ckpt  # the loop's own: not written again
+    said = json.loads(marker.read_text())
+    assert said["step"] == 2 and said["checkpoint"] == str(ckpt) and said["signal"] == "SIGUSR1" and said["time"]
+    with pytest.raises(SystemExit) as e:
+        stop.exit(cfg, 0)
+    assert e.value.code == checkpoints.EXIT_PREEMPTED
+    err = capsys.readouterr().err
+    assert "SIGUSR1: stopped after step 2" in err and str(marker) in err and err.count("\n") == 1, err
+    run = train_grpo.setup(cfg, toy_reward)  # the resumed run takes it away
+    run.engine.close()
+    assert not marker.exists()
 
 
 def _together_worker(rank, port, out):
