@@ -1,6 +1,6 @@
 """The fault suite: inject faults into scoring, training and evaluation, count what was lost.
 
-    python bench/faults.py --small     # CI size (tests/test_faults.py): about 2-3 minutes on 2 cores
+    python bench/faults.py --small     # CI size (tests/test_faults.py): 9 minutes on 2 cores shared at load 8-12
     python bench/faults.py             # full size: more trials, more completions
 
 Faults (issue 14, "one fault suite with figures"):
@@ -26,10 +26,27 @@ Faults (issue 14, "one fault suite with figures"):
 5. A torn last line in every JSONL that is appended to: training's log.jsonl (and samples.md) as left
    by a kill while step 3 was being written, then a resume; evaluation's generations/ and judged/
    files, then the stage again: repaired, nothing lost or duplicated.
+6. Issue 25's faults (bench/faults_safety.py; rows "25.<n>" by the issue's numbering; checkpoint faults on
+   copies of item 2's reference run): (1) code planted in trainer_state_rank0.pt, optimizer/.metadata or a
+   .distcp value (refused in one line, never run), an embedder folder's code (not run); (2) a PNG that passes
+   the load check but does not decode, mid-run: training with and without --skip_bad_samples (then
+   --resume), evaluate.py --on_error skip (then again) and raise; (3) --resume with run-defining settings
+   changed (refused) or a new lr (applied, recorded); (4) SIGTERM at a random moment of item 2's run (exit
+   75, then --resume: each step once, the same weights); (5) judge replies nested 100,000 deep, MIMIC scores
+   of 400 and 5,001 digits (counted failures, also on a rerun); (6) a trickling /v1/models (stops within
+   --timeout); (7) user:password in the judge URL (nowhere in the output folder or console; Basic auth sent);
+   (8) 429 with Retry-After, a 301 redirect; (9) zero-width characters in screened answers (never judged);
+   (10) corrupt checkpoints (tests/test_resume_safety.CORRUPT) and a full disk while saving (torch.save
+   patched to raise ENOSPC, as the unit test does); (11) a second evaluate.py on a folder in use, kill -9
+   while trimming the log for a resume, a 50,000-character reference, over-long references and answers.
 
-Prints a table (fault, trials, survived, lost, duplicated, wrongly scored, miscounted) and writes
-bench/results/faults.json. Exit status 1 when anything was lost, duplicated, wrongly scored or
-miscounted, or a trial crashed.
+Prints a table (fault, trials, survived, lost, duplicated, wrongly scored, miscounted), then a second one
+with the line the user saw for each fault of item 6 (from the real run, cut to 120 characters, paths by
+their last component), and writes bench/results/faults.json. For item 6's rows, "wrongly scored" also
+counts planted code that ran, a run that went on where it had to stop, and a password found in a file or
+on the console (faults_safety.py says what each column counts there); a stop that is not one line, or does
+not name what it must, fails its trial. Exit status 1 when anything was lost, duplicated, wrongly scored or
+miscounted, or a trial crashed or failed. `--issue25_only`: item 2's reference run and item 6 only.
 """
 from __future__ import annotations
 
@@ -209,6 +226,7 @@ class Row:
         self.fault = fault
         self.trials = self.survived = self.lost = self.duplicated = self.wrong = self.miscounted = 0
         self.notes: list[str] = []
+        self.message = ""  # the one line a user saw (shortened), from the first trial that had one
         self.seconds = 0.0
 
     def trial(self, fn, *args) -> None:
@@ -231,6 +249,10 @@ class Row:
         self.survived += ok
         if r.get("note"):
             self.notes.append(r["note"])
+        if r.get("message") and not self.message:
+            from faults_safety import shorten
+
+            self.message = shorten(r["message"])
         print(f"  [{self.fault}] trial {self.trials}: {'ok' if ok else 'FAILED'} {r.get('note', '')}", flush=True)
 
     @property
@@ -240,7 +262,7 @@ class Row:
     def as_dict(self) -> dict:
         return {"fault": self.fault, "trials": self.trials, "survived": self.survived, "lost": self.lost,
                 "duplicated": self.duplicated, "wrongly_scored": self.wrong, "miscounted": self.miscounted,
-                "seconds": round(self.seconds, 1), "notes": self.notes}  # fmt: skip
+                "seconds": round(self.seconds, 1), "message": self.message, "notes": self.notes}  # fmt: skip
 
 
 def table(rows: list[Row]) -> str:
@@ -248,6 +270,10 @@ def table(rows: list[Row]) -> str:
            "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for r in rows:
         out.append(f"| {r.fault} | {r.trials} | {r.survived} | {r.lost} | {r.duplicated} | {r.wrong} | {r.miscounted} |")
+    said = [r for r in rows if r.message]
+    if said:  # the second table: what the user saw, one line per fault that says something
+        out += ["", "| fault | what the user sees |", "| --- | --- |"]
+        out += ["| " + r.fault + " | " + r.message.replace("|", "\\|") + " |" for r in said]
     return "\n".join(out)
 
 
@@ -258,22 +284,23 @@ def run(cmd: list[str], timeout: float = 600, **kw) -> subprocess.CompletedProce
     return proc
 
 
-def kill_when(cmd: list[str], ready, jitter: float, timeout: float = 300) -> dict:
+def kill_when(cmd: list[str], ready, jitter: float, timeout: float = 300, sig: int = signal.SIGKILL) -> dict:
     """Start cmd, wait until `ready()` is true (polled every 10 ms) or it exits, sleep `jitter`
-    seconds, then SIGKILL it (the process we started, by its id). Returns what happened."""
+    seconds, then send it `sig` (the process we started, by its id) and wait for it to end. Returns
+    what happened: killed, at (seconds), rc, err (its stderr)."""
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     t0 = time.perf_counter()
     while proc.poll() is None and not ready() and time.perf_counter() - t0 < timeout:
         time.sleep(0.01)
     time.sleep(jitter)
     finished = proc.poll() is not None
+    at = time.perf_counter() - t0
     if not finished:
-        os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    err = proc.stderr.read() if proc.stderr else ""
+        os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=timeout)  # SIGTERM: the run finishes its step and checkpoints first
     if finished and proc.returncode != 0:
         raise RuntimeError(f"the run to be killed failed by itself (exit {proc.returncode}): {err.strip()[-800:]}")
-    return {"killed": not finished, "at": time.perf_counter() - t0, "rc": proc.returncode}
+    return {"killed": not finished, "at": at, "rc": proc.returncode, "err": err}
 
 
 def count_lines(path: Path) -> int:
@@ -666,11 +693,12 @@ def main(argv=None) -> int:
         _train_child(sys.argv[2:])
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--small", action="store_true", help="CI size: fewer trials and completions (about 2-3 minutes on 2 cores)")
+    p.add_argument("--small", action="store_true", help="CI size: fewer trials and completions (tests/test_faults.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data_root", default=os.environ.get("MEDIX_SHARED_DATA", str(REPO.parent / "shared" / "data")))
     p.add_argument("--json", default=str(REPO / "bench" / "results" / "faults.json"))
     p.add_argument("--keep", action="store_true", help="keep the work folder (printed)")
+    p.add_argument("--issue25_only", action="store_true", help="only the reference training run and issue 25's rows (bench/faults_safety.py)")
     args = p.parse_args(argv)
 
     from machine import describe, machine
@@ -685,23 +713,24 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     print(f"fault suite ({'small' if args.small else 'full'} size), work folder {work}", flush=True)
     try:
-        # 1a. scoring
-        for plan in (*KINDS, "mixed", "down"):
-            name = {"down": "judge endpoint down (1 of 3 URLs refuses), scoring"}.get(plan, f"judge {plan} at 30% of calls, scoring")
-            row = Row(name)
+        if not args.issue25_only:
+            # 1a. scoring
+            for plan in (*KINDS, "mixed", "down"):
+                name = {"down": "judge endpoint down (1 of 3 URLs refuses), scoring"}.get(plan, f"judge {plan} at 30% of calls, scoring")
+                row = Row(name)
+                rows.append(row)
+                for t in range(size["score_trials"]):
+                    server.offset = rng.randrange(10)
+                    row.trial(scoring_trial, server, plan, f"{plan}{t}", size["completions"], server.stall / 3)
+            # 1b. training with the mixed faults
+            row = Row("judge faults (mixed, 30%), 2-step training run")
             rows.append(row)
             for t in range(size["score_trials"]):
-                server.offset = rng.randrange(10)
-                row.trial(scoring_trial, server, plan, f"{plan}{t}", size["completions"], server.stall / 3)
-        # 1b. training with the mixed faults
-        row = Row("judge faults (mixed, 30%), 2-step training run")
-        rows.append(row)
-        for t in range(size["score_trials"]):
-            row.trial(training_judge_trial, server, work / "train", f"t{t}")
-        # 4. NaN rewards
-        row = Row("NaN / inf from a reward function, training")
-        rows.append(row)
-        row.trial(nan_trial, work / "train")
+                row.trial(training_judge_trial, server, work / "train", f"t{t}")
+            # 4. NaN rewards
+            row = Row("NaN / inf from a reward function, training")
+            rows.append(row)
+            row.trial(nan_trial, work / "train")
 
         # 2. kill -9 in training: an uninterrupted reference first, run as the trials are (a child
         # process: in this one, earlier trials and the caller's environment can change thread counts,
@@ -713,36 +742,42 @@ def main(argv=None) -> int:
         ref_dir = Path(ref_cfg.output_dir)
         ref = weights(ref_dir / "checkpoint-4")
         ref_rewards = [x["reward_total"] for x in train_grpo.read_log(ref_dir / "log.jsonl")]
-        row = Row("kill -9 during training, then --resume")
-        rows.append(row)
-        moments = ["setup", 0, 1, 2, 3]
-        rng.shuffle(moments)
-        moments = (moments * 4)[: size["kill_trials"]]
-        for i, moment in enumerate(moments):
-            row.trial(train_kill_trial, work / "train", ref, ref_rewards, moment, rng, i)
-        row = Row("torn last line of log.jsonl (and samples.md), then resume")
-        rows.append(row)
-        row.trial(train_torn_trial, work / "train", ref_dir, ref)
+        if not args.issue25_only:
+            row = Row("kill -9 during training, then --resume")
+            rows.append(row)
+            moments = ["setup", 0, 1, 2, 3]
+            rng.shuffle(moments)
+            moments = (moments * 4)[: size["kill_trials"]]
+            for i, moment in enumerate(moments):
+                row.trial(train_kill_trial, work / "train", ref, ref_rewards, moment, rng, i)
+            row = Row("torn last line of log.jsonl (and samples.md), then resume")
+            rows.append(row)
+            row.trial(train_torn_trial, work / "train", ref_dir, ref)
 
-        # 3. evaluation: an uninterrupted baseline, then each stage killed and run again
-        ev = Evaluation(server, args.data_root)
-        base = work / "eval-base"
-        seconds = {}
-        for stage in ("generate", "judge", "score"):
-            t0 = time.perf_counter()
-            run(ev.cmd(base, stage))
-            seconds[stage] = time.perf_counter() - t0
-        kill_rows = {s: Row(f"kill -9 of evaluate.py --stage {s}, then again") for s in ("generate", "judge", "score")}
-        rows += kill_rows.values()
-        torn_rows = {s: Row(f"torn last line of {'generations' if s == 'generate' else 'judged'}/*.jsonl, then --stage {s}")
-                     for s in ("generate", "judge")}  # fmt: skip
-        for r in range(size["eval_rounds"]):
-            out = work / f"eval-{r}"
+            # 3. evaluation: an uninterrupted baseline, then each stage killed and run again
+            ev = Evaluation(server, args.data_root)
+            base = work / "eval-base"
+            seconds = {}
             for stage in ("generate", "judge", "score"):
-                kill_rows[stage].trial(eval_kill_trial, ev, out, base, stage, rng, seconds)
-            for stage in ("generate", "judge"):
-                torn_rows[stage].trial(eval_torn_trial, ev, out, base, stage)
-        rows += torn_rows.values()
+                t0 = time.perf_counter()
+                run(ev.cmd(base, stage))
+                seconds[stage] = time.perf_counter() - t0
+            kill_rows = {s: Row(f"kill -9 of evaluate.py --stage {s}, then again") for s in ("generate", "judge", "score")}
+            rows += kill_rows.values()
+            torn_rows = {s: Row(f"torn last line of {'generations' if s == 'generate' else 'judged'}/*.jsonl, then --stage {s}")
+                         for s in ("generate", "judge")}  # fmt: skip
+            for r in range(size["eval_rounds"]):
+                out = work / f"eval-{r}"
+                for stage in ("generate", "judge", "score"):
+                    kill_rows[stage].trial(eval_kill_trial, ev, out, base, stage, rng, seconds)
+                for stage in ("generate", "judge"):
+                    torn_rows[stage].trial(eval_torn_trial, ev, out, base, stage)
+            rows += torn_rows.values()
+        # Issue 25's faults (bench/faults_safety.py): checkpoints copied from the reference run above
+        import faults_safety
+
+        ctx = argparse.Namespace(work=work, ref_cfg=ref_cfg, ref_dir=ref_dir, ref=ref, ref_rewards=ref_rewards, rng=rng, small=args.small)
+        rows += faults_safety.add_rows(ctx)
     finally:
         server.stop()
         if not args.keep:

@@ -1,5 +1,7 @@
 """The fault suite (bench/faults.py) at its CI size: judge faults in scoring and training, kill -9 in
-training and in each evaluation stage, NaN rewards, torn JSONL lines. Nothing may be lost, duplicated,
+training and in each evaluation stage, NaN rewards, torn JSONL lines, and issue 25's faults (planted
+checkpoint code, bad samples mid-run, changed settings, SIGTERM, hostile judges, corrupt checkpoints, the
+evaluation folder), each with the one line the user saw. Nothing may be lost, duplicated,
 wrongly scored or miscounted (the script exits 1 and prints the table when something was)."""
 import json
 import subprocess
@@ -14,7 +16,10 @@ from tests.kit import REPO
 def test_fault_suite_loses_nothing(tmp_path):
     out = tmp_path / "faults.json"
     proc = subprocess.run([sys.executable, "bench/faults.py", "--small", "--json", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+                          capture_output=True, text=True, timeout=1200)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) >= 15 and all(r["trials"] > 0 and r["survived"] == r["trials"] for r in rows)
+    issue25 = [r for r in rows if r["fault"].startswith("25.")]  # bench/faults_safety.py: one row per fault or more
+    assert {r["fault"].split()[0] for r in issue25} == {f"25.{n}" for n in range(1, 12)}
+    assert all(r["message"] and "\n" not in r["message"] and len(r["message"]) <= 120 for r in issue25)
