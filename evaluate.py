@@ -60,7 +60,7 @@ class EvalConfig:
     stage: str = field(default="all", metadata={"help": "Which stage(s) to run: generate | judge | score | all."})
     model: str = field(default="", metadata={"help": "Stage 1: checkpoint or hub id of the policy (with --model_url: the model name there; \"\" = ask it)."})
     model_url: str | None = field(default=None, metadata={"help": "Stage 1: an OpenAI-compatible endpoint serving the policy, instead of loading --model."})
-    judge: str | None = field(default=None, metadata={"help": "Stage 2: an OpenAI-compatible URL (http://host:port/v1), else a model judged in process, or `exact` (closed answers by exact match of the option, no judge model; None: the folder's judge, else Qwen/Qwen3-14B)."})
+    judge: str | None = field(default=None, metadata={"help": "Stage 2: an OpenAI-compatible URL (http://host:port/v1), else a model judged in process, or `exact` (the option a closed answer chose, no judge model; None: the folder's judge, else Qwen/Qwen3-14B). Stage 3: whose results to report (a judged/ key, the URL or the model; None: the latest judge)."})
     judge_model: str | None = field(default=None, metadata={"help": "Stage 2: the model name at the --judge URL (None: ask its /v1/models)."})
     benchmarks: str | None = field(default=None, metadata={"help": "Comma-separated benchmark names (any case) or task files (*.yaml, *.json: tasks.py), or all / LLM / VLM (None: the folder's list, else all); `list` prints them and where their data is looked for."})
     tasks_dir: str | None = field(default=None, metadata={"help": "A folder of task files (tasks.py): its benchmarks can be named in --benchmarks."})
