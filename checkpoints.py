@@ -5,7 +5,7 @@ header that opens log.jsonl; and the trimming of log.jsonl and samples.md back t
 
     ckpt = save_checkpoint(cfg, run, step)           # output_dir/checkpoint-<step>
     changes = check_resume(cfg, ckpt, run)           # verified; a changed run-defining setting refused
-    model, processor = resumed_policy(cfg, ckpt)      # non-finite weights refused
+    model, processor = resumed_policy(cfg, ckpt); ...; check_finite(cfg, ckpt, run)  # once sharded: NaN refused
     step = load_trainer_state(ckpt, run); apply_changes(run.optimizer, run.scheduler, changes)
 
 Loading never runs code from a checkpoint: the per-process state is read with torch.load(weights_only=True),
@@ -20,6 +20,7 @@ import contextlib
 import errno
 import functools
 import json
+import os
 import pickle
 import random
 import re
@@ -85,6 +86,7 @@ def save_checkpoint(cfg, run, step: int) -> Path:
         with _together(run):
             if run.rank == 0:
                 run.processor.save_pretrained(tmp)
+        _share_bad_samples(run)  # a collective: outside `_together`, whose failures skip the rest of a block
         with _together(run):
             # The optimiser with torch.distributed.checkpoint: sharded as trained, resharded on load, so a run
             # can continue on another number of processes. What is per process (RNG, data position) beside it.
@@ -108,6 +110,16 @@ def save_checkpoint(cfg, run, step: int) -> Path:
                 shutil.rmtree(old, ignore_errors=True)
     barrier(run)
     return out
+
+
+def _share_bad_samples(run) -> None:
+    """Every process's sampler learns the samples the others found bad (each meets only its own), so each
+    saved state holds them all: after a resume no process draws one again, on any number of processes."""
+    if run.world > 1:
+        seen = [None] * run.world
+        torch.distributed.all_gather_object(seen, run.sampler.state_dict()["bad"])
+        for i in sorted(set().union(*seen)):
+            run.sampler.mark_bad(i)
 
 
 def _model_files(model, state: dict, in_layout: bool = False) -> dict:
@@ -224,6 +236,8 @@ def load_trainer_state(ckpt: Path, run) -> int:
         if run.rank == 0:
             print(f"warning: {ckpt} was written by {meta['world']} processes, resumed on {run.world}: model, optimiser and "
                   "scheduler continue exactly; the data order and random streams of each process start afresh")  # fmt: skip
+        for i in state["sampler"].get("bad", []):  # every process's, merged when saved: still never drawn
+            run.sampler.mark_bad(i)
         return meta["step"]
     run.sampler.load_state_dict(state["sampler"])
     random.setstate(state["rng"]["python"])
@@ -404,6 +418,10 @@ def check_resume(cfg, ckpt: Path, run) -> dict:
     old, new = json.loads((ckpt / "trainer_state.json").read_text())["config"], json.loads(json.dumps(public_config(cfg)))
     # A field the checkpoint lacks came with newer code: not a change. `resume` itself always differs.
     changes = {k: [old[k], v] for k, v in new.items() if k in old and old[k] != v and k not in ("resume", "allow_config_change")}
+    if "model" in changes and not cfg.use_peft:  # LoRA: the adapter onto another base is the user's call (the flag)
+        raise SystemExit(f"--resume from {ckpt}: --model changed ({_shown(changes, ['model'])}), but a full fine-tune continues "
+                         "the checkpoint's own weights while the rollout engine and the reference would load the new model; "
+                         f"resume with --model {changes['model'][0]}, or start afresh with another --output_dir")  # fmt: skip
     fixed = [k for k in changes if k in RESUME_FIXED]
     if fixed and not cfg.allow_config_change:
         raise SystemExit(f"--resume from {ckpt}: settings that define the run changed: {_shown(changes, fixed)}; pass "
@@ -419,7 +437,7 @@ def _shown(changes: dict, names) -> str:
 
 def resumed_policy(cfg, ckpt: Path, rank: int = 0, world: int = 1):
     """The policy and processor from a checkpoint (LoRA: the base model with the checkpoint's adapter);
-    one line instead of a traceback when they cannot be read, or a weight is NaN or inf."""
+    one line instead of a traceback when they cannot be read. Non-finite weights: `check_finite`, once placed."""
     try:
         if cfg.use_peft:
             model, processor = load_policy(cfg, cfg.model, adapter=str(ckpt / "adapter"))
@@ -427,11 +445,26 @@ def resumed_policy(cfg, ckpt: Path, rank: int = 0, world: int = 1):
             model, processor = load_policy(cfg, str(ckpt))
     except Exception as e:
         raise _refusal(ckpt, f"its model does not load ({_first_line(e)})", cfg.use_peft, rank, world) from None
-    where = ckpt / "adapter" if cfg.use_peft else ckpt
-    for name, t in model.state_dict().items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise _refusal(ckpt, f"{where}: tensor {name} holds NaN or inf", cfg.use_peft, rank, world)
     return model, processor
+
+
+def check_finite(cfg, ckpt: Path, run) -> None:
+    """Refuse resumed weights holding NaN or inf, in one line naming the tensor. Called once the model is placed
+    (sharded): each process scans only its own shards (not the whole model each), on its GPU, and all agree."""
+    bad = None
+    for name, t in run.model.state_dict().items():
+        local = t.to_local() if hasattr(t, "to_local") else t  # FSDP2: this process's shard of a DTensor
+        if local.is_floating_point() and not torch.isfinite(local).all():
+            bad = name
+            break
+    found = [bad]
+    if run.world > 1:
+        found = [None] * run.world
+        torch.distributed.all_gather_object(found, bad)
+    bad = next((n for n in found if n is not None), None)
+    if bad is not None:
+        where = ckpt / "adapter" if cfg.use_peft else ckpt
+        raise _refusal(ckpt, f"{where}: tensor {bad} holds NaN or inf", cfg.use_peft, run.rank, run.world)
 
 
 def apply_changes(optimizer, scheduler, changes: dict) -> None:
@@ -545,8 +578,11 @@ def replace_text(path: Path, text: str) -> None:
     """Write a file whole or not at all: a temporary file beside it, then a rename (a process killed
     while trimming its log keeps the old log, which the next resume trims again)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)  # os.replace: atomic within a file system
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename: a crash then leaves the old file or the new, never an empty one
+    os.replace(tmp, path)  # atomic within a file system
 
 
 def truncate_log(path: Path, step: int) -> None:
@@ -563,7 +599,7 @@ def truncate_log(path: Path, step: int) -> None:
                 raise SystemExit(f"{path}: line {i + 1} is not JSON (only a torn last line is repaired)")
             print(f"warning: {path}: cut a torn last line ({len(line)} characters)")
             break
-        if rec["step"] <= step:
+        if rec["step"] < step or (rec["step"] == step and "resumed" not in rec):  # a resume from `step` writes its own
             keep.append(line)
     logged = [json.loads(x)["step"] for x in keep]
     if step and (not logged or max(logged) < step):  # e.g. a torn line of a step that has its checkpoint

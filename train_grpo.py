@@ -31,7 +31,7 @@ import data
 import optim
 import policy
 import rollout
-from checkpoints import Preemption, apply_changes, check_resume, clear_preempted, resumed_policy  # noqa: F401
+from checkpoints import Preemption, apply_changes, check_finite, check_resume, clear_preempted, resumed_policy  # noqa: F401
 from checkpoints import last_checkpoint, load_trainer_state, read_log, read_step, run_header, save_checkpoint, truncate_log, truncate_samples  # noqa: F401
 from grpo_config import LOSS_TYPES, Config, check_config, parse_config, public_config, tracker_kwargs, trackers  # noqa: F401
 from policy import load_policy, policy_dtype, shard  # noqa: F401
@@ -614,6 +614,8 @@ def setup(cfg, reward_fn=None) -> Run:
     for model in (run.model, run.ref_model):  # loaded in CPU memory: sharded onto the GPUs (one process: moved whole)
         if model is not None:
             policy.place(model, run.compute_dtype, run.world, run.device)
+    if cfg.resume and last:
+        check_finite(cfg, last, run)  # each process its own shards: NaN or inf refused in one line
     if cfg.warm_start_steps and not (cfg.resume and last):
         warm_start(cfg, run)
 

@@ -126,7 +126,7 @@ def test_an_image_wider_than_qwen_vl_takes_is_a_bad_sample_at_load_and_when_buil
         rollout.encode_prompts(processor, [[{"role": "user", "content": [{"type": "image", "image": data.open_image(str(edge), "s", "f").resize((6000, 28))}]}]])
 
 
-def test_a_too_wide_image_in_training_data_stops_in_one_line_or_is_skipped(tmp_path, capsys):
+def test_a_too_wide_image_in_training_data_stops_in_one_line_naming_it(tmp_path):
     rows = [{"id": f"q{i}", "image": [], "problem": f"Question {i}?", "solution": "<OTHER> yes"} for i in range(4)]
     rows[train_grpo.PromptSampler(4, 3).next(1)[0]].update(id="wide", image=[str(wide_png(tmp_path / "wide.png"))])  # drawn first
     path = tmp_path / "wide.jsonl"

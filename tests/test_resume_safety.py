@@ -129,6 +129,18 @@ def test_resume_refuses_changed_run_defining_settings(honest, tmp_path):
     run.engine.close()
 
 
+def test_a_full_fine_tune_never_resumes_onto_another_model(honest, tmp_path):
+    """The policy would come from the checkpoint, the engine's architecture and the reference from the new
+    --model: refused whatever --allow_config_change says."""
+    from tests.kit import tiny_text_dir
+
+    cfg = copy_run(honest, tmp_path, model=str(tiny_text_dir("qwen3")), allow_config_change=True)
+    with pytest.raises(SystemExit) as e:
+        train_grpo.setup(cfg, toy_reward)
+    msg = one_line(e)
+    assert "--model" in msg and "tiny-qwen3" in msg and "full fine-tune" in msg and "reference" in msg, msg
+
+
 def test_resume_applies_and_records_a_new_lr(honest, tmp_path, capsys):
     cfg = copy_run(honest, tmp_path, lr=0.5, save_every=7)
     ckpt = train_grpo.main(cfg, reward_fn=toy_reward)
@@ -141,6 +153,23 @@ def test_resume_applies_and_records_a_new_lr(honest, tmp_path, capsys):
     train_grpo.plot_log(tmp_path / "run" / "log.jsonl", tmp_path / "plot.png")
     train_grpo.truncate_log(tmp_path / "run" / "log.jsonl", 2)
     assert [x["step"] for x in train_grpo.read_log(tmp_path / "run" / "log.jsonl")] == [1, 2]
+
+
+def test_resuming_twice_from_one_checkpoint_keeps_one_resumed_line(tmp_path):
+    log = tmp_path / "log.jsonl"
+    lines = [{"step": 0, "run": {}}, {"step": 1}, {"step": 1, "resumed": {"lr": [1, 2]}}, {"step": 2}, {"step": 2, "resumed": {"lr": [2, 3]}}]
+    log.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    checkpoints.truncate_log(log, 2)  # a second resume from checkpoint-2 writes its own line after this
+    assert [json.loads(x) for x in log.read_text().splitlines()] == lines[:4]
+
+
+def test_a_trimmed_log_is_on_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append("fsync") or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append("replace") or replace(a, b))
+    checkpoints.replace_text(tmp_path / "log.jsonl", "x\n")
+    assert events == ["fsync", "replace"] and (tmp_path / "log.jsonl").read_text() == "x\n"
 
 
 def test_a_field_the_old_checkpoint_lacks_is_not_a_change(honest, tmp_path):
@@ -378,6 +407,61 @@ def test_a_write_failing_on_one_process_stops_every_process(tmp_path):
     while not ctx.join(timeout=1) and time.perf_counter() - t0 < 120:
         pass
     assert (tmp_path / "0").read_text() == "_PeerFailed" and (tmp_path / "1").read_text() == "OSError"
+
+
+def _agree_worker(rank, port, out):
+    """One of two gloo processes: a sharded model with a NaN in rank 1's shard only, and samplers that each met
+    one bad sample."""
+    import types
+
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    fully_shard(model)
+    w = model[0].weight
+    assert isinstance(w, DTensor) and w.to_local().shape[0] == 4  # rows 0-3 here, 4-7 on the other process
+    if rank == 1:
+        with torch.no_grad():
+            w.to_local()[1, 2] = float("nan")
+    run = types.SimpleNamespace(rank=rank, world=2, device=torch.device("cpu"), model=model,
+                                sampler=train_grpo.PromptSampler(10, 0, rank, 2))  # fmt: skip
+    result = {}
+    try:
+        checkpoints.check_finite(types.SimpleNamespace(use_peft=False), Path(out, "checkpoint-3"), run)
+    except SystemExit as e:
+        result["refusal"] = str(e.code)
+    run.sampler.mark_bad(7 if rank else 2)
+    checkpoints._share_bad_samples(run)
+    buf = io.BytesIO()
+    torch.save(run.sampler.state_dict(), buf)  # as save_checkpoint writes it: plain data
+    buf.seek(0)
+    result["bad"] = torch.load(buf, weights_only=True)["bad"]
+    Path(out, str(rank)).write_text(json.dumps(result))
+    torch.distributed.destroy_process_group()
+
+
+def test_the_processes_agree_on_nan_shards_and_on_bad_samples(tmp_path):
+    """Each process checks only its own shards for NaN (no whole-model scan per process) and all refuse, naming
+    the tensor; every process's bad samples are in every process's saved state, so after a resume (on any
+    number of processes) none is drawn again."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(_agree_worker, args=(port, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    t0 = time.perf_counter()
+    while not ctx.join(timeout=1) and time.perf_counter() - t0 < 120:
+        pass
+    results = [json.loads((tmp_path / str(r)).read_text()) for r in (0, 1)]
+    for r in results:
+        assert "checkpoint-3" in r["refusal"] and "tensor 0.weight holds NaN" in r["refusal"], r
+        assert r["bad"] == [2, 7]
 
 
 def test_every_run_defining_setting_is_a_config_field():
