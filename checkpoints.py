@@ -406,7 +406,8 @@ def _refusal(ckpt: Path, what: str, use_peft: bool, rank: int, world: int) -> Sy
 
 def check_resume(cfg, ckpt: Path, run) -> dict:
     """Before anything loads: refuse a checkpoint whose files are corrupt, or one written with other
-    settings that define the run (grpo_config.RESUME_FIXED) unless --allow_config_change. Returns the
+    settings that define the run (grpo_config.RESUME_FIXED) unless --allow_config_change (another --model
+    on a full fine-tune always). Returns the
     other changed settings {name: [old, new]}: `apply_changes` applies them, main logs them. Every
     process checks its own files, and all stop when one finds a problem (none waits for it later)."""
     rank, world = run.rank, run.world

@@ -846,7 +846,7 @@ class PromptSampler:
     With `labels`, each epoch goes round-robin over the labels (smaller ones recycled), so a
     majority answer (PubMedQA: 55% "yes") is not what the policy sees most. A sample found bad mid-run
     (`mark_bad`: its image cannot be decoded) is never drawn again, also after a resume (the bad
-    indices are part of `state_dict`); with several processes, each keeps those it met itself."""
+    indices are part of `state_dict`); with several processes, checkpoints merge every process's into each."""
 
     def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, labels: list[str] | None = None):
         self.n, self.seed, self.rank, self.world, self.labels = n, seed, rank, world, labels
