@@ -64,7 +64,7 @@ class Config:
     one_shot: bool = field(default=False, metadata={"help": "Add one example of the output format to the prompt."})
     # -- rewards
     judge_url: list[str] = field(default_factory=list, metadata={"help": "OpenAI-compatible judge endpoints, used round-robin; none: accuracy by exact match only."})
-    judge_model: str = field(default="Qwen/Qwen3-4B-Instruct-2507", metadata={"help": "The model name the judge server serves."})
+    judge_model: str = field(default="", metadata={"help": "The model name to ask the judge server for; empty: the one it serves (its /v1/models), printed at start. The release's judge: Qwen/Qwen3-4B-Instruct-2507."})
     judge_concurrency: int = field(default=64, metadata={"help": "Judge requests in flight."})
     judge_timeout: float = field(default=30.0, metadata={"help": "Seconds per judge request."})
     judge_retries: int = field(default=2, metadata={"help": "Retries of a failed judge request."})

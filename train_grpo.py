@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import data
+import model_check
 import optim
 import policy
 import rollout
@@ -35,6 +36,7 @@ from checkpoints import Preemption, apply_changes, check_finite, check_resume, c
 from checkpoints import last_checkpoint, load_trainer_state, read_log, read_step, run_header, save_checkpoint, truncate_log, truncate_samples  # noqa: F401
 from grpo_config import LOSS_TYPES, Config, check_config, parse_config, public_config, tracker_kwargs, trackers  # noqa: F401
 from policy import load_policy, policy_dtype, shard  # noqa: F401
+from run_report import bar_safe_stdout, plot_log, validation_table, write_samples  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,6 +572,7 @@ def setup(cfg, reward_fn=None) -> Run:
     import memory_plan  # before any weights load: the plan (rank 0, on a GPU or with --plan); a phase that cannot fit stops here
 
     memory_plan.check(cfg, run.world, run.rank)  # --plan exits here
+    model_check.check_models(cfg, custom_reward=reward_fn is not None)  # every model the run loads: a missing one stops in one line naming the flag that avoids it
     set_seed(cfg.seed + run.rank)
     out = Path(cfg.output_dir)
     last = last_checkpoint(out)
@@ -989,72 +992,6 @@ def reduce_metrics(run, metrics: dict) -> dict:
     return {**metrics, **{k: v / run.world for k, v in zip(keys, t.tolist())}}
 
 
-SAMPLE_COLUMNS = ("sample", "completion", "total", "format", "modality", "llm", "embed")
-
-
-def sample_rows(groups) -> list[list]:
-    """A few completions (two of the first two groups) with their rewards (None: not scored)."""
-    return [[g.sample.id, c.text[:300], *(g.scores[k][j] if k in g.scores else None for k in SAMPLE_COLUMNS[2:])]
-            for g in groups[:2] for j, c in enumerate(g.completions[:2])]  # fmt: skip
-
-
-def samples_markdown(step: int, rows: list[list]) -> str:
-    def cell(v) -> str:
-        return "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v).replace("|", "\\|").replace("\n", " ")
-
-    lines = [f"\n## step {step}\n", "| " + " | ".join(SAMPLE_COLUMNS) + " |", "|---" * len(SAMPLE_COLUMNS) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(map(cell, r)) + " |" for r in rows]) + "\n"
-
-
-def write_samples(path: Path, step: int, groups, trackers=()) -> None:
-    """The sample table: appended to samples.md, and to each tracker (wandb: a Table; tensorboard: text)."""
-    rows = sample_rows(groups)
-    table = samples_markdown(step, rows)
-    with open(path, "a") as f:
-        f.write(table)
-    for tracker in trackers:
-        if tracker.name == "wandb":
-            tracker.log_table("samples", columns=list(SAMPLE_COLUMNS), data=rows, step=step)
-        elif tracker.name == "tensorboard":
-            tracker.writer.add_text("samples", table, global_step=step)
-
-
-def plot_log(log_path: Path, png: Path) -> None:
-    """Reward components, completion length and entropy over steps (refreshed every step)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lines = read_log(log_path)
-    if not lines:
-        return
-    steps = [x["step"] for x in lines]
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
-    for key in sorted({k for x in lines for k in x if k.startswith("reward_")}):
-        axes[0].plot(steps, [x.get(key, float("nan")) for x in lines], label=key.removeprefix("reward_"))
-    for key in ("val/accuracy", "val/format"):
-        pts = [(x["step"], x[key]) for x in lines if key in x]
-        if pts:
-            axes[0].plot(*zip(*pts), "o--", label=key)
-    axes[0].set_title("reward components (mean), validation")
-    axes[0].legend(fontsize=8)
-    axes[1].plot(steps, [x.get("completion_len_mean", float("nan")) for x in lines])
-    axes[1].set_title("completion length (tokens)")
-    axes[2].plot(steps, [x.get("entropy", float("nan")) for x in lines])
-    axes[2].set_title("entropy (nats/token)")
-    axes[3].plot(steps, [x.get("sync_probe_diff", float("nan")) for x in lines], label="sync probe |engine - trainer|")
-    axes[3].plot(steps, [x.get("judge_failures", 0) / max(x.get("judge_asked", 0), 1) for x in lines], label="judge failure share")
-    axes[3].set_yscale("symlog", linthresh=1e-6)
-    axes[3].set_title("health")
-    axes[3].legend(fontsize=8)
-    for ax in axes:
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -1103,10 +1040,15 @@ def main(cfg: Config, reward_fn=None) -> Path:
     bar = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps, disable=run.rank != 0, desc="grpo")
     val = {}  # step -> validation metrics (rank 0)
     stop = Preemption(cfg.save_on_preempt)  # SIGTERM: finish the step, checkpoint, exit EXIT_PREEMPTED
+    stdout = bar_safe_stdout()  # every print under the bar on a line of its own, until the finally below
     try:
-        if run.val_samples and run.start_step == 0:
+        if run.val_samples and run.start_step == 0:  # logged as step 0 (TRL's eval_on_start), plotted, tracked
             val[0] = validate(0, cfg, run)
             print("validation before training:", " ".join(f"{k}={v:.3f}" for k, v in val[0].items()))
+            if not any(x["step"] == 0 and "val/accuracy" in x for x in read_log(log_path)):  # a restart from step 0 has it
+                with open(log_path, "a") as f:
+                    f.write(json.dumps({"step": 0, **val[0]}) + "\n")
+            run.acc.log(val[0], step=0)
         for step in bar:
             metrics, groups = train_step(step, cfg, run)
             metrics = {"step": step + 1, **reduce_metrics(run, metrics)}
@@ -1119,10 +1061,10 @@ def main(cfg: Config, reward_fn=None) -> Path:
                 plot_log(log_path, out / "rewards.png")
                 bar.set_postfix({k.removeprefix("reward_"): f"{v:.3f}" for k, v in metrics.items() if k.startswith("reward_")})
                 shown = metrics if cfg.verbose else {k: v for k, v in metrics.items() if k in BRIEF or k.startswith(("reward_", "val/"))}
-                bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
+                print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()))
             run.acc.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step + 1)
             check_judge(cfg, run, metrics)
-            if run.rank == 0 and cfg.log_samples_every and (step + 1) % cfg.log_samples_every == 0:
+            if run.rank == 0 and cfg.log_samples_every and ((step + 1) % cfg.log_samples_every == 0 or step + 1 == cfg.steps):
                 write_samples(out / "samples.md", step + 1, groups, run.acc.trackers)
             if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
                 with parameters_on_gpu(run):  # offload_during_rollout: the save gathers the full weights
@@ -1132,19 +1074,17 @@ def main(cfg: Config, reward_fn=None) -> Path:
                     ckpt = stop.save(cfg, run, step + 1, ckpt)
                 break
     finally:  # also on a stop (SystemExit): the engine's memory and worker go with it
+        stdout.close()
         stop.close()
         run.engine.close()  # before accelerate's end_training, which closes the process group vLLM shares
     run.acc.end_training()
     stop.exit(cfg, run.rank)  # after a SIGTERM: one line, exit status EXIT_PREEMPTED
     if len(val) > 1:
-        first, last = min(val), max(val)
-        print(f"\nvalidation on {len(run.val_samples)} {cfg.eval_data} questions (judge: {public_config(cfg)['eval_judge']}):")
-        print(f"| | step {first} | step {last} |\n|---|---|---|")
-        for key in sorted(set(val[first]) | set(val[last])):
-            print(f"| {key} | {val[first].get(key, 0):.3f} | {val[last].get(key, 0):.3f} |")
+        print("\n" + validation_table(val, len(run.val_samples), cfg.eval_data, public_config(cfg)["eval_judge"]))
     ckpt = ckpt or last_checkpoint(out)
     if run.rank == 0:
-        print(f"\ncheckpoint: {ckpt}\nlog: {log_path}\nplot: {out / 'rewards.png'}\nsamples: {out / 'samples.md'}")
+        shown = [("checkpoint", ckpt), ("log", log_path), ("plot", out / "rewards.png"), ("samples", out / "samples.md")]
+        print("\n" + "\n".join(f"{k}: {v}" for k, v in shown if k == "checkpoint" or v.exists()))
     return ckpt
 
 

@@ -107,12 +107,9 @@ def grpo_command(warm: str, train: Path, out: Path, seed: int, args, val_root: P
 def run_summary(out: Path, seconds: float, steps: int) -> dict:
     import train_grpo
 
-    log = train_grpo.read_log(out / "log.jsonl")
-    val = {x["step"]: {k: v for k, v in x.items() if k.startswith("val/")} for x in log if "val/accuracy" in x}
-    for line in (out.parent / f"{out.name}.log").read_text().splitlines():  # step 0 is printed, not logged
-        if line.startswith("validation before training:"):
-            val = {0: dict(kv.split("=") for kv in line.split(":", 1)[1].split()), **val}
-            val[0] = {k: float(v) for k, v in val[0].items()}
+    every = train_grpo.read_log(out / "log.jsonl")  # the validation before training: a line of its own, step 0
+    val = {x["step"]: {k: v for k, v in x.items() if k.startswith("val/")} for x in every if "val/accuracy" in x}
+    log = [x for x in every if x["step"] > 0]
     return {"minutes": seconds / 60, "val": val,
             "reward_format": [x.get("reward_format") for x in log], "reward_llm": [x.get("reward_llm") for x in log],
             "entropy": [x.get("entropy") for x in log], "kl": [x.get("kl") for x in log],

@@ -62,7 +62,7 @@ def test_tensorboard_gets_the_sample_table_as_text(tmp_path):
     acc.Reload()
     texts = {e.step: e.tensor_proto.string_val[0].decode() for e in acc.Tensors("samples/text_summary")}
     assert set(texts) == {1, 2}, texts
-    assert "| sample | completion | total |" in texts[2] and texts[2] in (tmp_path / "run" / "samples.md").read_text()
+    assert "| sample | prompt | reference | completion | total |" in texts[2] and texts[2] in (tmp_path / "run" / "samples.md").read_text()
 
 
 def _wandb_records(path) -> list:

@@ -258,7 +258,7 @@ def test_in_training_validation_scores_as_evaluate_py_does(tmp_path):
     cfg = config(tmp_path, eval_every=1, eval_data="PubMedQA", eval_data_root=str(SHARED_DATA), eval_limit=6, steps=1,
                  save_every=1, max_prompt_length=4096)  # fmt: skip
     train_grpo.main(cfg, reward_fn=toy_reward)
-    log = train_grpo.read_log(tmp_path / "run" / "log.jsonl")
+    log = train_grpo.read_log(tmp_path / "run" / "log.jsonl")[1:]  # after the validation before training (step 0)
     assert {"val/accuracy", "val/format"} <= set(log[0]) and log[0]["step"] == 1
     # evaluate.py's command line on the same generations, in a fresh folder, gives the same score.
     gens = tmp_path / "run" / "val" / "step-1" / "generations" / "PubMedQA.jsonl"
