@@ -6,6 +6,7 @@ never share a terminal line with tqdm's bar. train_grpo.main calls these; each r
     plot_log(out / "log.jsonl", out / "rewards.png")            # also the validation before training (step 0)
     print(validation_table(val, n, "PubMedQA", "exact"))        # {step: {"val/accuracy": ...}}
     stdout = bar_safe_stdout(); ...; stdout.close()             # print() inside a tqdm loop
+    with drop_stderr_lines(ENGINE_NOISE): engine = ...          # quiet mode: a C++ warning no logger reaches
 
 The sample table answers "why did this completion score what it did": every completion of the first two
 groups of a step, with the question, the reference, each reward component and the advantage (TRL's
@@ -13,7 +14,9 @@ completions table has the same), so two answers to one question read side by sid
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import sys
 from pathlib import Path
 
@@ -156,3 +159,28 @@ def bar_safe_stdout() -> _BarSafe:
     checkpoint's messages), each on a line of its own instead of appended to the bar's."""
     sys.stdout = _BarSafe(sys.stdout)
     return sys.stdout
+
+
+# vLLM's CPU worker says where it binds memory (init_cpu_memory_env) with a C++ TORCH_WARN, printed by c10
+# straight to file descriptor 2: no logging level or warnings filter reaches it.
+ENGINE_NOISE = ("Warning: NUMA binding:",)
+
+
+@contextlib.contextmanager
+def drop_stderr_lines(patterns=ENGINE_NOISE):
+    """Everything written to file descriptor 2 inside (C and C++ included) held back and written after,
+    less the lines that contain one of `patterns` (also when the block raises)."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            os.write(2, b"".join(x for x in held.read().splitlines(keepends=True) if not any(p.encode() in x for p in patterns)))

@@ -36,7 +36,7 @@ from checkpoints import Preemption, apply_changes, check_finite, check_resume, c
 from checkpoints import last_checkpoint, load_trainer_state, read_log, read_step, run_header, save_checkpoint, truncate_log, truncate_samples  # noqa: F401
 from grpo_config import LOSS_TYPES, Config, check_config, parse_config, public_config, tracker_kwargs, trackers  # noqa: F401
 from policy import load_policy, policy_dtype, shard  # noqa: F401
-from run_report import bar_safe_stdout, plot_log, validation_table, write_samples  # noqa: F401
+from run_report import bar_safe_stdout, drop_stderr_lines, plot_log, validation_table, write_samples  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------
@@ -750,13 +750,14 @@ def make_engine(cfg, run):
     if cfg.engine == "hf":
         return rollout.HFRollout(run.model, run.processor)
     if cfg.engine == "vllm":
-        return rollout.VLLMRollout(  # the engine offsets its seed by the tensor-parallel group itself
-            cfg.model, seed=cfg.seed, dtype=policy_dtype(cfg), gpu_memory_utilization=cfg.gpu_memory_utilization,
-            tensor_parallel_size=cfg.tensor_parallel_size, enforce_eager=cfg.enforce_eager, sleep_level=cfg.sleep_level,
-            use_tqdm_on_load=cfg.verbose, max_images_per_prompt=most_images(run),
-            **({"mm_processor_kwargs": {"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels}} if rollout.is_vlm(run.model.config) else {}),
-            max_model_len=min(cfg.max_prompt_length + cfg.max_completion_length, max_positions(run.model.config)),
-        )  # fmt: skip
+        with contextlib.nullcontext() if cfg.verbose else drop_stderr_lines():  # vLLM's C++ NUMA note on CPUs
+            return rollout.VLLMRollout(  # the engine offsets its seed by the tensor-parallel group itself
+                cfg.model, seed=cfg.seed, dtype=policy_dtype(cfg), gpu_memory_utilization=cfg.gpu_memory_utilization,
+                tensor_parallel_size=cfg.tensor_parallel_size, enforce_eager=cfg.enforce_eager, sleep_level=cfg.sleep_level,
+                use_tqdm_on_load=cfg.verbose, max_images_per_prompt=most_images(run),
+                **({"mm_processor_kwargs": {"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels}} if rollout.is_vlm(run.model.config) else {}),
+                max_model_len=min(cfg.max_prompt_length + cfg.max_completion_length, max_positions(run.model.config)),
+            )  # fmt: skip
     raise ValueError(f"engine must be 'vllm' or 'hf', not {cfg.engine!r}")
 
 

@@ -3,8 +3,9 @@
     python demo/build_demo.py [--shared ../shared/data]
 
 Writes demo/train.jsonl in MediX-R1's training format (id, image, source, problem, solution) with
-images copied under demo/images/, and demo/heldout.jsonl (PubMedQA questions kept out of training,
-for before/after accuracy). All real data:
+images copied under demo/images/, and demo/pubmedqa/ (64 PubMedQA questions kept out of training, in
+PubMedQA's release format: the demo's validation set, --eval_data PubMedQA --eval_data_root demo, and
+evaluate.py's with --data_root demo). All real data:
 - SLAKE 1.0 English training questions (CT, MRI, X-ray images): the tag comes from SLAKE's own
   `modality` field. CC BY 4.0, Liu et al., ISBI 2021 (licences in demo/LICENSES.md).
 - PubMedQA PQA-L questions outside its 500-id test split, text only, tag OTHER; the answer is the
@@ -47,17 +48,15 @@ def main(shared: Path):
                 "problem": pubmedqa_problem(pqa[pmid]), "solution": f"<OTHER> {pqa[pmid]['final_decision']}",
                 "long_answer": pqa[pmid]["LONG_ANSWER"]}  # fmt: skip
     rows += [row(p) for p in pool[:N_PUBMEDQA_TRAIN]]
-    heldout = [row(p) for p in pool[N_PUBMEDQA_TRAIN : N_PUBMEDQA_TRAIN + N_PUBMEDQA_HELDOUT]]
-    for name, data in (("train.jsonl", rows), ("heldout.jsonl", heldout)):
-        with open(HERE / name, "w") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in data)
-    # The held-out questions again in PubMedQA's own release format, so evaluate.py (and the trainer's
+    with open(HERE / "train.jsonl", "w") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    # The held-out questions in PubMedQA's own release format, so evaluate.py (and the trainer's
     # validation, which runs its stages) loads them as the PubMedQA benchmark: --data_root demo.
     held = pool[N_PUBMEDQA_TRAIN : N_PUBMEDQA_TRAIN + N_PUBMEDQA_HELDOUT]
     (HERE / "pubmedqa").mkdir(exist_ok=True)
     (HERE / "pubmedqa" / "ori_pqal.json").write_text(json.dumps({p: pqa[p] for p in held}, ensure_ascii=False))
     (HERE / "pubmedqa" / "test_ground_truth.json").write_text(json.dumps({p: pqa[p]["final_decision"] for p in held}))
-    print(f"demo: {len(rows)} training samples, {len(heldout)} held out")
+    print(f"demo: {len(rows)} training samples, {len(held)} held out")
 
 
 if __name__ == "__main__":

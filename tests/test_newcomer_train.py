@@ -222,3 +222,49 @@ def test_the_final_validation_table_shows_first_last_and_steps_between():
     header = table.splitlines()[1]
     assert header.startswith("| | step 0 | step 3 |") and header.endswith("| step 20 |") and header.count("step") == 8
     assert "| val/accuracy | 0.000 | 0.030 |" in table
+
+
+# -- item 11: the demo's held-out set is the one it validates on
+
+
+def test_the_demo_validates_on_its_held_out_pubmedqa_questions():
+    import data
+    from tests.kit import REPO
+
+    held = data.load_benchmark("PubMedQA", str(REPO / "demo"), hub=False)
+    trained = {s.id.removeprefix("pubmedqa-") for s in data.load_training_data(REPO / "demo" / "train.jsonl") if s.id.startswith("pubmedqa-")}
+    held_ids = {s.id.rsplit("-", 1)[-1] for s in held}  # PubMedQA-<pmid>
+    assert len(trained) == 48 and len(held_ids) == 64 and not held_ids & trained
+    assert grpo_config.DEMO["eval_data_root"] == "demo" and grpo_config.DEMO["eval_limit"] <= len(held)
+    assert not (REPO / "demo" / "heldout.jsonl").exists()  # a second copy that nothing read
+
+
+def test_quiet_mode_drops_the_engine_s_cpp_numa_note_and_keeps_everything_else(capfd):
+    """vLLM's CPU worker prints it from C++ (c10's TORCH_WARN) straight to file descriptor 2."""
+    import ctypes
+    import os
+
+    from run_report import drop_stderr_lines
+
+    libc = ctypes.CDLL(None)
+    with drop_stderr_lines():
+        os.write(2, b"[W1206 19:08:45 utils.cpp:68] Warning: NUMA binding: Using MEMBIND policy ... (function init_cpu_memory_env)\n")
+        libc.dprintf(2, b"a C-level line that matters\n")
+    with pytest.raises(ValueError), drop_stderr_lines():
+        os.write(2, b"said before the error\n")
+        raise ValueError
+    err = capfd.readouterr().err
+    assert "NUMA" not in err and "a C-level line that matters" in err and "said before the error" in err
+
+
+def test_the_readme_cpu_command_parses_and_plans_offline(tmp_path):
+    """The README's "CPU (what the tests do)" command (issue 26: it named a 3B model in float32 and MedEmbed),
+    with --plan: parsed, every model found offline, the memory plan printed, nothing loaded."""
+    from tests.kit import tiny_vlm_dir
+
+    cpu = ["--model", str(tiny_vlm_dir()), "--data", "demo/train.jsonl", "--enforce_eager", "--prompts_per_step", "2",
+           "--group_size", "4", "--max_completion_length", "32", "--steps", "2", "--max_pixels", "262144", "--embedder", "",
+           "--output_dir", str(tmp_path / "cpu")]  # fmt: skip
+    out = run_cli(cpu + ["--plan"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "memory plan:" in out.stdout and "update" in out.stdout and not (tmp_path / "cpu").exists()
