@@ -144,7 +144,8 @@ def test_a_file_system_without_locks_warns_once_and_runs_unlocked(tmp_path, monk
     assert err.count("warning") == 1 and "a: " in err and "without the lock" in err and "\n" == err[-1] and err.count("\n") == 1, err
     folder_lock.release(tmp_path / "a")
     folder_lock.release(tmp_path / "b")
-    assert not folder_lock._held and not (tmp_path / "a").exists()
+    mine = {str((tmp_path / d).resolve()) for d in "ab"}  # another test may still hold its own folder in this process
+    assert not mine & set(folder_lock._held) and not (tmp_path / "a").exists()
 
 
 def test_references_are_capped_in_the_judge_prompt_as_in_training():
