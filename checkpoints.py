@@ -6,7 +6,8 @@ header that opens log.jsonl; and the trimming of log.jsonl and samples.md back t
     ckpt = save_checkpoint(cfg, run, step)           # output_dir/checkpoint-<step>
     changes = check_resume(cfg, ckpt, run)           # verified; a changed run-defining setting refused
     model, processor = resumed_policy(cfg, ckpt); ...; check_finite(cfg, ckpt, run)  # once sharded: NaN refused
-    step = load_trainer_state(ckpt, run); apply_changes(run.optimizer, run.scheduler, changes)
+    load_optimizer_state(ckpt, run)                  # before the rollout engine starts (issue 24)
+    step = load_trainer_state(ckpt, run, optimizer=False); apply_changes(run.optimizer, run.scheduler, changes)
 
 Loading never runs code from a checkpoint: the per-process state is read with torch.load(weights_only=True),
 the optimiser's DCP metadata through an unpickler that admits only the classes DCP's Metadata holds, its
@@ -211,24 +212,13 @@ def _save_failed(cfg, run, tmp: Path, e: BaseException) -> None:
     ) from None
 
 
-def load_trainer_state(ckpt: Path, run) -> int:
-    """Optimiser (resharded to this run's processes), scheduler, and per process the RNG and data
-    position; on another number of processes those two cannot carry over and restart, with a warning.
-    Nothing is unpickled beyond plain data (`_safe_dcp`, `_rank_state`)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
+def load_trainer_state(ckpt: Path, run, optimizer: bool = True) -> int:
+    """Optimiser (resharded to this run's processes; `optimizer=False`: loaded already by `load_optimizer_state`),
+    scheduler, and per process the RNG and data position; on another number of processes those two cannot carry
+    over and restart, with a warning. Nothing is unpickled beyond plain data (`_safe_dcp`, `_rank_state`)."""
+    if optimizer:
+        load_optimizer_state(ckpt, run)
     meta = json.loads((ckpt / "trainer_state.json").read_text())
-    state = {"optim": get_optimizer_state_dict(run.model, run.optimizer)}  # the layout to load into
-    try:
-        reader, planner = _safe_dcp(ckpt / "optimizer")
-        dcp.load(state, checkpoint_id=ckpt / "optimizer", storage_reader=reader, planner=planner, no_dist=run.world == 1)
-    except (Exception, CheckpointException) as e:  # what `_problem` cannot see without loading: DCP's values
-        what = ("holds pickled values other than plain data (loading them could run code)" if isinstance(_cause(e), pickle.UnpicklingError)
-                else f"does not load ({_first_line(e)})")  # fmt: skip
-        raise _refusal(ckpt, f"{ckpt / 'optimizer'} {what}", (ckpt / "adapter").is_dir(), run.rank, run.world) from None
-    set_optimizer_state_dict(run.model, run.optimizer, state["optim"])
     same = meta["world"] == run.world
     state = _rank_state(ckpt / f"trainer_state_rank{run.rank if same else 0}.pt")
     run.scheduler.load_state_dict(state["scheduler"])
@@ -245,6 +235,25 @@ def load_trainer_state(ckpt: Path, run) -> int:
     if state["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return meta["step"]
+
+
+def load_optimizer_state(ckpt: Path, run) -> None:
+    """The optimiser's state (DCP, resharded to this run's processes) into `run.optimizer`, where its parameters
+    are. The trainer loads it before the rollout engine starts, so it never sits on the GPU beside the awake
+    engine (issue 24); the RNG comes after the engine's start, which re-seeds every generator."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"optim": get_optimizer_state_dict(run.model, run.optimizer)}  # the layout to load into
+    try:
+        reader, planner = _safe_dcp(ckpt / "optimizer")
+        dcp.load(state, checkpoint_id=ckpt / "optimizer", storage_reader=reader, planner=planner, no_dist=run.world == 1)
+    except (Exception, CheckpointException) as e:  # what `_problem` cannot see without loading: DCP's values
+        what = ("holds pickled values other than plain data (loading them could run code)" if isinstance(_cause(e), pickle.UnpicklingError)
+                else f"does not load ({_first_line(e)})")  # fmt: skip
+        raise _refusal(ckpt, f"{ckpt / 'optimizer'} {what}", (ckpt / "adapter").is_dir(), run.rank, run.world) from None
+    set_optimizer_state_dict(run.model, run.optimizer, state["optim"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,32 +507,53 @@ class Preemption:
     and all exit EXIT_PREEMPTED. Launchers do not pass the status on (torchrun turns it into 1), so a
     requeue script tests the file instead; a resumed run removes it when it starts (`clear_preempted`).
 
-        stop = Preemption(cfg.save_on_preempt)     # off (or not the main thread): the signals kill as before
+        stop = Preemption(cfg.save_on_preempt, at_once=True)  # before setup; off (or not the main thread): signals kill
+        try: run = setup(cfg) except Preempted: stop.close(); stop.stand(cfg, rank)  # during setup: the last checkpoint stands
+        stop.start()                               # training: a signal finishes the step
         if any_rank(run, stop.signalled): ckpt = stop.save(cfg, run, step, ckpt); break
         stop.close(); ...; stop.exit(cfg, run.rank)
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, at_once: bool = False):
         self.signalled, self.name, self.step, self.ckpt, self._old = False, None, None, None, {}
+        self.at_once, self.before_training = at_once, False
         if enabled and threading.current_thread() is threading.main_thread():
             self._old = {s: signal.signal(s, self._handle) or signal.SIG_DFL for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
         self.signalled, self.name = True, self.name or signal.Signals(signum).name
+        if self.at_once:  # during setup (loading can take longer than the scheduler's grace period): stop now
+            raise Preempted(self.name)
+
+    def start(self) -> None:
+        """Training starts: from here a signal finishes the step and saves."""
+        self.at_once = False
+
+    def stand(self, cfg, rank: int) -> None:
+        """Stopped before the first step (`Preempted` out of setup): nothing new to save, the newest checkpoint
+        (if any) stands; the PREEMPTED file names it, then `exit`."""
+        self.ckpt = last_checkpoint(Path(cfg.output_dir))
+        self.step, self.before_training = (read_step(self.ckpt) if self.ckpt else 0), True
+        if rank == 0:
+            self._mark(cfg)
+        self.exit(cfg, rank)
 
     def save(self, cfg, run, step: int, ckpt: Path | None) -> Path:
         """The checkpoint at `step`, unless the loop has just written it; then the PREEMPTED file."""
         self.step = step
         self.ckpt = ckpt if ckpt is not None and read_step(ckpt) == step else save_checkpoint(cfg, run, step)
         if run.rank == 0:
-            import datetime
-
-            when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            said = {"step": step, "time": when, "checkpoint": str(self.ckpt), "signal": self.name or "another process's"}
-            replace_text(Path(cfg.output_dir) / PREEMPTED, json.dumps(said) + "\n")
+            self._mark(cfg)
         return self.ckpt
+
+    def _mark(self, cfg) -> None:
+        import datetime
+
+        when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        said = {"step": self.step, "time": when, "checkpoint": self.ckpt and str(self.ckpt), "signal": self.name or "another process's"}
+        replace_text(Path(cfg.output_dir) / PREEMPTED, json.dumps(said) + "\n")
 
     def close(self) -> None:
         for s, old in self._old.items():
@@ -534,10 +564,15 @@ class Preemption:
         if self.step is None:
             return
         if rank == 0:
-            print(f"{self.name or 'a signal to another process'}: stopped after step {self.step} of {cfg.steps}, {self.ckpt} "
-                  f"written ({Path(cfg.output_dir) / PREEMPTED} says so); continue with --resume (exit status {EXIT_PREEMPTED})",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            done = (f"stopped before training started, {self.ckpt or 'no checkpoint yet (step 0)'} stands" if self.before_training
+                    else f"stopped after step {self.step} of {cfg.steps}, {self.ckpt} written")  # fmt: skip
+            print(f"{self.name or 'a signal to another process'}: {done} ({Path(cfg.output_dir) / PREEMPTED} says so); "
+                  f"continue with --resume (exit status {EXIT_PREEMPTED})", file=sys.stderr, flush=True)  # fmt: skip
         raise SystemExit(EXIT_PREEMPTED)
+
+
+class Preempted(BaseException):
+    """A signal during setup (`Preemption(..., at_once=True)`): a BaseException, so no `except Exception` swallows it."""
 
 
 def clear_preempted(output_dir) -> None:

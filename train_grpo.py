@@ -32,8 +32,8 @@ import model_check
 import optim
 import policy
 import rollout
-from checkpoints import Preemption, apply_changes, check_finite, check_resume, clear_preempted, resumed_policy  # noqa: F401
-from checkpoints import last_checkpoint, load_trainer_state, read_log, read_step, run_header, save_checkpoint, truncate_log, truncate_samples  # noqa: F401
+from checkpoints import Preempted, Preemption, apply_changes, check_finite, check_resume, clear_preempted, resumed_policy  # noqa: F401
+from checkpoints import last_checkpoint, load_optimizer_state, load_trainer_state, read_log, read_step, run_header, save_checkpoint, truncate_log, truncate_samples  # noqa: F401
 from grpo_config import LOSS_TYPES, Config, check_config, parse_config, public_config, tracker_kwargs, trackers  # noqa: F401
 from policy import load_policy, policy_dtype, shard  # noqa: F401
 from run_report import bar_safe_stdout, drop_stderr_lines, plot_log, validation_table, write_samples  # noqa: F401
@@ -628,19 +628,27 @@ def setup(cfg, reward_fn=None) -> Run:
 
     total = cfg.steps * cfg.mini_batches * cfg.epochs_per_batch
     run.scheduler = get_scheduler(cfg.lr_scheduler, run.optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=total)
-    # The engine before the trainer state: starting vLLM re-seeds every global generator.
-    run.engine = make_engine(cfg, run)
-    run.engine.update_weights(rollout.full_parameters(run.model, run.compute_dtype))  # the engine starts from the trainer's weights
     # The trainer's state leaves the GPU while the engine is awake (the release's actor offload): `stow_trainer`.
-    offload = cfg.offload_during_rollout and not getattr(run.engine, "shares_trainer_model", False)
-    run.offload = policy.Offload([run.model, run.ref_model], run.optimizer, "cpu") if offload else None
-    run.probe = make_probe(cfg, run)
-    run.probe_diff = check_sync(-1, cfg, run)
-    run.start_step = 0
-    if cfg.resume and last:
-        run.start_step = load_trainer_state(last, run)
-        apply_changes(run.optimizer, run.scheduler, run.resumed)  # e.g. a new lr, over the saved one
-    stow_trainer(run)  # offload_during_rollout: the engine is awake from here to the first update
+    run.offload = policy.Offload([run.model, run.ref_model], run.optimizer, "cpu") if cfg.offload_during_rollout else None
+    if cfg.resume and last:  # before the engine starts: the optimiser state never meets the awake engine (issue 24)
+        load_optimizer_state(last, run)
+    stow_trainer(run, models=False)
+    run.engine = make_engine(cfg, run)
+    try:
+        if run.offload is not None and getattr(run.engine, "shares_trainer_model", False):  # the engine is the trainer's model
+            run.offload.restore()
+            run.offload = None
+        run.engine.update_weights(rollout.full_parameters(run.model, run.compute_dtype))  # the engine starts from the trainer's weights
+        run.probe = make_probe(cfg, run)
+        run.probe_diff = check_sync(-1, cfg, run)
+        run.start_step = 0
+        if cfg.resume and last:  # after the engine's start, which re-seeds every global generator
+            run.start_step = load_trainer_state(last, run, optimizer=False)
+            apply_changes(run.optimizer, run.scheduler, run.resumed)  # e.g. a new lr, over the saved one
+        stow_trainer(run)  # offload_during_rollout: the engine is awake from here to the first update
+    except BaseException:  # a stop here (a signal: checkpoints.Preempted; a failed check): the engine's memory and worker go
+        run.engine.close()
+        raise
     run.sampling = sampling_settings(cfg)
     return run
 
@@ -1023,7 +1031,15 @@ def main(cfg: Config, reward_fn=None) -> Path:
 
     if not cfg.verbose:
         quiet_logs()
-    run = setup(cfg, reward_fn)
+    # Installed before setup: a signal while the model loads stops at once, the newest checkpoint standing (rather
+    # than killing the process after a resume has removed the PREEMPTED file a requeue script looks for).
+    stop = Preemption(cfg.save_on_preempt, at_once=True)
+    try:
+        run = setup(cfg, reward_fn)
+    except Preempted:
+        stop.close()
+        stop.stand(cfg, int(os.environ.get("RANK", 0)))  # exits EXIT_PREEMPTED
+    stop.start()  # from here: finish the step, checkpoint, exit EXIT_PREEMPTED
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "log.jsonl"
@@ -1040,7 +1056,6 @@ def main(cfg: Config, reward_fn=None) -> Path:
     ckpt = None
     bar = tqdm(range(run.start_step, cfg.steps), initial=run.start_step, total=cfg.steps, disable=run.rank != 0, desc="grpo")
     val = {}  # step -> validation metrics (rank 0)
-    stop = Preemption(cfg.save_on_preempt)  # SIGTERM: finish the step, checkpoint, exit EXIT_PREEMPTED
     stdout = bar_safe_stdout()  # every print under the bar on a line of its own, until the finally below
     try:
         if run.val_samples and run.start_step == 0:  # logged as step 0 (TRL's eval_on_start), plotted, tracked

@@ -134,3 +134,49 @@ def test_two_fsdp2_ranks_train_the_same_weights_with_the_trainer_offloaded(ranks
         assert all(x["same_objects"] and x["changed_bits"] == [] for x in on["restores"])
         assert on["weights"] == off["weights"]  # bit for bit
     assert ranks[0]["True"]["weights"] == ranks[1]["True"]["weights"]
+
+
+def test_a_resumed_run_loads_the_optimiser_state_where_the_awake_engine_is_not_and_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Issue 24: resuming the 30B recipe. The optimiser state must never be loaded while the engine is awake (it
+    would sit on the GPU beside the engine); at the engine's start and at setup's end it is stowed. The engine here is
+    the transformers one holding its own copy of the model (weights copied in at each sync, as vLLM's), so the
+    offload is on; a resumed run equals an uninterrupted one."""
+    from rollout import HFRollout
+    from tests.test_train_grpo import config, params, toy_reward
+
+    awake, seen = [False], []
+
+    class OwnCopy(HFRollout):  # not the trainer's model object: offload_during_rollout applies
+        def sleep(self):
+            awake[0] = False
+
+        def wake_up(self):
+            awake[0] = True
+
+    def make_engine(cfg, run):
+        if run.optimizer.state:  # a resumed optimiser is stowed before the engine starts
+            seen.append(("engine starts", run.offload is not None and run.offload.state_homes is not None))
+        awake[0] = True
+        return OwnCopy(cfg.model)
+
+    monkeypatch.setattr(train_grpo, "make_engine", make_engine)
+    loads = []  # per optimiser state load (set_optimizer_state_dict ends in load_state_dict): was the engine awake?
+    original = torch.optim.Optimizer.load_state_dict
+
+    def recording_load(self, *a, **k):
+        loads.append(awake[0])
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Optimizer, "load_state_dict", recording_load)
+    kw = dict(offload_during_rollout=True, save_every=1)
+    one = train_grpo.main(config(tmp_path / "a", steps=2, **kw), reward_fn=toy_reward)
+    train_grpo.main(config(tmp_path / "b", steps=1, **kw), reward_fn=toy_reward)
+    cfg = config(tmp_path / "b", steps=2, resume=True, **kw)
+    run = train_grpo.setup(cfg, toy_reward)
+    assert loads == [False]  # before: [True], loaded beside the awake engine
+    assert seen == [("engine starts", True)]
+    assert run.optimizer.state and run.offload.state_homes is not None  # stowed at setup's end
+    run.engine.close()
+    two = train_grpo.main(cfg, reward_fn=toy_reward)
+    a, b = params(one), params(two)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

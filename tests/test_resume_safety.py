@@ -468,3 +468,39 @@ def test_every_run_defining_setting_is_a_config_field():
     from grpo_config import RESUME_FIXED, Config
 
     assert set(RESUME_FIXED) <= set(Config.__dataclass_fields__) and "lr" not in RESUME_FIXED
+
+
+class Killed(BaseException):
+    """Stands for the signal's default action (the process killed) in this test's own process."""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_signal_while_the_model_loads_stops_at_once_and_leaves_the_marker_naming_the_checkpoint_that_stands(honest, tmp_path, monkeypatch, capsys, signum):
+    cfg = copy_run(honest, tmp_path)
+    marker = tmp_path / "run" / checkpoints.PREEMPTED
+    marker.write_text(json.dumps({"step": 2, "checkpoint": str(tmp_path / "run" / "checkpoint-2")}) + "\n")  # the last preemption's
+    loaded = []
+
+    def signalled_while_loading(*a, **k):
+        os.kill(os.getpid(), signum)  # this test's own process, while setup loads the model
+        loaded.append(True)
+        return checkpoints.resumed_policy(*a, **k)
+
+    def killed(signum, frame):
+        raise Killed(signal.Signals(signum).name)
+
+    monkeypatch.setattr(train_grpo, "resumed_policy", signalled_while_loading)
+    old = signal.signal(signum, killed)
+    try:
+        with pytest.raises(SystemExit) as e:
+            train_grpo.main(cfg, reward_fn=toy_reward)
+        assert signal.getsignal(signum) is killed  # handed back
+    finally:
+        signal.signal(signum, old)
+    assert e.value.code == checkpoints.EXIT_PREEMPTED  # before: Killed (no handler yet while the model loaded)
+    assert loaded == []  # at once: the loading did not go on
+    said = json.loads(marker.read_text())
+    assert said["checkpoint"] == str(tmp_path / "run" / "checkpoint-2") and said["step"] == 2 and said["signal"] == signal.Signals(signum).name
+    assert train_grpo.last_checkpoint(tmp_path / "run").name == "checkpoint-2"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any(signal.Signals(signum).name in x and "checkpoint-2" in x and "--resume" in x for x in err), err
