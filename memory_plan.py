@@ -221,6 +221,7 @@ class Plan:
     shape: Shape
     problems: list = field(default_factory=list)  # (phase, reason) that fail whatever the GPU total says
     suggestion: str = ""
+    host: float = 0.0  # bytes of host RAM each process holds while loading (the whole model, before sharding)
 
     @property
     def peak(self) -> Phase:
@@ -355,7 +356,7 @@ def plan(cfg, world: int | None = None, gpu: float | None = None, *, shape: Shap
                               "engine asleep": asleep, "overhead": OVERHEAD}, [
         f"micro-batch {B} x {cfg.max_prompt_length + T} tokens, gradient checkpointing "
         f"{'on' if cfg.gradient_checkpointing else 'off'}; logits {LOGIT_COPIES} x [{B}, {T}, {s.vocab}] float32"])  # fmt: skip
-    result = Plan(cfg.model, world, gpu, [load, rollout, update], s, problems)
+    result = Plan(cfg.model, world, gpu, [load, rollout, update], s, problems, host=host)
     if suggest and result.failure():
         result.suggestion = _suggest(cfg, world, gpu, s, easyr1)
     return result
@@ -393,6 +394,17 @@ def _suggest(cfg, world, gpu, shape, easyr1) -> str:
     return "no setting here makes it fit (more or larger GPUs)"
 
 
+def available_host_memory() -> float | None:
+    """MemAvailable of this machine in bytes (Linux), else None (not checked)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def check(cfg, world: int, rank: int = 0) -> Plan | None:
     """train_grpo.setup's check, before any weights load: print the plan (rank 0) on a GPU or with --plan;
     stop in one line when a phase cannot fit; `--plan` exits here. A CPU run without --plan skips it."""
@@ -410,6 +422,14 @@ def check(cfg, world: int, rank: int = 0) -> Plan | None:
         print(p.table(verdict=not p.failure()))  # a failure is the SystemExit's one line below
     if p.failure():
         raise SystemExit(p.failure())
+    # Host RAM on this machine: every process on it reads the whole model before sharding. A rank the OOM
+    # killer takes would leave the others waiting in a collective until ddp_timeout: stop before loading.
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    avail = available_host_memory()
+    if not cfg.plan and avail and p.host * local > avail:
+        raise SystemExit(f"memory plan: loading reads the whole model into host RAM in each of the {local} processes on this "
+                         f"machine: {p.host * local / GiB:.1f} GiB > {avail / GiB:.1f} GiB available; start fewer processes "
+                         "per machine or use a machine with more memory")  # fmt: skip
     if cfg.plan:
         raise SystemExit(0)
     return p

@@ -244,3 +244,19 @@ def test_lora_count_is_what_peft_trains(kind, freeze):
     model, _ = policy.load_policy(cfg, str(path))
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert memory_plan.lora_parameters(cfg, memory_plan.model_shape(str(path))) == trained
+
+
+def test_a_node_without_host_ram_for_every_process_s_copy_stops_in_one_line(monkeypatch):
+    """Every process reads the whole model into host RAM before sharding: 8 processes of the 30B recipe
+    need ~463 GiB on one machine. Too little stops before loading (a rank killed by the OOM killer would
+    leave the others in a collective until ddp_timeout); enough goes on. MemAvailable is patched: it
+    stands for the machine the run would start on."""
+    cfg = _recipe("30b_dapo", gpu_memory_gb=80)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setattr(memory_plan, "available_host_memory", lambda: 256 * GiB)
+    with pytest.raises(SystemExit) as stop:
+        memory_plan.check(cfg, 8)
+    line = str(stop.value)
+    assert line.startswith("memory plan: ") and "host RAM" in line and "8 processes" in line and "256.0 GiB" in line and "\n" not in line
+    monkeypatch.setattr(memory_plan, "available_host_memory", lambda: 1024 * GiB)
+    assert memory_plan.check(cfg, 8).failure() is None
