@@ -426,8 +426,10 @@ def check_resume(cfg, ckpt: Path, run) -> dict:
             raise SystemExit(f"cannot resume from {ckpt.name}: another process found a problem in its files (see its message)")
         raise _refusal(ckpt, problem, cfg.use_peft, rank, world)
     old, new = json.loads((ckpt / "trainer_state.json").read_text())["config"], json.loads(json.dumps(public_config(cfg)))
-    # A field the checkpoint lacks came with newer code: not a change. `resume` itself always differs.
-    changes = {k: [old[k], v] for k, v in new.items() if k in old and old[k] != v and k not in ("resume", "allow_config_change")}
+    # A field the checkpoint lacks came with newer code: not a change. `resume` itself always differs. judge_model is
+    # the model the server served (train_grpo.make_judge); a checkpoint saved with '' (ask the server) did not record it.
+    changes = {k: [old[k], v] for k, v in new.items()
+               if k in old and old[k] != v and k not in ("resume", "allow_config_change") and not (k == "judge_model" and old[k] == "")}
     if "model" in changes and not cfg.use_peft:  # LoRA: the adapter onto another base is the user's call (the flag)
         raise SystemExit(f"--resume from {ckpt}: --model changed ({_shown(changes, ['model'])}), but a full fine-tune continues "
                          "the checkpoint's own weights while the rollout engine and the reference would load the new model; "
@@ -596,7 +598,7 @@ def run_header(cfg, run, reward_fn) -> dict:
         except md.PackageNotFoundError:
             return None
 
-    accuracy = ("custom reward_fn" if reward_fn else f"LLM judge {cfg.judge_model} at {', '.join(public_config(cfg)['judge_url'])}" if cfg.judge_url
+    accuracy = ("custom reward_fn" if reward_fn else f"LLM judge {cfg.judge_model or 'the model the server serves'} at {', '.join(public_config(cfg)['judge_url'])}" if cfg.judge_url
                 else "exact match only (no judge_url)" if cfg.w_llm > 0 else "off")  # fmt: skip
     return {
         "config": public_config(cfg), "world_size": run.world, "compute_dtype": policy_dtype(cfg), "master_dtype": cfg.master_dtype,

@@ -390,6 +390,9 @@ def check_config(cfg: Config, *, custom_reward: bool = False) -> None:
     if cfg.eval_every and (cfg.engine == "hf" or cfg.tensor_parallel_size > 1) and world > 1:
         # Only rank 0 validates, and these engines generate collectively across processes.
         _cli_error("--eval_every with several processes needs --engine vllm and --tensor_parallel_size 1")
+    # The registered spelling (`pubmedqa` -> PubMedQA): validation looks the benchmark up by it; an unknown name
+    # stays as typed and is refused when the validation set loads, with the known names.
+    cfg.eval_data = data.canonical_name(cfg.eval_data) or cfg.eval_data
     local_judge = cfg.eval_judge != "exact" and not cfg.eval_judge.startswith(("http://", "https://"))
     if cfg.eval_every and local_judge and cfg.engine == "vllm" and torch.cuda.is_available():
         # evaluate.py's in-process judge is a second vLLM engine asking for 0.85 of the GPU beside ours and the trainer.

@@ -579,6 +579,8 @@ def setup(cfg, reward_fn=None) -> Run:
     if last and not cfg.resume:
         raise SystemExit(f"{out} already holds {last.name} (step {read_step(last)}): pass --resume to continue it, or choose another --output_dir")
     run.resumed = {}  # settings changed on resume: {name: [old, new]}, applied and logged
+    # The judge before the resume check: a dead one fails fast, and the check compares the model it serves.
+    judge = make_judge(cfg, run.rank) if reward_fn is None else None
     if cfg.resume and last:
         print(f"resuming from {last} (step {read_step(last)})")
         if run.rank == 0:  # before any check: a resume that fails is not requeued for ever
@@ -594,7 +596,7 @@ def setup(cfg, reward_fn=None) -> Run:
     if cfg.text_only:
         samples = [s for s in samples if not s.images]
     run.samples = samples
-    run.reward = reward_fn or make_reward(cfg, run.rank)  # before the model loads: a dead judge fails fast
+    run.reward = reward_fn or make_reward(cfg, run.rank, judge)  # before the model loads
     run.val_samples = load_validation(cfg) if cfg.eval_every and run.rank == 0 else []
     run.judge_bad_steps = 0
     run.sampler = PromptSampler(len(samples), cfg.seed, *dp_rank(cfg, run), answer_labels(cfg, samples))
@@ -784,11 +786,24 @@ def sampling_settings(cfg):
     return rollout.SamplingSettings(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_completion_length)
 
 
-def make_reward(cfg, rank: int = 0):
-    """The composite reward; a judge URL is probed first (reachable, serving `judge_model`, else asked its model)."""
+def make_reward(cfg, rank: int = 0, judge=None):
+    """The composite reward over `judge` (by default `make_judge`'s)."""
     import rewards
 
     weights = {"llm": cfg.w_llm, "embed": cfg.w_embed if cfg.embedder else 0.0, "modality": cfg.w_modality, "format": cfg.w_format}
+    judge = judge or make_judge(cfg, rank)
+    embedder = rewards.load_embedder(cfg.embedder, trust_remote_code=cfg.embedder_trust_remote_code) if weights["embed"] else None
+    return rewards.CompositeReward(
+        weights, judge=judge, embedder=embedder, think_tag=cfg.think_tag, preset=cfg.reward_preset or None,
+        on_judge_failure=cfg.on_judge_failure or None, partial_format=cfg.partial_format,
+    )  # fmt: skip
+
+
+def make_judge(cfg, rank: int = 0):
+    """The judge client; a judge URL is probed first (reachable, serving `judge_model`, else asked its model). The model
+    it resolves becomes `cfg.judge_model`, so the saved config, the run header and a resume's comparison name it."""
+    import rewards
+
     judge = exact_match_only
     if cfg.judge_url:
         judge = rewards.OpenAIJudge(cfg.judge_url, model=cfg.judge_model or None, concurrency=cfg.judge_concurrency,
@@ -800,13 +815,10 @@ def make_reward(cfg, rank: int = 0):
             raise SystemExit(f"judge: {e}" + (" (leave --judge_model out to use the model it serves)" if named else "")) from None
         if rank == 0:
             print(f"judge: {served}{'' if cfg.judge_model else ' (the model the server serves)'} at {', '.join(judge.client.shown)}")
+        cfg.judge_model = served
     elif cfg.w_llm > 0 and rank == 0:
         print("no --judge_url: the accuracy reward (reward_llm) is exact match only, no LLM judge")
-    embedder = rewards.load_embedder(cfg.embedder, trust_remote_code=cfg.embedder_trust_remote_code) if weights["embed"] else None
-    return rewards.CompositeReward(
-        weights, judge=judge, embedder=embedder, think_tag=cfg.think_tag, preset=cfg.reward_preset or None,
-        on_judge_failure=cfg.on_judge_failure or None, partial_format=cfg.partial_format,
-    )  # fmt: skip
+    return judge
 
 
 def exact_match_only(pairs):
@@ -1007,30 +1019,13 @@ def reduce_metrics(run, metrics: dict) -> dict:
 BRIEF = ("step", "skipped", "groups_filtered", "judge_failures", "seconds_step")  # the short line's keys, with rewards
 
 
-def quiet_logs() -> None:
-    """Only errors from vLLM and transformers (their warnings include the expected "Failed to load
-    weights" of a tied lm_head, which follows the embedding), and no loading bars."""
-    import logging
-    import warnings
-
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
-    logging.getLogger("vllm").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-
-
 def main(cfg: Config, reward_fn=None) -> Path:
     """Train; returns the last checkpoint. `reward_fn(completions, answer=, modality=)` -> dict of
     lists with a "total" key replaces the composite reward (tests use a dense toy reward)."""
     from tqdm import tqdm
 
     if not cfg.verbose:
-        quiet_logs()
+        rollout.quiet_logs()
     # Installed before setup: a signal while the model loads stops at once, the newest checkpoint standing (rather
     # than killing the process after a resume has removed the PREEMPTED file a requeue script looks for).
     stop = Preemption(cfg.save_on_preempt, at_once=True)

@@ -149,6 +149,26 @@ def test_the_trainer_asks_the_judge_server_its_model_unless_one_is_named(tmp_pat
     assert "leave --judge_model out to use the model it serves" in message
 
 
+def test_the_run_header_names_the_served_judge_and_a_resume_compares_the_resolved_model(tmp_path, server):  # noqa: F811
+    """judge_model '' asks the server: the run header and the saved config name the model it served, and a resume
+    compares that model, so naming it (or not) again is no change; the server serving another one is refused."""
+    import json
+
+    from tests.test_train_grpo import config
+
+    base = dict(judge_url=[server.url("ok")], embedder="", w_embed=0.0, steps=1, save_every=1)
+    train_grpo.main(config(tmp_path, **base))
+    header = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])["run"]
+    assert header["accuracy_reward"].startswith("LLM judge fault-model at http://127.0.0.1:")  # before: "LLM judge  at"
+    for named in ("fault-model", ""):  # before: '' -> 'fault-model' refused as a changed run-defining setting
+        train_grpo.setup(config(tmp_path, **{**base, "steps": 2, "resume": True, "judge_model": named})).engine.close()
+    ckpt = tmp_path / "run" / "checkpoint-1" / "trainer_state.json"
+    state = json.loads(ckpt.read_text())
+    ckpt.write_text(json.dumps({**state, "config": {**state["config"], "judge_model": "Qwen/Qwen3-4B-Instruct-2507"}}))
+    with pytest.raises(SystemExit, match=r"judge_model 'Qwen/Qwen3-4B-Instruct-2507' → 'fault-model'"):
+        train_grpo.setup(config(tmp_path, **{**base, "steps": 2, "resume": True}))
+
+
 # -- items 3 and 5: the sample table, validation logged from step 0, the final table, the terminal
 
 

@@ -274,6 +274,13 @@ def test_in_training_validation_scores_as_evaluate_py_does(tmp_path):
     assert summary["benchmarks"]["PubMedQA"]["n"] == 6
 
 
+def test_eval_data_in_any_case_validates(tmp_path):
+    cfg = config(tmp_path, eval_every=1, eval_data="pubmedqa", eval_data_root=str(SHARED_DATA), eval_limit=2, max_prompt_length=4096)
+    run = train_grpo.setup(cfg, toy_reward)
+    assert cfg.eval_data == "PubMedQA"  # resolved when the config is checked (before: looked up as typed, a KeyError)
+    assert 0.0 <= train_grpo.validate(0, cfg, run)["val/accuracy"] <= 1.0
+
+
 @pytest.mark.parametrize("balanced", [True, False])
 def test_warm_start_sees_the_labels_in_equal_shares_with_balance_labels(tmp_path, monkeypatch, balanced):
     """PubMedQA is 55% "yes": a warm start drawn as the data comes teaches that prior; with
