@@ -1089,6 +1089,10 @@ def main(cfg: Config, reward_fn=None) -> Path:
         stop.close()
         run.engine.close()  # before accelerate's end_training, which closes the process group vLLM shares
     run.acc.end_training()
+    if any(t.name == "wandb" for t in run.acc.trackers):  # run.finish() returns before wandb's service has written the run
+        import wandb  # file (seen: 7 bytes, 1 run in 4); teardown waits for it, so a script reading the run finds it whole
+
+        wandb.teardown()
     stop.exit(cfg, run.rank)  # after a SIGTERM: one line, exit status EXIT_PREEMPTED
     if len(val) > 1:
         print("\n" + validation_table(val, len(run.val_samples), cfg.eval_data, public_config(cfg)["eval_judge"]))
