@@ -8,7 +8,8 @@
 rollout (refilled when the online filter drops groups), rewards, advantages, the engine put to sleep,
 the clipped loss over micro-batches and optimiser steps, the weights streamed into the engine, a
 check that the engine holds them, one log line. `python train_grpo.py --help` explains every setting
-(grpo_config.py); the model, LoRA and the forward pass are in policy.py, checkpoints in checkpoints.py.
+(grpo_config.py); the model, LoRA and the forward pass are in policy.py, checkpoints in checkpoints.py,
+the prompt order in prompt_sampler.py, in-training validation in validation.py.
 README.md says where the trainer departs from MediX-R1's released one (EasyR1/verl).
 """
 from __future__ import annotations
@@ -19,8 +20,6 @@ import datetime
 import json
 import math
 import os
-import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,9 @@ from checkpoints import Preempted, Preemption, apply_changes, check_finite, chec
 from checkpoints import last_checkpoint, load_optimizer_state, load_trainer_state, read_log, read_step, run_header, save_checkpoint, truncate_log, truncate_samples  # noqa: F401
 from grpo_config import LOSS_TYPES, Config, check_config, parse_config, public_config, tracker_kwargs, trackers  # noqa: F401
 from policy import load_policy, policy_dtype, shard  # noqa: F401
+from prompt_sampler import PromptSampler, answer_labels  # noqa: F401
 from run_report import bar_safe_stdout, drop_stderr_lines, plot_log, validation_table, write_samples  # noqa: F401
+from validation import load_validation, validate, validation_prompts  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------
@@ -857,138 +858,6 @@ def warm_start(cfg, run) -> None:
         opt.zero_grad(set_to_none=True)
         if run.rank == 0:
             print(f"warm start {step + 1}/{cfg.warm_start_steps}: loss {loss.item():.3f}")
-
-
-def answer_labels(cfg, samples) -> list[str] | None:
-    """What `--balance_labels` balances over: each sample's answer (None when it is off)."""
-    return [s.answer.strip().lower() for s in samples] if cfg.balance_labels else None
-
-
-class PromptSampler:
-    """Epoch-wise shuffled sample order for this process; its position is part of checkpoints.
-
-    With `labels`, each epoch goes round-robin over the labels (smaller ones recycled), so a
-    majority answer (PubMedQA: 55% "yes") is not what the policy sees most. A sample found bad mid-run
-    (`mark_bad`: its image cannot be decoded) is never drawn again, also after a resume (the bad
-    indices are part of `state_dict`); with several processes, checkpoints merge every process's into each."""
-
-    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, labels: list[str] | None = None):
-        self.n, self.seed, self.rank, self.world, self.labels = n, seed, rank, world, labels
-        self.epoch, self.pos = 0, 0
-        self.bad: set[int] = set()  # samples found bad mid-run (`mark_bad`): never drawn again
-        self._order = self._make_order()
-
-    def _make_order(self) -> list[int]:
-        rng = random.Random(self.seed * 1000 + self.epoch)
-        if not self.labels:
-            order = list(range(self.n))
-            rng.shuffle(order)
-        else:
-            by_label: dict[str, list[int]] = {}
-            for i, lab in enumerate(self.labels):
-                by_label.setdefault(lab, []).append(i)
-            lists = [rng.sample(v, len(v)) for _, v in sorted(by_label.items())]
-            order = []
-            for k in range(max(len(v) for v in lists)):
-                round_ = [v[k % len(v)] for v in lists]
-                rng.shuffle(round_)  # else open-ended answers (one per label) come in sorted order every epoch
-                order += round_
-        return order[self.rank :: self.world]
-
-    def next(self, k: int) -> list[int]:
-        out = []
-        while len(out) < k:
-            if len(self.bad) >= self.n:
-                raise SystemExit(f"every sample of the {self.n} is bad (each logged above): no prompt left to train on")
-            if self.pos >= len(self._order):
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._order = self._make_order()
-            i = self._order[self.pos]
-            self.pos += 1
-            if i not in self.bad:
-                out.append(i)
-        return out
-
-    def mark_bad(self, i: int) -> None:
-        self.bad.add(i)
-
-    def state_dict(self) -> dict:  # plain ints and lists: loadable with torch.load(weights_only=True)
-        return {"epoch": self.epoch, "pos": self.pos, "bad": sorted(self.bad)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.pos = state["epoch"], state["pos"]
-        self.bad = set(state.get("bad", []))  # checkpoints written before bad samples were kept have none
-        self._order = self._make_order()
-
-
-# ---------------------------------------------------------------------------------------------
-# In-training validation: evaluate.py's stages on greedy answers from the training engine
-
-
-def validate(step: int, cfg, run) -> dict:
-    """Greedy answers to `eval_data` from the engine (which holds the current weights), written as
-    evaluate.py's generations, judged (`eval_judge`) and scored by evaluate.py: `val/accuracy`, the
-    strict format rate `val/format`, and each closed answer's share `val/answer_<x>`."""
-    import evaluate
-    import rewards
-
-    out = Path(cfg.output_dir) / "val" / f"step-{step}"
-    shutil.rmtree(out, ignore_errors=True)  # a resumed run validates this step again
-    ecfg = evaluate.EvalConfig(
-        model=cfg.model, output_dir=str(out), benchmarks=cfg.eval_data, judge=cfg.eval_judge, think_tag=cfg.think_tag,
-        format_prompt=True, max_judge_failures=1.0, label=f"step {step}",
-    )  # fmt: skip
-    prompts = validation_prompts(cfg, run)
-    done = run.engine.generate(prompts, n=1, settings=rollout.SamplingSettings(temperature=0.0, max_new_tokens=cfg.max_completion_length))
-    path = evaluate.generations_path(out, cfg.eval_data)
-    path.parent.mkdir(parents=True)
-    path.write_text("".join(json.dumps(evaluate._generation_record(s, c.text, ecfg, c.finish_reason)) + "\n"
-                            for s, c in zip(run.val_samples, done)))  # fmt: skip
-    evaluate.judge(ecfg, prepared=True)
-    summary = evaluate.score(ecfg, prepared=True)
-    texts = [c.text for c in done]
-    metrics = {
-        "val/accuracy": summary["benchmarks"][cfg.eval_data]["score"],
-        "val/format": sum(rewards.format_reward(texts, think_tag=cfg.think_tag)) / len(texts),
-    }
-    # Which option the answers name (exact judge): a policy collapsing to one answer shows here first.
-    judged = evaluate.read_jsonl(evaluate.judged_path(out, cfg.eval_data))
-    options = {c.lower() for s in run.val_samples for c in s.choices}
-    if options and all("answer" in r for r in judged.values()):
-        answers = [r["answer"] if r["answer"] in options else "other" for r in judged.values()]
-        metrics.update({f"val/answer_{a}": answers.count(a) / len(answers) for a in sorted(options) + ["other"] if len(options) <= 5})
-    return metrics
-
-
-def validation_prompts(cfg, run) -> list:
-    """The prompts of `run.val_samples`. A sample whose prompt cannot be built (an image that does not decode)
-    stops the run in one line, or with --skip_bad_samples is logged (a line, bad_samples.jsonl) and dropped
-    from the validation set, so the next validation does not meet it again."""
-    prompts, kept = [], []
-    for s in run.val_samples:
-        try:
-            prompts.append(data.build_messages(s, think_tag=cfg.think_tag, one_shot=cfg.one_shot))
-            kept.append(s)
-        except data.DataError as e:
-            if not cfg.skip_bad_samples:
-                raise SystemExit(f"--eval_data {cfg.eval_data}: {e} (--skip_bad_samples skips such samples)") from None
-            print(f"skipped bad validation sample: {e}")
-            Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-            with open(Path(cfg.output_dir) / "bad_samples.jsonl", "a") as f:
-                f.write(json.dumps({"id": s.id, "file": s.meta.get("file"), "error": str(e), "validation": True}) + "\n")
-    if not kept:
-        raise SystemExit(f"--eval_data {cfg.eval_data}: every validation sample is bad (each logged above)")
-    run.val_samples = kept
-    return prompts
-
-
-def load_validation(cfg) -> list:
-    from data import load_benchmark
-
-    try:
-        return load_benchmark(cfg.eval_data, cfg.eval_data_root or None, limit=cfg.eval_limit or None, hub=False)
-    except data.DataError as e:
-        raise SystemExit(f"--eval_data {cfg.eval_data}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
