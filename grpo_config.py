@@ -394,8 +394,8 @@ def check_config(cfg: Config, *, custom_reward: bool = False) -> None:
     # stays as typed and is refused when the validation set loads, with the known names.
     cfg.eval_data = data.canonical_name(cfg.eval_data) or cfg.eval_data
     local_judge = cfg.eval_judge != "exact" and not cfg.eval_judge.startswith(("http://", "https://"))
-    if cfg.eval_every and local_judge and cfg.engine == "vllm" and torch.cuda.is_available():
-        # evaluate.py's in-process judge is a second vLLM engine asking for 0.85 of the GPU beside ours and the trainer.
+    if cfg.eval_every and local_judge and torch.cuda.is_available():
+        # evaluate.py's in-process judge is a vLLM engine asking for 0.85 of the GPU beside the trainer (and our engine).
         _cli_error(f"--eval_judge {cfg.eval_judge}: a judge model in process cannot start on a GPU that the training engine and the trainer "
                    f"hold; serve it (vllm serve {cfg.eval_judge} --port 8000) and pass --eval_judge http://<host>:8000/v1")
     if cfg.filter_key not in REWARD_KEYS and not custom_reward:

@@ -302,8 +302,11 @@ def roll_out(cfg, run, groups: list[Group], settings) -> None:
 
 def rollout_seed(cfg, run, step: int, attempt: int) -> int:
     """A sampling seed per (step, try, tensor-parallel group): resume replays the same samples, and the
-    processes of one group (which generate together, `roll_out`) share it."""
-    return (cfg.seed * 1_000_003 + step * 1009 + attempt * 97 + run.rank // tp_size(cfg)) % 2**31
+    processes of one group (which generate together, `roll_out`) share it. Packed in fields that cannot
+    overlap (15 bits of step, 6 of try, 10 of group), then XORed with the run's seed: within a run no two
+    calls share a seed (sums of strides did: group 97's try a was group 0's try a + 1)."""
+    packed = (step % 2**15) << 16 | (attempt % 2**6) << 10 | (run.rank // tp_size(cfg)) % 2**10
+    return (packed ^ (cfg.seed * 0x9E3779B1)) % 2**31
 
 
 def score_groups(run, groups: list[Group], counts: dict) -> None:

@@ -63,3 +63,24 @@ def test_a_local_validation_judge_is_refused_on_a_gpu_with_the_vllm_engine(tmp_p
         train_grpo.check_config(config(tmp_path, engine="vllm", eval_every=5, eval_judge=judge))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # on a CPU the judge model runs in process
     train_grpo.check_config(config(tmp_path, engine="vllm", eval_every=5, eval_judge="/models/judge"))
+
+
+def test_rollout_seeds_never_repeat_across_steps_tries_and_groups():
+    """The old seed * p + step * 1009 + attempt * 97 + group gave group 97 at try a the seed of group 0 at
+    try a + 1, and try 11 of step s that of step s + 1 (and every prompt_seeds list with it)."""
+    from types import SimpleNamespace
+
+    for seed in (0, 1):
+        cfg = SimpleNamespace(seed=seed, tensor_parallel_size=1, engine="vllm")
+        seen = {train_grpo.rollout_seed(cfg, SimpleNamespace(rank=g), step, attempt)
+                for g in range(128) for step in range(60) for attempt in range(21)}
+        assert len(seen) == 128 * 60 * 21
+    cfg = SimpleNamespace(seed=0, tensor_parallel_size=2, engine="vllm")  # the ranks of one group generate together: one seed
+    assert train_grpo.rollout_seed(cfg, SimpleNamespace(rank=2), 5, 1) == train_grpo.rollout_seed(cfg, SimpleNamespace(rank=3), 5, 1)
+
+
+def test_a_local_validation_judge_is_refused_on_a_gpu_with_the_hf_engine_too(tmp_path, monkeypatch):
+    # evaluate.py's in-process judge starts a vLLM engine at 0.85 of the GPU whatever the training engine is.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit, match=r"--eval_judge /models/judge: "):
+        train_grpo.check_config(config(tmp_path, engine="hf", eval_every=5, eval_judge="/models/judge"))

@@ -238,8 +238,9 @@ def test_bf16_compute_loss_and_gradients_match_float32(tmp_path):
 
 
 # Measured on this machine's CPU build of torch 2.13 (float32); the reward is exact given the samples.
-PINNED = {"reward_total": [0.18683523518420575, 0.2073633832527884], "grad_norm": [1.1491526, 1.0717382],
-          "checksum": 7687.746863595034}
+# Re-pinned when rollout_seed's fields stopped overlapping (other sampling seeds, so other samples).
+PINNED = {"reward_total": [0.21392186798691729, 0.19696664785998566], "grad_norm": [1.1235697, 1.1522626],
+          "checksum": 7681.362589928032}
 
 
 def test_two_steps_on_a_tiny_checkpoint_give_pinned_values(tmp_path):
