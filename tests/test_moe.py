@@ -62,6 +62,8 @@ def engine_vs(engine, model, processor, reference=None) -> tuple[list[float], li
     return diffs(model), diffs(reference) if reference is not None else []
 
 
+# The tests on this module's engine come before those that start and close engines of their own: closing an
+# in-process vLLM engine tears down vLLM's parallel state, which this engine needs (it failed in the full suite).
 @pytest.fixture(scope="module")
 def engine():
     e = rollout.VLLMRollout(moe_dir(), enforce_eager=True, max_model_len=1024)
@@ -94,6 +96,25 @@ def test_fused_experts_stream_in_place(engine):
     E, I2, H = model.model.language_model.layers[0].mlp.experts.gate_up_proj.shape
     assert shapes["model.language_model.layers.0.mlp.experts.gate_up_proj"] == (E, H, I2)
     diffs, to_initial = engine_vs(engine, model, processor, initial)
+    assert max(diffs) < 1e-4 < 0.1 < min(to_initial), (diffs, to_initial)
+
+
+def test_lora_reaches_the_experts_and_merges_into_the_engine(engine):
+    model, processor = load_moe()
+    initial, _ = load_moe()
+    lora = policy.add_lora(lora_cfg(), model, vlm=True)
+    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert any(".experts." in n for n in trainable) and any(".self_attn." in n for n in trainable)
+    assert not any("visual." in n for n in trainable)  # --freeze_vision
+    torch.manual_seed(2)
+    with torch.no_grad():  # B starts at 0: a nonzero update, as training makes
+        for n, p in lora.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.2)
+    sent = []
+    engine.update_weights((sent.append((n, t.shape)) or (n, t)) for n, t in rollout.full_parameters(lora))
+    assert dict(sent) == {n: (p.shape if not n.endswith(EXPERTS) else p.transpose(-1, -2).shape) for n, p in initial.named_parameters()}
+    diffs, to_initial = engine_vs(engine, lora, processor, initial)
     assert max(diffs) < 1e-4 < 0.1 < min(to_initial), (diffs, to_initial)
 
 
@@ -145,25 +166,6 @@ def lora_cfg(**kw):
     from types import SimpleNamespace
 
     return SimpleNamespace(**{**dict(lora_r=4, lora_alpha=8, lora_dropout=0.0, lora_target_modules=[], freeze_vision=True), **kw})
-
-
-def test_lora_reaches_the_experts_and_merges_into_the_engine(engine):
-    model, processor = load_moe()
-    initial, _ = load_moe()
-    lora = policy.add_lora(lora_cfg(), model, vlm=True)
-    trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
-    assert any(".experts." in n for n in trainable) and any(".self_attn." in n for n in trainable)
-    assert not any("visual." in n for n in trainable)  # --freeze_vision
-    torch.manual_seed(2)
-    with torch.no_grad():  # B starts at 0: a nonzero update, as training makes
-        for n, p in lora.named_parameters():
-            if ".lora_B." in n:
-                p.normal_(0, 0.2)
-    sent = []
-    engine.update_weights((sent.append((n, t.shape)) or (n, t)) for n, t in rollout.full_parameters(lora))
-    assert dict(sent) == {n: (p.shape if not n.endswith(EXPERTS) else p.transpose(-1, -2).shape) for n, p in initial.named_parameters()}
-    diffs, to_initial = engine_vs(engine, lora, processor, initial)
-    assert max(diffs) < 1e-4 < 0.1 < min(to_initial), (diffs, to_initial)
 
 
 def test_lora_targets_named_experts_and_refuses_dropout_on_them():
