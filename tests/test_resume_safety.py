@@ -355,13 +355,14 @@ def test_sigusr1_preempts_as_sigterm_and_leaves_a_marker_that_a_resume_removes(h
 
     cfg = copy_run(honest, tmp_path)
     marker = tmp_path / "run" / checkpoints.PREEMPTED
+    before = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)  # an earlier test's engine may have set one
     stop = checkpoints.Preemption(True)
     try:
         os.kill(os.getpid(), signal.SIGUSR1)  # this test's own process
         assert stop.signalled
     finally:
         stop.close()
-    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert (signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGTERM)) == before  # handed back
     ckpt = tmp_path / "run" / "checkpoint-2"
     assert stop.save(cfg, types.SimpleNamespace(rank=0, world=1), 2, ckpt) == ckpt  # the loop's own: not written again
     said = json.loads(marker.read_text())
@@ -389,6 +390,7 @@ def _together_worker(rank, port, out):
     except Exception as e:
         result = type(e).__name__
     Path(out, str(rank)).write_text(result)
+    torch.distributed.barrier()  # leave together: a peer gone mid-teardown aborts gloo's other process
     torch.distributed.destroy_process_group()
 
 
@@ -404,7 +406,10 @@ def test_a_write_failing_on_one_process_stops_every_process(tmp_path):
         port = s.getsockname()[1]
     ctx = mp.start_processes(_together_worker, args=(port, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
     t0 = time.perf_counter()
-    while not ctx.join(timeout=1) and time.perf_counter() - t0 < 120:
+    try:
+        while not ctx.join(timeout=1) and time.perf_counter() - t0 < 120:
+            pass
+    except mp.ProcessExitedException:  # gloo's teardown after both wrote their result (seen once in the full suite)
         pass
     assert (tmp_path / "0").read_text() == "_PeerFailed" and (tmp_path / "1").read_text() == "OSError"
 
