@@ -304,9 +304,10 @@ def _claim(out: Path, manifest: dict, key: str, mine: dict, overwrite: bool) -> 
 
 
 def record(out: Path, manifest: dict, *, generation: dict | None, judgement: dict | None, names: list[str],
-           samples: dict[str, list], skipped: dict[str, str], overwrite: bool) -> None:
+           samples: dict[str, list], skipped: dict[str, str], overwrite: bool, limit: int | None = None) -> None:
     """prepare's last step: claim the folder for this run's generation and judge (`_claim`, `_claim_judge`),
-    then write the manifest with the benchmarks, sample counts, task files and versions of this run."""
+    then write the manifest with the benchmarks, sample counts, --limit of each generated benchmark (the
+    reports mark a limited run as a smoke run), task files and versions of this run."""
     if generation is not None:
         _claim(out, manifest, "generation", generation, overwrite)
         manifest["generation"] = generation
@@ -319,6 +320,7 @@ def record(out: Path, manifest: dict, *, generation: dict | None, judgement: dic
     manifest.update(
         benchmarks=list(dict.fromkeys([*(manifest.get("benchmarks") or []), *names])), missing=skipped,
         samples={**(manifest.get("samples") or {}), **{n: len(v) for n, v in samples.items()}},
+        limits={**(manifest.get("limits") or {}), **{n: limit for n in samples}},
         versions=_versions(), created=manifest.get("created", now), updated=now,
         tasks={**(manifest.get("tasks") or {}), **{n: BENCHMARKS[n].rows.spec for n in names if BENCHMARKS[n].rows is not None}},
     )  # fmt: skip

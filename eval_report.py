@@ -70,6 +70,72 @@ class BenchmarkScore:
         return self.points / self.max_points
 
 
+PAPER_BENCHMARKS = tuple(n for n in PUBLISHED if n != "AVG")  # the 17 of the paper's table; a task-file benchmark is not one
+
+
+def describe_run(source: str | Path | dict, judge: str | None = None) -> dict:
+    """What was run, from a run folder (or its manifest dict): the model and its fingerprint, the judge
+    (`judge`: a judged/ key or the judge's name, None: the latest), its template hash and rounds, the
+    library versions, the dates, the --limit (`smoke`: True when one was set), and the benchmarks judged
+    (`k` of the paper's 17; `custom`: task-file benchmarks beside them). A folder without a manifest gives
+    "unknown" names. Every report page (report.md, scores.png, report.html, the comparison) prints this."""
+    from eval_manifest import EXACT, choose_judge, judged_path, read_manifest
+
+    folder = None if isinstance(source, dict) else Path(source)
+    manifest = source if folder is None else read_manifest(folder)
+    gen = manifest.get("generation") or {}
+    if folder is None:  # the manifest alone: its judge named `judge` (key or model), else its latest
+        judges = dict(manifest.get("judges") or {}) or ({"": manifest["judge"]} if manifest.get("judge") else {})
+        picked = [k for k, v in judges.items() if judge in (None, k, v.get("judge"), v.get("judge_model"))]
+        key = picked[-1] if picked else ""
+        ident = judges.get(key)
+    else:
+        key, ident = choose_judge(folder, manifest, judge)
+    ident = ident or {}
+    skipped = manifest.get("missing") or {}
+    names = [n for n in manifest.get("benchmarks") or [] if n not in skipped]
+    if folder is not None:  # those with results of this judge (a manifest-less folder: whatever is judged there)
+        names = [n for n in dict.fromkeys([*names, *(p.stem for p in sorted((folder / "judged" / key).glob("*.jsonl")))])
+                 if judged_path(folder, n, key).is_file()]  # fmt: skip
+    limits = manifest.get("limits") or {}
+    limit_values = sorted({v for n, v in limits.items() if n in names and v is not None})
+    fingerprint = gen.get("fingerprint")
+    return {
+        "folder": None if folder is None else str(folder),
+        "model": gen.get("model") or gen.get("model_url") or "unknown (no manifest)",
+        "model_url": gen.get("model_url"),
+        "model_fingerprint": _short_hash(fingerprint),
+        "generation": {k: v for k, v in gen.items() if k not in ("model", "model_url", "fingerprint")},
+        "judge": ident.get("judge_model") or ident.get("judge") or "unknown (no manifest)",
+        "judge_key": key,
+        "judge_fingerprint": None if ident.get("judge") == EXACT else _short_hash(ident.get("fingerprint")),
+        "template": ident.get("template"),
+        "rounds": ident.get("judge_rounds"),
+        "judge_settings": {k: v for k, v in ident.items() if k not in ("judge", "judge_model", "fingerprint", "template", "key")},
+        "versions": manifest.get("versions") or {},
+        "created": manifest.get("created"),
+        "updated": manifest.get("updated"),
+        "limit": limit_values[-1] if limit_values else None,  # the largest, when benchmarks were limited differently
+        "limits": {n: limits.get(n) for n in names if n in limits},
+        "smoke": bool(limit_values),
+        "benchmarks": names,
+        "paper_benchmarks": [n for n in names if n in PAPER_BENCHMARKS],
+        "k": sum(n in PAPER_BENCHMARKS for n in names),
+        "of": len(PAPER_BENCHMARKS),
+        "not_run": [n for n in PAPER_BENCHMARKS if n not in names],
+        "custom": [n for n in names if n not in PAPER_BENCHMARKS],
+        "samples": {n: (manifest.get("samples") or {}).get(n) for n in names},
+    }
+
+
+def _short_hash(value) -> str | None:
+    """8 hex digits of a fingerprint (the form eval_manifest prints beside a model's name)."""
+    import hashlib
+    import json
+
+    return None if not value else hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 

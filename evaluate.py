@@ -988,7 +988,7 @@ def prepare(cfg: EvalConfig, stages: tuple[str, ...]) -> dict[str, list[Sample]]
     if generation is None and judgement is None:
         return samples  # the score stage reads, never writes the manifest
     eval_manifest.record(out, manifest, generation=generation, judgement=judgement, names=names, samples=samples,
-                         skipped=skipped, overwrite=cfg.overwrite)
+                         skipped=skipped, overwrite=cfg.overwrite, limit=cfg.limit)
     return samples
 
 
