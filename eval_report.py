@@ -167,36 +167,84 @@ def _num(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def _published_mean(group: str | None, j: int) -> float | None:
-    return _mean([PUBLISHED[n][j] for n in benchmark_names(group) if n in PUBLISHED])
+def _paper_mean(names: list[str], j: int) -> float | None:
+    """The paper's mean of column j over `names` (its AVG row as published when they are all 17)."""
+    if set(names) >= set(PAPER_BENCHMARKS):
+        return PUBLISHED["AVG"][j]
+    return _mean([PUBLISHED[n][j] for n in names if n in PUBLISHED])
 
 
 def _partial(mean: dict) -> str:
     return "" if mean["tasks"] == mean["of"] else f" ({mean['tasks']}/{mean['of']} tasks)"
 
 
+def compared_means(summary: dict) -> dict:
+    """LLM / VLM / overall means of ours and of each published column over the same benchmarks: those of the
+    paper's 17 that this run scored (a task-file benchmark has no paper figure, so it is in none of them)."""
+    ours = summary["benchmarks"]
+    out = {}
+    for key, group in (("LLM", "LLM"), ("VLM", "VLM"), ("overall", None)):
+        of = [n for n in PAPER_BENCHMARKS if group is None or n in benchmark_names(group)]
+        names = [n for n in of if n in ours]
+        out[key] = {"names": names, "tasks": len(names), "of": len(of), "ours": _mean([ours[n]["score"] for n in names]),
+                    "published": [_paper_mean(names, j) if names else None for j in range(len(PUBLISHED_MODELS))]}  # fmt: skip
+    return out
+
+
+def provenance(run: dict | None, summary: dict) -> list[str]:
+    """What was run, as markdown lines: the model, the judge, the benchmarks (k of 17), the limit."""
+    if not run:
+        return ["Model and judge unknown (no manifest)."]
+    k = sum(n in summary["benchmarks"] for n in PAPER_BENCHMARKS)
+    custom = [n for n in summary["benchmarks"] if n not in PAPER_BENCHMARKS]
+    judge = f"Judge: {run['judge']}" + (f" (fingerprint {run['judge_fingerprint']})" if run.get("judge_fingerprint") else "")
+    if run.get("template"):
+        judge += f", template {run['template']}"
+    if run.get("rounds"):
+        judge += f", {run['rounds']} rounds"
+    versions = ", ".join(f"{k} {v}" for k, v in (run.get("versions") or {}).items())
+    lines = [
+        f"Model: {run['model']}" + (f" (fingerprint {run['model_fingerprint']})" if run.get("model_fingerprint") else "") + ".  ",
+        judge + ".  ",
+        f"Benchmarks: {k}/{len(PAPER_BENCHMARKS)} of the paper's benchmarks"
+        + (f" + {len(custom)} custom: {', '.join(custom)}" if custom else "") + ".  ",
+        f"Limit: {'--limit ' + str(run['limit']) + ' samples per benchmark' if run.get('smoke') else 'none (full sets)'}.  ",
+    ]  # fmt: skip
+    if versions or run.get("created"):
+        lines.append(f"Run: {run.get('created') or '?'} to {run.get('updated') or '?'}; {versions or 'versions unknown'}.")
+    if run.get("smoke"):
+        lines += ["", f"**Smoke run: --limit {run['limit']} (the first {run['limit']} samples of each benchmark); the paper's "
+                      "columns are full test sets, not comparable.**"]  # fmt: skip
+    return lines
+
+
 def report_markdown(summary: dict, label: str) -> str:
-    """The paper's table: benchmarks as rows, the published models then ours as columns."""
+    """The paper's table: benchmarks as rows, the published models then ours as columns. Means beside the
+    paper's are over the benchmarks both have (compared_means); a paper benchmark not run says so."""
     cell = _num
+    run = summary.get("run")
 
     head = ["Benchmark", *PUBLISHED_MODELS, f"**{label}**"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     ours = summary["benchmarks"]
+    compared = compared_means(summary)
     for group in ("LLM", "VLM"):
         for n in benchmark_names(group):
-            mine = ours[n]["score"] if n in ours else None
+            mine = cell(ours[n]["score"]) if n in ours else "not run" if n in PAPER_BENCHMARKS else "-"
             paper = PUBLISHED.get(n, (None,) * len(PUBLISHED_MODELS))  # a benchmark added to data.BENCHMARKS: no paper figures
-            rows.append(f"| {n} | " + " | ".join(cell(v) for v in paper) + f" | **{cell(mine)}** |")
-        m = summary["means"][group]
-        published = " | ".join(cell(_published_mean(group, j)) for j in range(len(PUBLISHED_MODELS)))
-        rows.append(f"| *{group} mean* | {published} | **{cell(m['score'])}**{_partial(m)} |")
-    m = summary["means"]["overall"]
-    rows.append("| **AVG** | " + " | ".join(cell(v) for v in PUBLISHED["AVG"]) + f" | **{cell(m['score'])}**{_partial(m)} |")
+            rows.append(f"| {n} | " + " | ".join(cell(v) for v in paper) + f" | **{mine}** |")
+        m = compared[group]
+        rows.append(f"| *{group} mean*{_partial(m)} | " + " | ".join(map(cell, m["published"])) + f" | **{cell(m['ours'])}** |")
+    m = compared["overall"]
+    name = "**AVG**" if m["tasks"] == m["of"] else f"**AVG over the {m['tasks']}/{m['of']} benchmarks run**"
+    rows.append(f"| {name} | " + " | ".join(map(cell, m["published"])) + f" | **{cell(m['ours'])}** |")
+    custom = [f"{n} {cell(r['score'])}" for n, r in ours.items() if n not in PAPER_BENCHMARKS]
     text = [
-        f"# Evaluation: {label}", "",
+        f"# Evaluation: {run['model'] if run else label}", "", *provenance(run, summary), "",
         "Binary tasks: correct / N; MIMIC-CXR tasks: sum of 0-5 rubric scores / (5 N). Means are unweighted "
-        "over tasks. Published columns: the MediX-R1 paper (its AVG row as published; the group means "
-        "computed here from its figures).", "", *rows, "",
+        "over tasks, ours and the paper's over the same benchmarks (the paper's benchmarks this run scored). "
+        "Published columns: the MediX-R1 paper (its AVG row as published when all 17 were run).", "", *rows, "",
+        *([f"Custom benchmarks (not in the paper's table, so in none of these means): {', '.join(custom)}.", ""] if custom else []),
     ]  # fmt: skip
     exact = summary.get("unmatched") is not None  # the column of replies that named no option (--judge exact)
     text += ["| Benchmark | N | judge failures (counted wrong) | " + ("unmatched: no option named (counted wrong) | " if exact else "")
@@ -230,25 +278,48 @@ def report_markdown(summary: dict, label: str) -> str:
     return "\n".join(text) + "\n"
 
 
+def score_chart(summary: dict, label: str, compare_to: str) -> dict:
+    """What scores.png draws: per benchmark our score (None: not run, labelled so, not a zero bar) beside
+    `compare_to`'s published figure (None: a custom benchmark), then the AVG of both over the same
+    benchmarks (compared_means); the title says the model, judge, k/17 and a smoke run."""
+    j = PUBLISHED_MODELS.index(compare_to)
+    ours = summary["benchmarks"]
+    names = [*PAPER_BENCHMARKS, *(n for n in ours if n not in PAPER_BENCHMARKS)]
+    m = compared_means(summary)["overall"]
+    run = summary.get("run") or {}
+    title = f"{run.get('model') or label}, judge {run.get('judge') or 'unknown'}: {m['tasks']}/{m['of']} benchmarks"
+    if run.get("smoke"):
+        title += f"; SMOKE RUN (--limit {run['limit']}): not comparable with the published full sets"
+    return {
+        "names": [*names, f"AVG ({m['tasks']}/{m['of']})"],
+        "ours": [ours[n]["score"] if n in ours else None for n in names] + [m["ours"]],
+        "theirs": [PUBLISHED[n][j] if n in PUBLISHED else None for n in names] + [m["published"][j]],
+        "not_run": [n for n in PAPER_BENCHMARKS if n not in ours],
+        "labels": (label, f"{compare_to} (published)"),
+        "title": title,
+    }
+
+
 def plot_scores(summary: dict, label: str, compare_to: str, path: Path) -> None:
-    """Bar chart: our score per benchmark beside one published column."""
+    """Bar chart of score_chart: our score per benchmark beside one published column."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
 
-    names = benchmark_names() + ["AVG"]
-    j = PUBLISHED_MODELS.index(compare_to)
-    ours = [summary["benchmarks"].get(n, {}).get("score") for n in names[:-1]] + [summary["means"]["overall"]["score"]]
-    ours = [math.nan if v is None else v for v in ours]
-    theirs = [PUBLISHED[n][j] if n in PUBLISHED else math.nan for n in names]
-    x = range(len(names))
-    fig, ax = plt.subplots(figsize=(12, 4.5))
-    ax.bar([i - 0.2 for i in x], ours, width=0.4, label=label)
-    ax.bar([i + 0.2 for i in x], theirs, width=0.4, label=f"{compare_to} (published)")
-    ax.set_xticks(list(x), names, rotation=60, ha="right")
+    chart = score_chart(summary, label, compare_to)
+    nan = [math.nan if v is None else v for v in chart["ours"]], [math.nan if v is None else v for v in chart["theirs"]]
+    x = range(len(chart["names"]))
+    fig, ax = plt.subplots(figsize=(12, 4.8))
+    ax.bar([i - 0.2 for i in x], nan[0], width=0.4, label=chart["labels"][0])
+    ax.bar([i + 0.2 for i in x], nan[1], width=0.4, label=chart["labels"][1])
+    for i, n in enumerate(chart["names"]):
+        if n in chart["not_run"]:  # an empty slot would read as a zero score
+            ax.text(i - 0.2, 0.02, "not run", rotation=90, ha="center", va="bottom", fontsize=8, color="gray")
+    ax.set_xticks(list(x), chart["names"], rotation=60, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("score")
+    ax.set_title(chart["title"], fontsize=10, color="firebrick" if (summary.get("run") or {}).get("smoke") else "black")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

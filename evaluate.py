@@ -47,7 +47,7 @@ from eval_manifest import judged_path, known_judges, read_manifest
 from eval_manifest import MANIFEST, REPORT_FILES, served_models  # noqa: F401  (re-exported: tests and bench/ reach them as evaluate.<name>)
 from eval_policy import engine_kind as _engine_kind
 from eval_policy import model_fingerprint, policy_engine  # noqa: F401  (re-exported: tests, train_grpo)
-from eval_report import BAD_SAMPLES, PUBLISHED, PUBLISHED_MODELS, RUBRIC_MAX, BenchmarkScore, _num, aggregate, plot_scores, report_markdown
+from eval_report import BAD_SAMPLES, PUBLISHED, PUBLISHED_MODELS, RUBRIC_MAX, BenchmarkScore, _num, aggregate, describe_run, plot_scores, report_markdown
 from exact_match import RULES, choose_option
 from judge_prompts import MAX_REFERENCE_CHARS, TRUNCATED, cap, neutralise, normalise_text  # noqa: F401  (TRUNCATED: re-exported for callers)
 from rewards import redact_url, run_sync
@@ -853,6 +853,7 @@ def score(cfg: EvalConfig, prepared: bool = False) -> dict:
     if total and failed / total > cfg.max_judge_failures:
         summary["invalid"] = f"{failed} of {total} samples have no judge score (more than --max_judge_failures {cfg.max_judge_failures:.0%})"
     summary["published"] = {"models": list(PUBLISHED_MODELS), "scores": PUBLISHED}
+    summary["run"] = describe_run(out, key)  # what was run: every report page says it
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(report_markdown(summary, cfg.label), encoding="utf-8")
     plot_scores(summary, cfg.label, cfg.compare_to, out / "scores.png")

@@ -106,7 +106,7 @@ def test_missing_benchmarks_stop_the_score_unless_allowed(tmp_path):
     s = main(EvalConfig(stage="score", output_dir=str(tmp_path), allow_missing=True))
     assert s["means"]["LLM"] == {"score": 0.5, "tasks": 1, "of": 11} and s["means"]["overall"]["score"] == 0.75
     md = (tmp_path / "report.md").read_text()
-    assert "**0.750** (2/17 tasks) |" in md and "| MMLU-Bio | 0.549" in md and "Not scored (no judged file): MMLU-Clinical" in md
+    assert "| **AVG over the 2/17 benchmarks run** | 0.320 | 0.453 |" in md and "| **0.750** |\n" in md and "| MMLU-Bio | 0.549" in md and "Not scored (no judged file): MMLU-Clinical" in md
     # A subset selected on purpose is complete: no missing files, its own means.
     s = main(EvalConfig(stage="score", output_dir=str(tmp_path), benchmarks="MedQA,PathVQA"))
     assert s["means"]["VLM"]["score"] == 1.0
