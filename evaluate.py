@@ -104,6 +104,10 @@ class EvalConfig:
     compare_to: str = field(default="MediX-R1 8B", metadata={"help": "The published column drawn beside ours in scores.png."})
     allow_missing: bool = field(default=False, metadata={"help": "Skip benchmarks that have no data (or no file at a later stage); the report lists them."})
     allow_partial: bool = field(default=False, metadata={"help": "Score a benchmark whose generated samples are not all judged (the report says how many)."})
+    # finished runs (no stage runs): eval_compare.py, eval_export.py
+    compare: list[str] | None = field(default=None, metadata={"help": "Two run folders A B: per-benchmark deltas B - A with paired tests and the samples they differ on (compare.md and compare.json in --output_dir, else beside A)."})
+    allow_different_judges: bool = field(default=False, metadata={"help": "--compare runs judged by different judges or templates (refused otherwise); the report flags it."})
+    export: str | None = field(default=None, metadata={"help": "A run folder: its results in the MediX-R1 release's layout and leaderboard zip (in --output_dir, else <run>/medix-r1_results)."})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1000,6 +1004,11 @@ def main(cfg: EvalConfig) -> dict | None:
             tasks.load_tasks_dir(cfg.tasks_dir)
         print(tasks.listing(cfg.data_root))
         return None
+    if cfg.compare or cfg.export:  # finished runs are read; no stage runs
+        import eval_compare
+        import eval_export
+
+        return eval_compare.main(cfg) if cfg.compare else eval_export.main(cfg)
     _check_flags(cfg)
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)
     samples = prepare(cfg, stages)
