@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-REPORT_FILES = ("report.md", "summary.json", "scores.png")  # what --overwrite deletes with the generations
+REPORT_FILES = ("report.md", "summary.json", "scores.png", "report.html")  # what --overwrite deletes with the generations
 EXACT = "exact"  # --judge exact: no judge model, the closed answer's option compared as text
 # Settings that shape the answers or the judgements: kept in the manifest, adopted by a later stage
 # that does not name its own model or judge, compared when it does.

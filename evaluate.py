@@ -40,6 +40,7 @@ from typing import Iterator
 
 import eval_manifest
 import folder_lock
+import report_html
 import tasks
 from data import BENCHMARKS, LETTERS, DataError, Sample, build_messages, load_benchmark, question_text
 from eval_manifest import EXACT, GENERATION_KEYS, JUDGE_KEYS, _adopted, _folder_name, _is_url, _name_of, choose_judge, generation_identity
@@ -820,7 +821,7 @@ def _unjudged(out: Path, results: dict[str, BenchmarkScore], expected: dict[str,
 
 @folder_lock.releases  # the folder's lock, when `prepare` took it here
 def score(cfg: EvalConfig, prepared: bool = False) -> dict:
-    """Stage 3: read `judged/<benchmark>.jsonl`, write report.md, summary.json and scores.png.
+    """Stage 3: read `judged/<benchmark>.jsonl`, write report.md, summary.json, scores.png and report.html.
     Refuses a benchmark whose generated samples are not all judged (unless `--allow_partial`), and
     stops after writing the report when more than `--max_judge_failures` have no judge score."""
     if not prepared:
@@ -861,6 +862,7 @@ def score(cfg: EvalConfig, prepared: bool = False) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     (out / "report.md").write_text(report_markdown(summary, cfg.label), encoding="utf-8")
     plot_scores(summary, cfg.label, cfg.compare_to, out / "scores.png")
+    report_html.write_report(out, summary, key, data_root=cfg.data_root)  # every sample, browsable: report_html.py
     m = summary["means"]
     logger.info("score: overall %s over %d tasks (LLM %s, VLM %s), %d judge failures, judge %s; report in %s",
                 _num(m["overall"]["score"]), m["overall"]["tasks"], _num(m["LLM"]["score"]), _num(m["VLM"]["score"]),
