@@ -216,7 +216,8 @@ def _scores_table(summary: dict, run: dict) -> str:
         mine = ours.get(name)
         cells = "".join(f"<td>{_num(v)}</td>" for v in paper)
         if mine:
-            fails = f", {mine['judge_failures']} judge failures" if mine["judge_failures"] else ""
+            k = mine["judge_failures"]
+            fails = f", {k} judge failure{'s' * (k != 1)}" if k else ""
             rows.append(f'<tr class="run" data-bench="{_esc(name)}" title="show its samples"><th>{_esc(name)}</th>{cells}'
                         f'<td class="ours">{_num(mine["score"])}</td><td>{mine["n"]}{fails}</td></tr>')  # fmt: skip
         else:
@@ -228,7 +229,7 @@ def _scores_table(summary: dict, run: dict) -> str:
             continue
         paper = "".join(f"<td>{_num(sum(PUBLISHED[n][j] for n in names) / len(names))}</td>" for j in range(len(PUBLISHED_MODELS)))
         mine = sum(ours[n]["score"] for n in names) / len(names)
-        rows.append(f'<tr class="mean"><th>{label} over the {len(names)} run</th>{paper}<td class="ours">{_num(mine)}</td><td></td></tr>')
+        rows.append(f'<tr class="mean"><th>{label} ({len(names)} benchmark{"s" * (len(names) != 1)} run)</th>{paper}<td class="ours">{_num(mine)}</td><td></td></tr>')
     paper_avg = "".join(f"<td>{_num(v)}</td>" for v in PUBLISHED["AVG"])
     rows.append(f'<tr class="notrun"><th>AVG as published (17)</th>{paper_avg}'
                 f'<td class="ours">{_num(summary["means"]["overall"]["score"]) if run["k"] == run["of"] else "-"}</td><td></td></tr>')  # fmt: skip
