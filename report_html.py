@@ -23,6 +23,7 @@ import html
 import io
 import json
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -37,6 +38,7 @@ THUMB = 112  # px, the longest side of a thumbnail: ~2-4 KB of JPEG each
 JPEG_QUALITY = 70
 STATUS = ("right", "wrong", "partly right", "judge failed")  # index = the status column's value
 TEXT_ONLY = "none (text)"  # the modality shown for a sample without images
+REASONING_CLOSE = re.compile(r"<\s*/\s*think(?:ing)?\s*>", re.IGNORECASE)  # evaluate.REASONING_CLOSE (not imported: evaluate imports us)
 
 
 def write_report(out: str | Path, summary: dict, key: str | None = None, *, data_root: str | Path | None = None,
@@ -126,8 +128,8 @@ def _split(rec: dict) -> tuple[str, str]:
     """(answer, reasoning): the judged answer (cut after the reasoning) and what came before it."""
     response = str(rec.get("response") or "")
     answer = rec.get("final_answer")
-    if answer is None:  # --judge exact: its line keeps the option chosen, not the cut answer
-        return response, ""
+    if answer is None:  # --judge exact: its line keeps the option chosen, not the cut answer (cut here as evaluate.final_answer)
+        answer = REASONING_CLOSE.split(response)[-1].strip()
     answer = str(answer)
     at = response.rfind(answer) if answer else -1
     return answer, (response[:at] if at >= 0 else response if response != answer else "")

@@ -133,3 +133,11 @@ def test_the_benchmark_at_its_smallest_size_opens_pages_and_filters(browser, tmp
     assert result["matched"]["filter: + PathVQA"] == sum(r["score"] == 0 for r in recs["PathVQA"])
     assert result["matched"]["search (first, builds index)"] == sum("zebra" in r["question"] for rs in recs.values() for r in rs)
     assert json.loads((tmp_path / "bench.json").read_text())["open_painted_s"] > 0
+
+
+def test_an_exact_match_line_shows_its_answer_with_the_reasoning_folded_apart():
+    import report_html
+
+    rec = {"id": "x", "response": "<think>why</think> B. yes", "template": "EXACT", "choice": "B", "matched_by": "leading"}
+    assert report_html._split(rec) == ("B. yes", "<think>why</think> ")
+    assert report_html._split({**rec, "final_answer": "B. yes"}) == ("B. yes", "<think>why</think> ")
