@@ -122,6 +122,9 @@ class Config:
     allow_config_change: bool = field(default=False, metadata={"help": "On --resume, accept changed settings that define the run (RESUME_FIXED: model, data, group_size, loss, rewards, LoRA, dtypes, seed ...); they are logged either way."})
     save_on_preempt: bool = field(default=True, metadata={"help": "On SIGTERM (SLURM, Kubernetes preemption) finish the step, write a checkpoint and exit with status 75; off: SIGTERM kills at once."})
     log_samples_every: int = field(default=10, metadata={"help": "Steps between tables of sample completions in samples.md (0: never)."})
+    collapse_share: float = field(default=0.9, metadata={"help": "Reward-health alarm (reward_health.py): warn when one answer is more than this share of a step's completions for collapse_steps steps in a row (1: never)."})
+    collapse_steps: int = field(default=3, metadata={"help": "Steps in a row over collapse_share or zero_adv_alarm before the reward-health alarm (a printed warning and health/alarm in the log)."})
+    zero_adv_alarm: float = field(default=0.8, metadata={"help": "Reward-health alarm: warn when more than this share of the sampled groups (online-filtered ones included) has zero advantage for collapse_steps steps in a row (1: never)."})
     report_to: list[str] = field(default_factory=list, metadata={"help": "Trackers that get every step's metrics: tensorboard, wandb (WANDB_MODE=offline works without network), ... or none."})
     project: str = field(default="medix-grpo", metadata={"help": "Tracker project (wandb's project)."})
     run_name: str = field(default="", metadata={"help": "Tracker run name (wandb's run; tensorboard's folder under output_dir/tensorboard); empty: the output_dir's name."})
@@ -343,7 +346,7 @@ _AT_LEAST = {
     "save_every": 1, "save_total_limit": 0, "log_samples_every": 0, "warm_start_steps": 0, "warm_start_batch_size": 1,
     "warmup_steps": 0, "judge_concurrency": 1, "judge_retries": 0, "judge_failure_steps": 1, "min_pixels": 1,
     "beta": 0.0, "clip_low": 0.0, "clip_high": 0.0, "tis_cap": 0.0, "weight_decay": 0.0, "sync_probe_max": 0.0,
-    "eval_every": 0, "eval_limit": 0, "lora_r": 1, "lora_dropout": 0.0, "gpu_memory_gb": 0.0, "ddp_timeout": 1,
+    "eval_every": 0, "eval_limit": 0, "collapse_steps": 1, "lora_r": 1, "lora_dropout": 0.0, "gpu_memory_gb": 0.0, "ddp_timeout": 1,
 }  # fmt: skip
 
 
@@ -368,7 +371,7 @@ def check_config(cfg: Config, *, custom_reward: bool = False) -> None:
     for name in ("lr", "temperature", "max_grad_norm", "judge_timeout", "lora_alpha"):
         if not getattr(cfg, name) > 0:
             _cli_error(f"--{name} must be above 0, not {getattr(cfg, name)}")
-    for name in ("top_p", "gpu_memory_utilization", "judge_failure_max"):
+    for name in ("top_p", "gpu_memory_utilization", "judge_failure_max", "collapse_share", "zero_adv_alarm"):
         if not 0 < getattr(cfg, name) <= 1:
             _cli_error(f"--{name} is a share: above 0 and at most 1, not {getattr(cfg, name)}")
     if not cfg.filter_low < cfg.filter_high:

@@ -86,7 +86,7 @@ def plot_log(log_path: Path, png: Path) -> None:
     if not every:
         return
     steps = [x["step"] for x in lines]
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    fig, axes = plt.subplots(1, 5, figsize=(25, 4))
     for key in sorted({k for x in lines for k in x if k.startswith("reward_")}):
         axes[0].plot(steps, [x.get(key, float("nan")) for x in lines], label=key.removeprefix("reward_"))
     for key in ("val/accuracy", "val/format"):
@@ -104,11 +104,28 @@ def plot_log(log_path: Path, png: Path) -> None:
     axes[3].set_yscale("symlog", linthresh=1e-6)
     axes[3].set_title("health")
     axes[3].legend(fontsize=8)
+    plot_health(axes[4], lines)
     for ax in axes:
         ax.set_xlabel("step")
     fig.tight_layout()
     fig.savefig(png, dpi=90)
     plt.close(fig)
+
+
+def plot_health(ax, lines: list[dict]) -> None:
+    """reward_health.py's shares over steps, distinct answers per group on the right axis, alarm steps shaded red."""
+    steps = [x["step"] for x in lines]
+    for key in ("zero_adv", "majority_share", "answered", "judge_embed_disagree"):
+        ax.plot(steps, [x.get(f"health/{key}", float("nan")) for x in lines], label=key)
+    right = ax.twinx()
+    right.plot(steps, [x.get("health/distinct_answers", float("nan")) for x in lines], "k:", label="distinct answers / group")
+    right.legend(fontsize=8, loc="lower right")
+    for x in lines:
+        if x.get("health/alarm"):
+            ax.axvspan(x["step"] - 0.5, x["step"] + 0.5, color="red", alpha=0.15)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("reward health (all sampled groups; red: alarm)")
+    ax.legend(fontsize=8, loc="lower left")
 
 
 def validation_table(val: dict, n: int, benchmark: str, judge: str, most: int = 8) -> str:

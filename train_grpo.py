@@ -30,6 +30,7 @@ import data
 import model_check
 import optim
 import policy
+import reward_health
 import rollout
 from checkpoints import Preempted, Preemption, apply_changes, check_finite, check_resume, clear_preempted, resumed_policy  # noqa: F401
 from checkpoints import last_checkpoint, load_optimizer_state, load_trainer_state, read_log, read_step, run_header, save_checkpoint, truncate_log, truncate_samples  # noqa: F401
@@ -64,7 +65,7 @@ def train_step(step: int, cfg, run) -> tuple[dict, list[Group]]:
     """One GRPO step, top to bottom; returns its metrics and the groups it trained on."""
     t0 = time.perf_counter()
     groups, stats = rollout_and_score(step, cfg, run)  # engine awake; refills for filtered groups
-    stats.update(reward_means(groups))
+    stats.update({**reward_means(groups), **run.health.take(step + 1)})  # health: all sampled groups, all processes
     if not groups:  # every process filtered everything out: nothing to learn; the engine stays awake
         print(f"step {step + 1} skipped: no group with a learning signal ({stats['groups_filtered']} filtered)")
         return {**stats, "skipped": 1, "sync_probe_diff": run.probe_diff, "seconds_step": time.perf_counter() - t0}, groups
@@ -227,6 +228,7 @@ def rollout_and_score(step: int, cfg, run) -> tuple[list[Group], dict]:
         seconds["seconds_rollout"] += t2 - t
         seconds["seconds_reward"] += time.perf_counter() - t2
         counts["groups_sampled"] += len(groups)
+        run.health.add(groups)  # every sampled group, also those filtered below: reward_health.py says why
         for g in groups:
             signal = [v for v, ok in zip(g.scores[cfg.filter_key], g.valid) if ok and v is not None]
             mean = sum(signal) / len(signal) if signal else None
@@ -601,6 +603,7 @@ def setup(cfg, reward_fn=None) -> Run:
         samples = [s for s in samples if not s.images]
     run.samples = samples
     run.reward = reward_fn or make_reward(cfg, run.rank, judge)  # before the model loads
+    run.health = reward_health.Monitor(cfg, run.reward, run.rank)
     run.val_samples = load_validation(cfg) if cfg.eval_every and run.rank == 0 else []
     run.judge_bad_steps = 0
     run.sampler = PromptSampler(len(samples), cfg.seed, *dp_rank(cfg, run), answer_labels(cfg, samples))
@@ -888,7 +891,7 @@ def reduce_metrics(run, metrics: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-BRIEF = ("step", "skipped", "groups_filtered", "judge_failures", "seconds_step")  # the short line's keys, with rewards
+BRIEF = ("step", "skipped", "groups_filtered", "judge_failures", "health/zero_adv", "health/majority_share", "health/alarm", "seconds_step")  # the short line's keys, with rewards
 
 
 def main(cfg: Config, reward_fn=None) -> Path:
