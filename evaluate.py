@@ -36,13 +36,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import eval_manifest
+import eval_stream
 import folder_lock
 import report_html
 import tasks
 from data import BENCHMARKS, LETTERS, DataError, Sample, build_messages, load_benchmark, question_text
+from eval_files import ResultsError, _Appender, bad_sample_ids, generations_path, jsonl_lines, read_jsonl  # noqa: F401  (re-exported)
 from eval_manifest import EXACT, GENERATION_KEYS, JUDGE_KEYS, _adopted, _folder_name, _is_url, _name_of, choose_judge, generation_identity
 from eval_manifest import judged_path, known_judges, read_manifest
 from eval_manifest import MANIFEST, REPORT_FILES, served_models  # noqa: F401  (re-exported: tests and bench/ reach them as evaluate.<name>)
@@ -112,95 +113,7 @@ class EvalConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Results files: one JSONL per benchmark, appended and flushed one finished sample at a time
-
-
-class ResultsError(ValueError):
-    """A results file that cannot be read (a bad line): the message names the file and line."""
-
-
-def generations_path(output_dir: str | Path, name: str) -> Path:
-    return Path(output_dir) / "generations" / f"{name}.jsonl"
-
-
-def bad_sample_ids(output_dir: str | Path) -> dict[str, set[str]]:
-    """benchmark -> the ids of its samples skipped as bad (output_dir/bad_samples.jsonl)."""
-    found: dict[str, set[str]] = {}
-    for _, rec in jsonl_lines(Path(output_dir) / BAD_SAMPLES):
-        found.setdefault(str(rec.get("benchmark")), set()).add(str(rec.get("id")))
-    return found
-
-
-def read_jsonl(path: str | Path, *, repair: bool = False) -> dict[str, dict]:
-    """The records of a results file by id (a repeated id: the last line wins); see `jsonl_lines`."""
-    out: dict[str, dict] = {}
-    for n, rec in jsonl_lines(path, repair=repair):
-        if "id" not in rec:
-            raise ResultsError(f"{path}:{n}: a results line needs an 'id'")
-        out[str(rec["id"])] = rec
-    return out
-
-
-def jsonl_lines(path: str | Path, *, repair: bool = False) -> Iterator[tuple[int, dict]]:
-    """(line number, record) of a results file (none when it does not exist). A torn last line (a
-    killed run was writing it) is skipped; with `repair` (the stage about to append to this file) it
-    is also cut off the file, so appending goes on from a clean line end. Any other bad line raises
-    ResultsError naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n") and _is_json(data[data.rfind(b"\n") + 1 :]):
-        data += b"\n"  # a complete last line without its newline (written by hand): kept
-        if repair:
-            with open(path, "ab") as f:
-                f.write(b"\n")
-    if data and not data.endswith(b"\n"):
-        keep = data.rfind(b"\n") + 1
-        logger.warning("%s: %s a torn last line (%d bytes) left by a killed run", path, "cut" if repair else "skipped", len(data) - keep)
-        if repair:
-            with open(path, "r+b") as f:
-                f.truncate(keep)
-        data = data[:keep]
-    for n, line in enumerate(data.decode("utf-8").split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ResultsError(f"{path}:{n}: not JSON: {e}") from None
-        if not isinstance(rec, dict):
-            raise ResultsError(f"{path}:{n}: a results line is a JSON object")
-        yield n, rec
-
-
-def _is_json(raw: bytes) -> bool:
-    try:
-        json.loads(raw)
-        return True
-    except ValueError:
-        return False
-
-
-class _Appender:
-    """Appends one JSON line per finished sample and flushes it at once: a killed run loses only
-    the samples in flight (the operating system keeps what was flushed). The file is opened at the
-    first line, so a run that fails before any answer leaves no empty file behind."""
-
-    def __init__(self, path: Path):
-        self.path, self.f, self.lines = path, None, 0
-
-    def write(self, rec: dict) -> None:
-        if self.f is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.f = open(self.path, "a", encoding="utf-8")
-        self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        self.f.flush()
-        self.lines += 1
-
-    def close(self) -> None:
-        if self.f is not None:
-            self.f.close()
+# Results files (one JSONL per benchmark, appended and flushed per sample): eval_files.py
 
 
 def _progress(total: int, desc: str):
@@ -324,7 +237,7 @@ def _chat_client(url: str, model: str | None, cfg: EvalConfig, api_key_env: str)
 
 
 @folder_lock.releases  # the folder's lock, when `prepare` took it here
-def generate(cfg: EvalConfig, samples: dict[str, list[Sample]] | None = None) -> dict:
+def generate(cfg: EvalConfig, samples: dict[str, list[Sample]] | None = None, on_written=None) -> dict:
     """Stage 1: answer every benchmark sample with the policy (temperature 0, `max_new_tokens`).
 
     Writes `generations/<benchmark>.jsonl`: one line per sample (id, question, reference, full
@@ -334,7 +247,7 @@ def generate(cfg: EvalConfig, samples: dict[str, list[Sample]] | None = None) ->
     request fails is not written (a rerun retries it); the stage then stops at its end, so
     `--stage all` does not judge an incomplete set. A sample whose prompt cannot be built stops the
     stage, or with --on_error skip is skipped for good (`_messages_or_skip`). `samples`: from
-    `prepare` (else it runs here)."""
+    `prepare` (else it runs here). `on_written(benchmark, record)`: called as each line is flushed (eval_stream.py)."""
     if samples is None:
         samples = prepare(cfg, ("generate",))
     out = Path(cfg.output_dir)
@@ -350,7 +263,7 @@ def generate(cfg: EvalConfig, samples: dict[str, list[Sample]] | None = None) ->
             logger.info("generate %s: %d samples skipped as bad by an earlier run (%s; delete their lines to try them again)",
                         name, len(bad[name]), out / BAD_SAMPLES)  # fmt: skip
         if left:
-            writers[name] = _Appender(path)
+            writers[name] = _Appender(path, on_written and (lambda rec, name=name: on_written(name, rec)))
             todo += [(s, writers[name]) for s in left]
     stats = {"todo": len(todo), "written": 0, "failed": 0, "bad": 0, "seconds": 0.0}
     t0 = time.perf_counter()
@@ -609,7 +522,7 @@ class _JudgeJob:
 
 
 @folder_lock.releases  # the folder's lock, when `prepare` took it here
-def judge(cfg: EvalConfig, prepared: bool = False) -> dict:
+def judge(cfg: EvalConfig, prepared: bool = False, feed=None) -> dict:
     """Stage 2: judge each answer with the BASE (0/1) or MIMIC (0-5) template, majority / mean of
     `judge_rounds` answers in one conversation (3 as released).
 
@@ -618,20 +531,21 @@ def judge(cfg: EvalConfig, prepared: bool = False) -> dict:
     (and, unless `--no_retry_failed`, judges again those whose judge failed, `score: null`). The
     judge: an OpenAI-compatible URL (`--judge http://...`, many requests in flight, structured JSON
     output where the server takes it) or a model judged in process with vLLM. Stops (non-zero
-    exit) when more than `--max_judge_failures` of the samples have no score."""
+    exit) when more than `--max_judge_failures` of the samples have no score. `feed` (a URL judge
+    only): generations still being written, each judged as it comes (eval_stream.py, --stage all)."""
     if not prepared:
         prepare(cfg, ("judge",))
     out = Path(cfg.output_dir)
     jobs: list[_JudgeJob] = []
     writers: dict[str, _Appender] = {}
-    names = [n for n in selected_benchmarks(cfg.benchmarks) if generations_path(out, n).is_file()]  # prepare checked the rest
+    names = [n for n in selected_benchmarks(cfg.benchmarks) if generations_path(out, n).is_file() or n in getattr(feed, "names", ())]
     for name in names:
         gens = read_jsonl(generations_path(out, name))
         jpath = judged_path(out, name)
         done = {i for i, r in read_jsonl(jpath, repair=True).items() if r.get("score") is not None or not cfg.retry_failed}
         left = [r for i, r in gens.items() if i not in done]
         logger.info("judge %s: %d generations, %d judged, %d to go", name, len(gens), len(gens) - len(left), len(left))
-        if left:
+        if left or feed is not None:
             writers[name] = _Appender(jpath)
             jobs += [_JudgeJob(name, r, cfg) for r in left]
     stats = {"todo": len(jobs), "written": 0, "failed": 0, "requests": 0, "parse_failures": 0, "seconds": 0.0}
@@ -649,9 +563,9 @@ def judge(cfg: EvalConfig, prepared: bool = False) -> dict:
             for job in jobs:
                 writers[job.benchmark].write(exact_match_record(job.rec))
                 stats["written"] += 1
-        elif jobs and _is_url(cfg.judge):
+        elif (jobs or feed is not None) and _is_url(cfg.judge):
             client = _chat_client(cfg.judge, cfg.judge_model, cfg, cfg.judge_api_key_env)
-            run_sync(lambda: _judge_http(client, jobs, cfg, stats, finish))
+            run_sync(lambda: _judge_http(client, jobs, cfg, stats, finish, feed))
         elif jobs:
             if not cfg.verbose:
                 import rollout
@@ -724,7 +638,7 @@ def _judge_extra(cfg: EvalConfig, rubric: bool) -> dict:
     return extra
 
 
-async def _judge_http(client, jobs: list[_JudgeJob], cfg: EvalConfig, stats: dict, finish) -> None:
+async def _judge_http(client, jobs: list[_JudgeJob], cfg: EvalConfig, stats: dict, finish, feed=None) -> None:
     extras = {r: _judge_extra(cfg, r) for r in (False, True)}
     bar = _progress(len(jobs), "judge")
     async with client.session() as ask:
@@ -736,7 +650,11 @@ async def _judge_http(client, jobs: list[_JudgeJob], cfg: EvalConfig, stats: dic
             finish(job, client.model or redact_url(cfg.judge))
             bar.update(1)
 
-        await _bounded_gather([one(j) for j in jobs], cfg.concurrency)
+        def fed(name: str, rec: dict):  # a generation this run has just written (eval_stream.Feed)
+            stats["todo"], bar.total = stats["todo"] + 1, bar.total + 1
+            return one(_JudgeJob(name, rec, cfg))
+
+        await asyncio.gather(_bounded_gather([one(j) for j in jobs], cfg.concurrency), *([feed.drain(fed)] if feed else []))
     bar.close()
 
 
@@ -1015,11 +933,12 @@ def main(cfg: EvalConfig) -> dict | None:
     stages = STAGES if cfg.stage == "all" else (cfg.stage,)
     samples = prepare(cfg, stages)
     result = None
-    if "generate" in stages:
+    pipelined = cfg.stage == "all" and eval_stream.pipelined(cfg)  # each sample judged as soon as it is generated
+    if "generate" in stages and not pipelined:
         result = generate(cfg, samples)
     if "judge" in stages:
         try:
-            result = judge(cfg, prepared=True)
+            result = eval_stream.generate_and_judge(cfg, samples, generate, judge) if pipelined else judge(cfg, prepared=True)
         except TooManyJudgeFailures:
             if "score" in stages:
                 score(cfg, prepared=True)  # the report lists the failures, then stops the same way
@@ -1072,7 +991,7 @@ if __name__ == "__main__":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     else:  # this toolkit's own lines; other libraries' warnings and errors only (vLLM's: rollout.quiet_logs, when it loads)
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-        for name in ("__main__", "evaluate", "data", "tasks", "rewards", "rollout", "folder_lock", "eval_policy", "eval_manifest"):
+        for name in ("__main__", "evaluate", "data", "tasks", "rewards", "rollout", "folder_lock", "eval_policy", "eval_manifest", "eval_files", "eval_stream"):
             logging.getLogger(name).setLevel(logging.INFO)
     try:
         main(config)

@@ -1,0 +1,125 @@
+"""eval_stream.py: `evaluate.py --stage all` judges each sample as soon as its generation is written.
+
+The same folder as the stages one by one (--model_url and the in-process tiny policy); the judge's first
+request comes before the last generation request (the fake server holds that request back until a
+judge request has come: an ordering, not a timing); a kill -9 in the middle of both stages, then the
+run again, loses and repeats nothing; the benchmark's --small run. The policy and the judge are the
+fake OpenAI server of test_evaluate.py (aiohttp on 127.0.0.1).
+"""
+import asyncio
+import json
+import subprocess
+import sys
+
+import pytest
+
+import eval_stream
+import evaluate as E
+from data import load_benchmark
+from tests.kit import REPO, SHARED_DATA, serve_app, tiny_text_dir
+from tests.test_evaluate import FakeOpenAI, _cli, _kill_when, _reset, _text, cfg_for, fake, lines, tok  # noqa: F401
+
+
+class PacedOpenAI(FakeOpenAI):
+    """FakeOpenAI with its own pace for the policy and the judge; `hold_last` holds the policy's
+    request number `hold_last` back until a judge request has come (at most `hold` seconds) and
+    records whether one had (`judged_first`)."""
+
+    def reset(self, policy_delay: float = 0.0, judge_delay: float = 0.0, hold_last: int = 0, hold: float = 5.0) -> None:
+        super().reset()
+        self.policy_delay, self.judge_delay, self.hold_last, self.hold = policy_delay, judge_delay, hold_last, hold
+        self.policy_requests, self.judged_first, self.judge_came = 0, None, None
+
+    async def chat(self, request):
+        body = await request.json()
+        is_judge = "<prediction>" in _text(body["messages"][0]["content"])
+        if self.judge_came is None:
+            self.judge_came = asyncio.Event()
+        if is_judge:
+            self.judge_came.set()
+            await asyncio.sleep(self.judge_delay)
+        else:
+            self.policy_requests += 1
+            if self.policy_requests == self.hold_last:
+                try:
+                    await asyncio.wait_for(self.judge_came.wait(), self.hold)
+                except asyncio.TimeoutError:
+                    pass
+                self.judged_first = self.judge_came.is_set()
+            await asyncio.sleep(self.policy_delay)
+        self.bodies.append(body)
+        from aiohttp import web
+
+        return web.json_response({"choices": [{"index": 0, "message": {"role": "assistant", "content": self.reply(body)}, "finish_reason": "stop"}]})
+
+
+@pytest.fixture(scope="module")
+def paced():
+    server = PacedOpenAI()
+    with serve_app(server.app()) as base:
+        server.url = f"{base}/v1"
+        yield server
+
+
+def folder(out) -> dict:
+    """What a run leaves: generations and judged lines by id, and the summary."""
+    key = json.loads((out / "manifest.json").read_text())["judge"]["key"]
+    gens, judged = lines(E.generations_path(out, "PubMedQA")), lines(E.judged_path(out, "PubMedQA", key))
+    summary = json.loads((out / "summary.json").read_text())
+    for k in ("folder", "created", "updated"):  # where and when: the rest of the run's record must be equal
+        summary["run"].pop(k)
+    return {"generations": {g["id"]: g for g in gens}, "judged": {j["id"]: j for j in judged}, "lines": (len(gens), len(judged)),
+            "summary": summary}
+
+
+@pytest.mark.parametrize("policy", ["url", "in_process"])
+def test_streamed_stage_all_leaves_the_same_folder_as_the_stages_one_by_one(tmp_path, fake, policy):
+    kw = dict(limit=4, model_url=None, model=str(tiny_text_dir("qwen2")), engine="hf", max_new_tokens=6,
+              batch_size=2) if policy == "in_process" else dict(limit=6)  # fmt: skip
+    for stage in ("generate", "judge", "score"):
+        E.main(cfg_for(tmp_path / "staged", fake, stage=stage, **kw))
+    assert eval_stream.pipelined(cfg_for(tmp_path, fake, stage="all", **kw))
+    E.main(cfg_for(tmp_path / "streamed", fake, stage="all", **kw))
+    staged, streamed = folder(tmp_path / "staged"), folder(tmp_path / "streamed")
+    assert streamed["lines"] == staged["lines"] == (kw["limit"], kw["limit"])  # every id once
+    assert streamed == staged
+
+
+def test_judging_starts_before_generation_ends(tmp_path, paced):
+    """The last policy request waits for a judge request: one comes only if a sample is judged while
+    others are still being generated (the stages one by one: never, and this fails after 5 s)."""
+    n = 12
+    paced.reset(policy_delay=0.02, hold_last=n)
+    E.main(cfg_for(tmp_path, paced, stage="all", limit=n, concurrency=3))
+    assert paced.policy_requests == n and paced.judged_first is True
+    assert len(lines(E.judged_path(tmp_path, "PubMedQA"))) == n
+
+
+def test_stages_alone_do_not_overlap(tmp_path, paced):
+    n = 4
+    paced.reset(hold_last=n, hold=0.5)
+    E.main(cfg_for(tmp_path, paced, stage="generate", limit=n))
+    assert paced.judged_first is False  # --stage generate judges nothing
+
+
+def test_a_streamed_run_killed_mid_way_then_run_again_loses_and_repeats_nothing(tmp_path, paced):
+    n = 24
+    samples = load_benchmark("PubMedQA", data_root=SHARED_DATA, limit=n)
+    prompt_tok = {s.id: tok(E.question_text(s)) for s in samples}
+    paced.reset(policy_delay=0.15, judge_delay=0.01)
+    gpath = E.generations_path(tmp_path, "PubMedQA")
+    jpath = tmp_path / "judged" / E.judge_key(cfg_for(tmp_path, paced)) / "PubMedQA.jsonl"
+    _kill_when(_cli(tmp_path, paced, "all", n), jpath, at_least=4)
+    generated, judged = set(E.read_jsonl(gpath)), set(E.read_jsonl(jpath))
+    assert 4 <= len(judged) and len(generated) < n  # killed while both stages were under way
+    assert judged <= generated
+    r = subprocess.run(_cli(tmp_path, paced, "all", n), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    gens, judgements = lines(gpath), lines(jpath)
+    assert sorted(g["id"] for g in gens) == sorted(prompt_tok) and len(gens) == n  # none lost, none twice
+    assert sorted(j["id"] for j in judgements) == sorted(prompt_tok) and len(judgements) == n
+    for sid in generated:  # generated before the kill: never asked again
+        assert paced.policy_hits[prompt_tok[sid]] == 1, sid
+    for sid in judged:  # judged before the kill: its 3 rounds asked once
+        assert paced.judge_hits[prompt_tok[sid]] == 3, sid
+    assert json.loads((tmp_path / "summary.json").read_text())["benchmarks"]["PubMedQA"]["n"] == n
