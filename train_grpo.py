@@ -599,8 +599,14 @@ def setup(cfg, reward_fn=None) -> Run:
         samples = data.load_training_data(cfg.data, on_error="skip" if cfg.skip_bad_samples else "raise")
     except data.DataError as e:  # one line naming the sample (or the file)
         raise SystemExit(f"{e} (--skip_bad_samples skips such samples)" if str(e).startswith("sample ") else str(e)) from None
+    known_ids = {s.id for s in samples}
     if cfg.text_only:
         samples = [s for s in samples if not s.images]
+    run.difficulty = None  # curate.py's pass rates: only the samples within --keep_pass_rate (issue 28)
+    if cfg.difficulty:
+        import curate
+
+        samples, run.difficulty = curate.keep_band(cfg, samples, known_ids, run.rank)  # prints the counts kept and dropped
     run.samples = samples
     run.reward = reward_fn or make_reward(cfg, run.rank, judge)  # before the model loads
     run.health = reward_health.Monitor(cfg, run.reward, run.rank)
