@@ -21,7 +21,8 @@ Faults (issue 14, "one fault suite with figures"):
 3. kill -9 of each evaluation stage (generate, judge, score; PubMedQA, 8 samples, the tiny model,
    the scripted endpoint as the BASE judge so the judge stage takes long enough to be hit), then the
    stage again: every id once in generations/ and judged/, and the same answers, scores and summary as
-   an uninterrupted evaluation.
+   an uninterrupted evaluation; and of `--stage all`, which judges while it generates (eval_stream.py),
+   killed after k generations or k judgements, then run again: the same checks.
 4. NaN and inf from a reward function: counted (`rewards_nan`), never trained on, weights finite.
 5. A torn last line in every JSONL that is appended to: training's log.jsonl (and samples.md) as left
    by a kill while step 3 was being written, then a resume; evaluation's generations/ and judged/
@@ -673,6 +674,24 @@ def eval_kill_trial(ev: Evaluation, out: Path, base: Path, stage: str, rng: rand
     return r
 
 
+def eval_pipelined_kill_trial(ev: Evaluation, out: Path, base: Path, rng: random.Random) -> dict:
+    """kill -9 of `--stage all`, which judges each sample as its generation is written (eval_stream.py),
+    once k generations or k judgements are written (k from 1 to N-1 at random), then --stage all
+    again: every id once in generations/ and judged/, and the same answers, scores and summary as base
+    (whose stages ran one by one)."""
+    gens, judged = ev.results(out, base, "generations"), ev.results(out, base, "judged")
+    path, k = rng.choice([gens, judged]), rng.randrange(1, ev.N)
+    what = kill_when(ev.cmd(out, "all"), lambda: count_lines(path) >= k, rng.uniform(0.0, 0.1))
+    where = f"{count_lines(gens)} generations and {count_lines(judged)} judgements of {ev.N} written"
+    run(ev.cmd(out, "all"))
+    r = ev.check(out, base, "generations", "response")
+    for key, n in ev.check(out, base, "judged", "score").items():
+        r[key] += n
+    r["wrong"] += ev.check_summary(out, base)
+    r["note"] = f"all: {'killed at %.1f s (%s)' % (what['at'], where) if what['killed'] else 'finished before the kill'}; rerun"
+    return r
+
+
 def eval_torn_trial(ev: Evaluation, out: Path, base: Path, stage: str) -> dict:
     sub = "generations" if stage == "generate" else "judged"
     cut = tear(ev.results(out, base, sub))
@@ -773,6 +792,10 @@ def main(argv=None) -> int:
                 for stage in ("generate", "judge"):
                     torn_rows[stage].trial(eval_torn_trial, ev, out, base, stage)
             rows += torn_rows.values()
+            row = Row("kill -9 of evaluate.py --stage all (pipelined), then again")
+            rows.append(row)
+            for r in range(size["eval_rounds"]):
+                row.trial(eval_pipelined_kill_trial, ev, work / f"eval-all-{r}", base, rng)
         # Issue 25's faults (bench/faults_safety.py): checkpoints copied from the reference run above
         import faults_safety
 
