@@ -71,6 +71,7 @@ class Config:
     on_judge_failure: str = field(default="", metadata={"help": "A completion whose judge call failed: drop (trains nothing; the default) | zero (scores 0, as the medix-r1 preset)."})
     judge_failure_max: float = field(default=0.5, metadata={"help": "Stop when more than this share of judge calls fails for judge_failure_steps steps in a row."})
     judge_failure_steps: int = field(default=3, metadata={"help": "Steps in a row over judge_failure_max that stop the run."})
+    stream_rewards: bool = field(default=True, metadata={"help": "Score each prompt's group while the rest of the batch still generates (engine vllm; the hf engine always scores after): the judge's latency hides behind generation. --no_stream_rewards: score after, as before."})
     embedder: str = field(default="abhinand/MedEmbed-large-v0.1", metadata={"help": "sentence-transformers model (hub id or folder) of the embedding reward; empty turns it off."})
     embedder_trust_remote_code: bool = field(default=False, metadata={"help": "Run the Python code the embedder's folder or repository ships (its config's auto_map); off: never."})
     reward_preset: str = field(default="", metadata={"help": "medix-r1: the released reward function exactly; empty: ours."})

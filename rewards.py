@@ -395,6 +395,7 @@ class ChatClient:
         # timeouts: attempts that timed out; failed_timeouts: requests given up after a timeout.
         self.stats = {"requests": 0, "retries": 0, "failures": 0, "timeouts": 0, "failed_timeouts": 0, "http_errors": 0, "bad_bodies": 0}
         self.stats["seconds"] = 0.0
+        self._shared = None  # `ask` of the session `shared` holds open
 
     def __repr__(self) -> str:  # no key in here, only the variable's name
         return f"ChatClient(urls={self.shown}, model={self.model!r}, concurrency={self.concurrency}, api_key_env={self.api_key_env!r})"
@@ -417,6 +418,8 @@ class ChatClient:
     async def achat(self, items: Sequence[tuple[list[dict], dict]]) -> list[str | None]:
         if not items:
             return []
+        if self._shared is not None:  # one pool and one gate for every batch in flight (`shared`)
+            return list(await asyncio.gather(*(self._shared(messages, extra) for messages, extra in items)))
         import aiohttp
 
         t0 = time.perf_counter()
@@ -460,6 +463,18 @@ class ChatClient:
                 yield ask
             finally:
                 self.stats["seconds"] += time.perf_counter() - t0
+
+    @contextlib.asynccontextmanager
+    async def shared(self):
+        """While open, every `achat` (on this event loop) goes through one `session`: one connection pool and
+        one gate of `concurrency` requests, so batches sent at once (train_grpo scores each prompt's group as
+        it finishes generating, `reward_stream.py`) keep to the limit together."""
+        async with self.session() as ask:
+            self._shared = ask
+            try:
+                yield
+            finally:
+                self._shared = None
 
     def probe(self) -> str:
         """Check before the long work that every endpoint answers GET /models and serves the model;
@@ -626,6 +641,7 @@ class OpenAIJudge:
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[str, str], float] = OrderedDict()
         self.stats = {"pairs": 0, "calls": 0, "cache_hits": 0, "failures": 0, "unparsed": 0}
+        self._asking: dict | None = None  # pair -> its verdict (a future), while a `session` is open
 
     def __repr__(self) -> str:
         return f"OpenAIJudge({self.client!r}, template={self.template!r})"
@@ -646,12 +662,34 @@ class OpenAIJudge:
     def __call__(self, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
         return run_sync(lambda: self.ajudge(pairs))
 
+    @contextlib.asynccontextmanager
+    async def session(self):
+        """While open (on one event loop), `ajudge` calls made at once share the client's gate
+        (`ChatClient.shared`) and ask each distinct pair once, as one call over all their pairs would: a pair
+        another call is asking (or asked in this session, a failure included) waits for that verdict and counts
+        as a cache hit. For scoring groups as they arrive (`reward_stream.py`)."""
+        async with self.client.shared():
+            self._asking = {}
+            try:
+                yield self
+            finally:
+                self._asking = None
+
     async def ajudge(self, pairs: Sequence[tuple[str, str]]) -> list[float | None]:
         pairs = [(str(p), str(r)) for p, r in pairs]
         self.stats["pairs"] += len(pairs)
-        todo = [k for k in dict.fromkeys(pairs) if k not in self._cache]
-        self.stats["cache_hits"] += len(pairs) - len(todo)  # repeats in the batch or known verdicts
-        replies = await self.client.achat([(self.messages(p, r), self.extra) for p, r in todo])
+        asking = {} if self._asking is None else self._asking
+        known = {k: self._cache[k] for k in dict.fromkeys(pairs) if k in self._cache}  # read now: others may evict
+        todo = [k for k in dict.fromkeys(pairs) if k not in known and k not in asking]
+        self.stats["cache_hits"] += len(pairs) - len(todo)  # repeats in the batch, known verdicts, pairs in flight
+        loop = asyncio.get_running_loop()
+        mine = {k: asking.setdefault(k, loop.create_future()) for k in todo}
+        try:
+            replies = await self.client.achat([(self.messages(p, r), self.extra) for p, r in todo])
+        except BaseException as e:  # cancelled: calls waiting for these pairs must not wait for ever
+            for future in mine.values():
+                future.cancel() if isinstance(e, asyncio.CancelledError) else future.set_exception(e)
+            raise
         self.stats["calls"] += len(todo)
         fresh = {}
         for key, reply in zip(todo, replies):
@@ -660,7 +698,9 @@ class OpenAIJudge:
                 self.stats["failures"] += 1
                 self.stats["unparsed"] += reply is not None
             fresh[key] = verdict
-        out = [fresh[k] if k in fresh else self._cache[k] for k in pairs]
+            mine[key].set_result(verdict)
+        waited = {k: await asking[k] for k in dict.fromkeys(pairs) if k not in known and k not in fresh}
+        out = [fresh[k] if k in fresh else known[k] if k in known else waited[k] for k in pairs]
         for key, verdict in fresh.items():
             if verdict is not None and self.cache_size > 0:
                 self._cache[key] = verdict
@@ -803,11 +843,30 @@ def llm_judge_reward(
 def _ask_judge(judge, scores: list, answers: list, refs: list, failed: float | None, stats: dict) -> None:
     """Fill the None entries of `scores` with the judge's verdicts, one call per distinct pair; a
     failed call gets `failed` (None: could not score)."""
+    ask, pairs = _judge_pairs(scores, answers, refs, stats)
+    _fill_verdicts(scores, ask, answers, refs, dict(zip(pairs, judge(pairs))) if pairs else {}, failed, stats)
+
+
+async def _aask_judge(judge, scores: list, answers: list, refs: list, failed: float | None, stats: dict) -> None:
+    """`_ask_judge` awaiting the judge's `ajudge` (a judge without one runs in a thread)."""
+    ask, pairs = _judge_pairs(scores, answers, refs, stats)
+    verdicts = []
+    if pairs and hasattr(judge, "ajudge"):
+        verdicts = await judge.ajudge(pairs)
+    elif pairs:
+        verdicts = await asyncio.get_running_loop().run_in_executor(None, judge, pairs)
+    _fill_verdicts(scores, ask, answers, refs, dict(zip(pairs, verdicts)), failed, stats)
+
+
+def _judge_pairs(scores: list, answers: list, refs: list, stats: dict) -> tuple[list, list]:
     ask = [i for i, s in enumerate(scores) if s is None]
     pairs = list(dict.fromkeys((answers[i], refs[i]) for i in ask))
     stats["judge_pairs"] = stats.get("judge_pairs", 0) + len(pairs)
     stats["batch_repeats"] = stats.get("batch_repeats", 0) + len(ask) - len(pairs)
-    verdicts = dict(zip(pairs, judge(pairs))) if pairs else {}
+    return ask, pairs
+
+
+def _fill_verdicts(scores: list, ask: list, answers: list, refs: list, verdicts: dict, failed: float | None, stats: dict) -> None:
     failures = 0
     for i in ask:
         v = verdicts.get((answers[i], refs[i]))
@@ -823,6 +882,19 @@ def _ask_judge(judge, scores: list, answers: list, refs: list, failed: float | N
 # ---------------------------------------------------------------------------------------------
 # The composition
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    """One `CompositeReward` call between its parts: scores so far, counters, what the judge and embedder get."""
+
+    out: dict  # component -> one value per completion (None: not yet, or could not score)
+    stats: dict
+    answers: list  # the extracted answers (None: invalid)
+    refs: list  # the reference answers
+    embed_ask: list  # indices the embedder scores (not decided without it)
+    embed_pairs: list  # their (answer, reference) pairs
+    judge_before: dict  # the judge's counters when the call began
 
 
 class CompositeReward:
@@ -940,6 +1012,62 @@ class CompositeReward:
         }  # fmt: skip
 
     def __call__(self, completions, answer=None, modality=None, *, solution=None, **kwargs) -> dict[str, list]:
+        job = self._begin(completions, answer, modality, solution)
+        t = time.perf_counter()
+        if self.weights["llm"]:
+            _ask_judge(self.judge, job.out["llm"], job.answers, job.refs, self._failed, job.stats)
+        job.stats["seconds_llm"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if self.weights["embed"]:
+            self._set_embed(job, cosine_pairs(self.embedder, job.embed_pairs) if job.embed_pairs else [])
+        job.stats["seconds_embed"] = time.perf_counter() - t
+        return self._end(job)
+
+    async def acall(self, completions, answer=None, modality=None, *, solution=None, embed=None, judge_counters: bool = True,
+                    **kwargs) -> dict[str, list]:
+        """`__call__` as a coroutine, for many calls at once on one event loop (train_grpo scores each prompt's
+        group as it finishes generating: `reward_stream.py`). The judge's `ajudge` is awaited (a judge without
+        one runs in a thread); `embed(pairs) -> cosines` is awaited when given (e.g. one batched across calls),
+        else `cosine_pairs` runs in a thread. The same values as `__call__`. Calls that overlap cannot split the
+        judge's own counters (calls, cache hits, unparsed, timeouts) between them: with `judge_counters=False`
+        they are left out, for `add_judge_counters(since)` over the whole batch instead."""
+        job = self._begin(completions, answer, modality, solution)
+        t = time.perf_counter()
+        if self.weights["llm"]:
+            await _aask_judge(self.judge, job.out["llm"], job.answers, job.refs, self._failed, job.stats)
+        job.stats["seconds_llm"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if self.weights["embed"] and job.embed_pairs:
+            if embed is None:
+                sims = await asyncio.get_running_loop().run_in_executor(None, cosine_pairs, self.embedder, job.embed_pairs)
+            else:
+                sims = await embed(job.embed_pairs)
+            self._set_embed(job, sims)
+        elif self.weights["embed"]:
+            self._set_embed(job, [])
+        job.stats["seconds_embed"] = time.perf_counter() - t
+        return self._end(job, judge_counters)
+
+    def judge_counters(self) -> dict[str, float]:
+        """A snapshot of the judge's own counters, for `add_judge_counters`."""
+        return self._judge_counters()
+
+    def add_judge_counters(self, since: dict[str, float]) -> None:
+        """Count the judge's calls, cache hits, unparsed replies and timeouts since the snapshot `since` (taken
+        before a batch of `acall(..., judge_counters=False)`) into `stats` and the next `take_stats()`."""
+        after = self._judge_counters()
+        delta = {"cache_hits": after["cache_hits"] - since["cache_hits"], "judge_unparsed": after["unparsed"] - since["unparsed"],
+                 "judge_timeouts": after["timeouts"] - since["timeouts"]}  # fmt: skip
+        if after["calls"] is not None:
+            delta["judge_calls"] = after["calls"] - since["calls"]
+        self._record(delta)
+
+    @property
+    def _failed(self) -> float | None:
+        return 0.0 if self.on_judge_failure == "zero" else None
+
+    def _begin(self, completions, answer, modality, solution) -> _Job:
+        """Everything but the judge and the embedder: parse, format, modality, the answers decided without them."""
         w, n = self.weights, len(completions)
         answer = _references(answer, solution, n)
         modality = modality if modality is not None else [None] * n
@@ -969,37 +1097,40 @@ class CompositeReward:
         decided = [decide_without_judge(a, r, self.preset) for a, r in zip(answers, ref_texts)]
         stats["invalid_answers"] = sum(a is None for a in answers)
         stats["decided_without_judge"] = sum(d is not None for d in decided)
-
-        t = time.perf_counter()
         stats["judge_failures"] = 0
         if w["llm"]:
             out["llm"] = list(decided)
-            failed = 0.0 if self.on_judge_failure == "zero" else None
-            _ask_judge(self.judge, out["llm"], answers, ref_texts, failed, stats)
-        stats["seconds_llm"] = time.perf_counter() - t
-
-        t = time.perf_counter()
         if w["embed"]:
             out["embed"] = list(decided)
-            ask = [i for i, d in enumerate(decided) if d is None]
-            sims = cosine_pairs(self.embedder, [(answers[i], ref_texts[i]) for i in ask]) if ask else []
-            for i, sim in zip(ask, sims):
-                out["embed"][i] = float(sim >= self.threshold) if self.binary_embed else min(max(sim, 0.0), 1.0)
-            stats["embedded"] = len(ask)
-        stats["seconds_embed"] = time.perf_counter() - t
+        ask = [i for i, d in enumerate(decided) if d is None]
+        return _Job(out, stats, answers, ref_texts, ask, [(answers[i], ref_texts[i]) for i in ask], judge_before)
 
+    def _set_embed(self, job: _Job, sims: list[float]) -> None:
+        for i, sim in zip(job.embed_ask, sims):
+            job.out["embed"][i] = float(sim >= self.threshold) if self.binary_embed else min(max(sim, 0.0), 1.0)
+        job.stats["embedded"] = len(job.embed_ask)
+
+    def _end(self, job: _Job, judge_counters: bool = True) -> dict[str, list]:
+        out, stats, n = job.out, job.stats, len(job.answers)
         out["total"] = [self._total({k: out[k][i] for k in COMPONENTS}) for i in range(n)]
-        after = self._judge_counters()
-        # Judge calls and cache hits as the judge counts them (repeats in the batch never reach it).
-        stats["judge_calls"] = after["calls"] - judge_before["calls"] if after["calls"] is not None else stats.get("judge_pairs", 0)
-        stats["cache_hits"] = stats.get("batch_repeats", 0) + after["cache_hits"] - judge_before["cache_hits"]
-        stats["judge_unparsed"] = after["unparsed"] - judge_before["unparsed"]
-        stats["judge_timeouts"] = after["timeouts"] - judge_before["timeouts"]
+        stats["cache_hits"] = stats.get("batch_repeats", 0)
+        if judge_counters:
+            before, after = job.judge_before, self._judge_counters()
+            # Judge calls and cache hits as the judge counts them (repeats in the batch never reach it).
+            stats["judge_calls"] = after["calls"] - before["calls"] if after["calls"] is not None else stats.get("judge_pairs", 0)
+            stats["cache_hits"] += after["cache_hits"] - before["cache_hits"]
+            stats["judge_unparsed"] = after["unparsed"] - before["unparsed"]
+            stats["judge_timeouts"] = after["timeouts"] - before["timeouts"]
+        elif self._judge_counters()["calls"] is None:  # a judge without counters: its pairs are its calls
+            stats["judge_calls"] = stats.get("judge_pairs", 0)
         self.last_stats = stats
+        self._record(stats)
+        return out
+
+    def _record(self, stats: dict[str, float]) -> None:
         for k, v in stats.items():
             self.stats[k] = self.stats.get(k, 0) + v
             self._pending[k] = self._pending.get(k, 0) + v
-        return out
 
     def _total(self, scores: dict[str, float | None]) -> float | None:
         """The weighted sum, or None when a component switched on could not score (a failed judge

@@ -703,6 +703,25 @@ class VLLMRollout:
     # -- generation -----------------------------------------------------------------------------------
 
     def generate(self, prompts: Sequence[Prompt], n: int = 1, settings: SamplingSettings | None = None) -> list[Completion]:
+        """The n completions of prompt 0, then of prompt 1, ...: `generate_stream` collected, so both give the
+        same completions for the same seed."""
+        groups: list = [None] * len(prompts)
+        for i, group in self.generate_stream(prompts, n, settings):
+            groups[i] = group
+        return [c for group in groups for c in group]
+
+    def generate_stream(
+        self, prompts: Sequence[Prompt], n: int = 1, settings: SamplingSettings | None = None
+    ) -> Iterator[tuple[int, list[Completion]]]:
+        """(prompt index, its n completions) as soon as all n have finished, in the order they finish, so a
+        caller can score a group while the rest of the batch is still generating (train_grpo's streamed rollout).
+
+        Drives vLLM's engine step loop itself: `LLM.enqueue` adds every request (public in vLLM 0.32, the same
+        rendering and request ids as `LLM.generate`), then `llm_engine.step()` until none is left; a parent
+        request (n children) comes out finished once its last child has. This is `LLM.generate`'s own loop
+        (`_run_engine`) with each finished request handed out at once instead of sorted at the end: the same
+        requests in the same order, so the same samples for the same seed. (`LLM.generate` over chunks of
+        prompts would give up batching across chunks.) Closing the iterator early aborts what is left."""
         from vllm import SamplingParams
 
         s = settings or SamplingSettings()
@@ -717,9 +736,11 @@ class VLLMRollout:
                 requests.append({"prompt": text, "multi_modal_data": {"image": images}})
             else:  # tokenized here exactly as policy_inputs does (no extra BOS)
                 requests.append({"prompt_token_ids": tok(text, add_special_tokens=False)["input_ids"]})
+        if not requests:
+            return
         # detokenize=False: vLLM otherwise decodes every step twice over (the incremental text and each
         # logprob's token string, re-checked against its context), on the same cores as the model; the
-        # text is decoded once below instead, in one batched call (issue 13). flat_logprobs: one list
+        # text is decoded once per group below instead, in one batched call (issue 13). flat_logprobs: one list
         # of floats per completion instead of a dict and a Logprob object per token.
         params = dict(n=n, temperature=max(s.temperature, 0.0), top_p=s.top_p, max_tokens=s.max_new_tokens, logprobs=0,
                       detokenize=False, flat_logprobs=True)
@@ -729,22 +750,39 @@ class VLLMRollout:
                 sampling = [SamplingParams(**params, seed=seed) for seed in prompt_seeds(s.seed, len(requests), n)]
             else:  # per-request seeds fail in the CPU build; re-seed the worker's generator instead
                 self.llm.collective_rpc(_reseed, args=(s.seed,))
-        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        engine = self.llm.llm_engine
+        # The ids vLLM reports back are the ones it was given (a random suffix is internal): prompt i -> its id.
+        ids = self.llm.enqueue(requests, sampling, use_tqdm=False)
+        index = {rid.split("-", 1)[0]: i for i, rid in enumerate(ids)}
+        left = set(index)
+        try:
+            while left and engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished and out.request_id in left:
+                        left.discard(out.request_id)
+                        # still awake: a refill may follow; the trainer calls sleep() before its update
+                        yield index[out.request_id], self._completions(index[out.request_id], out, tok)
+        finally:
+            if left:  # the caller stopped early (or a step failed): leave the engine empty for the next call
+                engine.abort_request(sorted(left))  # by the ids we gave: every child of each
+
+    @staticmethod
+    def _completions(i: int, out, tok) -> list[Completion]:
+        """The n completions of one finished vLLM request (prompt `i`), in child order."""
+        prompt_ids = list(out.prompt_token_ids)
         rows = []
-        for i, out in enumerate(outputs):
-            prompt_ids = list(out.prompt_token_ids)
-            for c in sorted(out.outputs, key=lambda c: c.index):
-                ids = list(c.token_ids)
-                lp = c.logprobs
-                if getattr(lp, "token_ids", None) == ids:  # flat, one entry (the sampled token) per position
-                    logprobs = list(lp.logprobs)
-                else:  # a sampled token outside its own top list, or an older vLLM: look each one up
-                    logprobs = [lp[k][t].logprob for k, t in enumerate(ids)]
-                rows.append((i, ids, logprobs, prompt_ids, c.finish_reason or "stop"))
-        texts = tok.batch_decode([r[1] for r in rows], skip_special_tokens=True)
-        return [  # still awake: a refill may follow; the trainer calls sleep() before its update
+        for c in sorted(out.outputs, key=lambda c: c.index):
+            ids = list(c.token_ids)
+            lp = c.logprobs
+            if getattr(lp, "token_ids", None) == ids:  # flat, one entry (the sampled token) per position
+                logprobs = list(lp.logprobs)
+            else:  # a sampled token outside its own top list, or an older vLLM: look each one up
+                logprobs = [lp[k][t].logprob for k, t in enumerate(ids)]
+            rows.append((ids, logprobs, c.finish_reason or "stop"))
+        texts = tok.batch_decode([r[0] for r in rows], skip_special_tokens=True)
+        return [
             Completion(prompt_index=i, token_ids=ids, text=text, logprobs=logprobs, prompt_ids=list(prompt_ids), finish_reason=reason)
-            for (i, ids, logprobs, prompt_ids, reason), text in zip(rows, texts)
+            for (ids, logprobs, reason), text in zip(rows, texts)
         ]
 
 

@@ -210,7 +210,7 @@ def rollout_and_score(step: int, cfg, run) -> tuple[list[Group], dict]:
     counts = dict.fromkeys(("groups_sampled", "groups_filtered", "groups_unscored", "groups_cut", "prompts_too_long",
                             "filter_tries", "completions_unscored", "rewards_nan", "judge_asked", "judge_failures",
                             "judge_unparsed", "judge_timeouts"), 0)  # fmt: skip
-    seconds = {"seconds_rollout": 0.0, "seconds_reward": 0.0}
+    seconds = {"seconds_rollout": 0.0, "seconds_reward": 0.0, "seconds_reward_exposed": 0.0}  # exposed: after generation
     for attempt in range(max(cfg.max_filter_tries, 1)):
         # Every process takes part in every try (transformers' generate under FSDP is a collective).
         if not any_rank(run, len(kept) < cfg.prompts_per_step):
@@ -220,13 +220,8 @@ def rollout_and_score(step: int, cfg, run) -> tuple[list[Group], dict]:
         if want == 0 and getattr(run.engine, "shares_trainer_model", False) and run.world > 1:
             want = cfg.prompts_per_step  # rolled out and cut, so this process runs the same forwards
         groups = new_groups(cfg, run, run.sampler.next(want), counts)
-        t = time.perf_counter()
         settings = dataclasses.replace(run.sampling, seed=rollout_seed(cfg, run, step, attempt))
-        roll_out(cfg, run, groups, settings)  # with tensor parallelism, together with the group's other processes
-        t2 = time.perf_counter()
-        score_groups(run, groups, counts)
-        seconds["seconds_rollout"] += t2 - t
-        seconds["seconds_reward"] += time.perf_counter() - t2
+        roll_out_and_score(cfg, run, groups, settings, counts, seconds)  # each group's rewards start as its generation ends
         counts["groups_sampled"] += len(groups)
         run.health.add(groups)  # every sampled group, also those filtered below: reward_health.py says why
         for g in groups:
@@ -284,11 +279,36 @@ def skip_bad_sample(cfg, run, i: int, error: Exception) -> None:
         f.write(json.dumps({"id": s.id, "file": s.meta.get("file"), "error": str(error)}) + "\n")
 
 
-def roll_out(cfg, run, groups: list[Group], settings) -> None:
+def roll_out_and_score(cfg, run, groups: list[Group], settings, counts: dict, seconds: dict) -> None:
+    """Roll out and score `groups`. Streamed (vLLM, --stream_rewards): each group's rewards start on a background
+    event loop the moment its n completions finish (reward_stream.py), and only the last group's are waited for.
+    Otherwise (the hf engine) all are generated, then all scored. The same completions and scores either way."""
+    t = time.perf_counter()
+    if cfg.stream_rewards and hasattr(run.engine, "generate_stream"):
+        from reward_stream import RewardStream
+
+        with RewardStream(run.reward) as stream:
+            roll_out(cfg, run, groups, settings, lambda i, g: stream.submit(i, [c.text for c in g.completions], **reward_columns(g)))
+            t2 = time.perf_counter()
+            scored = stream.wait()
+        score_groups(run, groups, counts, [scored[i] for i in range(len(groups))])
+        reward, exposed = stream.seconds_reward, stream.seconds_exposed
+    else:
+        roll_out(cfg, run, groups, settings)
+        t2 = time.perf_counter()
+        score_groups(run, groups, counts)
+        reward = exposed = time.perf_counter() - t2
+    seconds["seconds_rollout"] += t2 - t
+    seconds["seconds_reward"] += reward  # streamed: from the first group's start to the last group's scores
+    seconds["seconds_reward_exposed"] += exposed  # from the last completion to the last score
+
+
+def roll_out(cfg, run, groups: list[Group], settings, on_group=None) -> None:
     """Each group's n completions. The processes of one vLLM tensor-parallel group must make identical
     engine calls (vLLM's TP collectives hang otherwise), so, as verl, they gather their prompts (`run.tp_group`),
     all generate the whole list with the same seed, and each keeps its own groups' completions. A process
-    with nothing to roll out (its groups all kept) still takes part while a peer refills."""
+    with nothing to roll out (its groups all kept) still takes part while a peer refills. With `on_group(i, group)`
+    the engine streams (`generate_stream`): each of this process's groups is handed over as its n completions finish."""
     parts = [[g.messages for g in groups]]
     if run.tp_group is not None:
         parts = [None] * tp_size(cfg)
@@ -296,8 +316,14 @@ def roll_out(cfg, run, groups: list[Group], settings) -> None:
     prompts = [m for part in parts for m in part]
     if not prompts:
         return
-    done = run.engine.generate(prompts, n=cfg.group_size, settings=settings)
     first = sum(len(part) for part in parts[: run.rank % len(parts)])  # this process's prompts follow its lower peers'
+    if on_group is not None:
+        for j, completions in run.engine.generate_stream(prompts, n=cfg.group_size, settings=settings):
+            if 0 <= j - first < len(groups):  # a tensor-parallel peer's prompt is generated here too, scored there
+                groups[j - first].completions = completions
+                on_group(j - first, groups[j - first])
+        return
+    done = run.engine.generate(prompts, n=cfg.group_size, settings=settings)
     for i, g in enumerate(groups):
         g.completions = done[(first + i) * cfg.group_size : (first + i + 1) * cfg.group_size]
 
@@ -311,16 +337,22 @@ def rollout_seed(cfg, run, step: int, attempt: int) -> int:
     return (packed ^ (cfg.seed * 0x9E3779B1)) % 2**31
 
 
-def score_groups(run, groups: list[Group], counts: dict) -> None:
-    """Every reward component of every completion, in one call for the whole batch. A value the reward
-    could not give (None, a failed judge call) or a non-finite one stays None; a completion whose total is
-    None is left out of its group's statistics and of the loss (`Group.valid`)."""
+def reward_columns(g: Group) -> dict:
+    return {"answer": [g.sample.answer] * len(g.completions), "modality": [g.sample.modality] * len(g.completions)}
+
+
+def score_groups(run, groups: list[Group], counts: dict, scored: list | None = None) -> None:
+    """Every reward component of every completion, in one call for the whole batch (or `scored`, one dict per
+    group, streamed). A value the reward could not give (None, a failed judge call) or a non-finite one stays
+    None; a completion whose total is None is left out of its group's statistics and of the loss (`Group.valid`)."""
     if not groups:
         return
-    texts = [c.text for g in groups for c in g.completions]
-    answers = [g.sample.answer for g in groups for _ in g.completions]
-    modalities = [g.sample.modality for g in groups for _ in g.completions]
-    scores = run.reward(texts, answer=answers, modality=modalities)
+    if scored is None:
+        columns = [reward_columns(g) for g in groups]
+        texts = [c.text for g in groups for c in g.completions]
+        scores = run.reward(texts, **{k: [v for c in columns for v in c[k]] for k in ("answer", "modality")})
+    else:
+        scores = {k: [v for s in scored for v in s[k]] for k, values in scored[0].items() if isinstance(values, list)}
     for key, values in scores.items():
         if not isinstance(values, list):
             continue
