@@ -63,6 +63,10 @@ def install():
             self._serve("generate")
             return super().generate(*args, **kwargs)
 
+        def enqueue(self, *args, **kwargs):  # VLLMRollout.generate_stream adds its requests here (issue 27)
+            self._serve("generate")
+            return super().enqueue(*args, **kwargs)
+
         def collective_rpc(self, method, *args, **kwargs):
             if method == "reload_weights":
                 if "weights" in self.asleep:
