@@ -123,3 +123,17 @@ def test_a_streamed_run_killed_mid_way_then_run_again_loses_and_repeats_nothing(
     for sid in judged:  # judged before the kill: its 3 rounds asked once
         assert paced.judge_hits[prompt_tok[sid]] == 3, sid
     assert json.loads((tmp_path / "summary.json").read_text())["benchmarks"]["PubMedQA"]["n"] == n
+
+
+@pytest.mark.slow  # about 55 s: the vLLM CPU engine starts, then 3 judge latencies x 2 runs
+def test_bench_stream_eval_small(tmp_path):
+    pytest.importorskip("vllm")
+    out = tmp_path / "bench_stream_eval.json"
+    proc = subprocess.run([sys.executable, "bench/bench_stream_eval.py", "--small", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "streamed / slower stage" in proc.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["latency_s"] for r in rows] == [0.05, 0.5, 2.0]
+    for r in rows:  # both runs judged every sample alike (the bench checks); a judge stage lasts at least one conversation
+        assert r["streamed_s"] > 0 and r["generate_alone_s"] > 0 and r["judge_alone_s"] >= r["one_conversation_s"]
