@@ -13,6 +13,7 @@
    and the report: eval_report.py).
 Benchmarks: any-case names, task files (tasks.py), `--benchmarks list`. `--model` may be a LoRA checkpoint
 (eval_policy.py). vLLM's and transformers' info logs are hidden unless --verbose.
+`--stage all` with a judge at a URL judges each sample as soon as its generation is written (eval_stream.py).
 Each stage appends and flushes per sample and resumes by id. `output_dir/manifest.json` names the
 model (and a fingerprint of its weights), the settings and each judge: a later stage reads it, and a
 run of another model or generation settings stops instead of mixing results (eval_manifest.py). One run at a time per folder (folder_lock.py: a
@@ -61,7 +62,7 @@ DEFAULT_JUDGE = "Qwen/Qwen3-14B"  # the released evaluation's judge
 
 @dataclass
 class EvalConfig:
-    stage: str = field(default="all", metadata={"help": "Which stage(s) to run: generate | judge | score | all."})
+    stage: str = field(default="all", metadata={"help": "Which stage(s) to run: generate | judge | score | all (with a judge at a URL: each sample judged as soon as it is generated, eval_stream.py)."})
     model: str = field(default="", metadata={"help": "Stage 1: checkpoint or hub id of the policy (with --model_url: the model name there; \"\" = ask it)."})
     model_url: str | None = field(default=None, metadata={"help": "Stage 1: an OpenAI-compatible endpoint serving the policy, instead of loading --model."})
     judge: str | None = field(default=None, metadata={"help": "Stage 2: an OpenAI-compatible URL (http://host:port/v1), else a model judged in process, or `exact` (the option a closed answer chose, no judge model; None: the folder's judge, else Qwen/Qwen3-14B). Stage 3: whose results to report (a judged/ key, the URL or the model; None: the latest judge)."})
