@@ -107,6 +107,7 @@ class Config:
     mini_batches: int = field(default=1, metadata={"help": "Optimiser steps per rollout batch (the batch is split into this many parts)."})
     epochs_per_batch: int = field(default=1, metadata={"help": "Passes over each rollout batch (TRL: --num_iterations)."})
     micro_batch_size: int = field(default=4, metadata={"help": "Sequences per forward/backward on each process (TRL: --per_device_train_batch_size)."})
+    micro_batch_tokens: int = field(default=0, metadata={"help": "> 0: micro-batches by token budget instead of --micro_batch_size: each optimiser step's rows sorted by length and packed so that rows x padded length <= this (a longer row goes alone; same loss and gradients, less padding; verl's dynamic batching). 0: fixed rows."})
     # -- supervised warm start (for small policies that never write the tags)
     warm_start_steps: int = field(default=0, metadata={"help": "AdamW steps on format-correct answers built from the data, before GRPO (0: none)."})
     warm_start_batch_size: int = field(default=4, metadata={"help": "Sequences per warm-start step."})
@@ -345,7 +346,7 @@ _CHOICES = {
 }  # fmt: skip
 _AT_LEAST = {
     "group_size": 2, "steps": 1, "prompts_per_step": 1, "max_completion_length": 1, "max_prompt_length": 1,
-    "micro_batch_size": 1, "mini_batches": 1, "epochs_per_batch": 1, "max_filter_tries": 1, "tensor_parallel_size": 1,
+    "micro_batch_size": 1, "micro_batch_tokens": 0, "mini_batches": 1, "epochs_per_batch": 1, "max_filter_tries": 1, "tensor_parallel_size": 1,
     "save_every": 1, "save_total_limit": 0, "log_samples_every": 0, "warm_start_steps": 0, "warm_start_batch_size": 1,
     "warmup_steps": 0, "judge_concurrency": 1, "judge_retries": 0, "judge_failure_steps": 1, "min_pixels": 1,
     "beta": 0.0, "clip_low": 0.0, "clip_high": 0.0, "tis_cap": 0.0, "weight_decay": 0.0, "sync_probe_max": 0.0,

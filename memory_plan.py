@@ -179,12 +179,20 @@ def vision_layer_bytes(s: Shape) -> float:
     return 30 * s.v_hidden + 8 * s.v_intermediate if s.v_gated else 22 * s.v_hidden + 4 * s.v_intermediate
 
 
+def micro_batch_rows(cfg) -> float:
+    """Rows of the longest micro-batch. With --micro_batch_tokens, rows x padded length <= the budget, or one
+    row over it alone: max(budget, S) tokens, counted as that many rows of S = prompt + completion tokens."""
+    S = cfg.max_prompt_length + cfg.max_completion_length
+    budget = getattr(cfg, "micro_batch_tokens", 0)
+    return max(budget, S) / S if budget else cfg.micro_batch_size
+
+
 def activation_bytes(cfg, s: Shape, compute_bytes: int) -> tuple[float, float]:
     """(text, vision) activations of one micro-batch: B rows of S = prompt + completion tokens, one image
     per row at max_pixels (capped by the prompt length). Gradient checkpointing keeps each layer's input
     (2 h per token, bf16) plus one layer recomputed; without it every layer's `text_layer_bytes`."""
     scale = compute_bytes / 2  # measured in bf16; float32 compute doubles most of it
-    B, S = cfg.micro_batch_size, cfg.max_prompt_length + cfg.max_completion_length
+    B, S = micro_batch_rows(cfg), cfg.max_prompt_length + cfg.max_completion_length
     if cfg.gradient_checkpointing:
         text = B * S * (s.layers * 2 * s.hidden + 6 * s.hidden + text_layer_bytes(s))
     else:
@@ -346,16 +354,19 @@ def plan(cfg, world: int | None = None, gpu: float | None = None, *, shape: Shap
     else:
         gathered = s.total * c if c < m else 0.0
     act_text, act_vision = activation_bytes(cfg, s, c)
-    B, T = cfg.micro_batch_size, cfg.max_completion_length
+    B, T, budget = cfg.micro_batch_size, cfg.max_completion_length, getattr(cfg, "micro_batch_tokens", 0)
     # completion_logprobs: the bf16 logits, their float32 copy (kept by logsumexp), logsumexp's exp, the
     # entropy's log_softmax and exp (first epoch), backward's gradients: 4.5 float32 copies at the peak
-    # (tests/test_memory_plan.py counts them with a dispatch mode).
-    logits = LOGIT_COPIES * B * T * s.vocab * 4
+    # (tests/test_memory_plan.py counts them with a dispatch mode). With a token budget, at most the
+    # budget's tokens are completions (short prompts), or the longest row alone.
+    logit_rows = f"[{max(budget, T)} tokens" if budget else f"[{B}, {T}"
+    logits = LOGIT_COPIES * (max(budget, T) if budget else B * T) * s.vocab * 4
+    layout = f"<= {max(budget, cfg.max_prompt_length + T)} tokens (--micro_batch_tokens)" if budget else f"{B} x {cfg.max_prompt_length + T} tokens"
     update = Phase("update", {"params": params, "grads": grads, "optimiser": optim, "reference": ref, "gathered": gathered,
                               "activations": act_text, "vision act.": act_vision, "logits": logits,
                               "engine asleep": asleep, "overhead": OVERHEAD}, [
-        f"micro-batch {B} x {cfg.max_prompt_length + T} tokens, gradient checkpointing "
-        f"{'on' if cfg.gradient_checkpointing else 'off'}; logits {LOGIT_COPIES} x [{B}, {T}, {s.vocab}] float32"])  # fmt: skip
+        f"micro-batch {layout}, gradient checkpointing "
+        f"{'on' if cfg.gradient_checkpointing else 'off'}; logits {LOGIT_COPIES} x {logit_rows}, {s.vocab}] float32"])  # fmt: skip
     result = Plan(cfg.model, world, gpu, [load, rollout, update], s, problems, host=host)
     if suggest and result.failure():
         result.suggestion = _suggest(cfg, world, gpu, s, easyr1)
@@ -368,7 +379,10 @@ def _suggest(cfg, world, gpu, shape, easyr1) -> str:
         return plan(dataclasses.replace(cfg, **change), world, gpu, shape=shape, easyr1=easyr1, suggest=False).failure() is None
 
     tries = [dict(gradient_checkpointing=True)] if not cfg.gradient_checkpointing else []
-    tries += [dict(micro_batch_size=b) for b in (cfg.micro_batch_size // 2, 1) if 0 < b < cfg.micro_batch_size]
+    if getattr(cfg, "micro_batch_tokens", 0):
+        tries += [dict(micro_batch_tokens=cfg.micro_batch_tokens // 2)] if cfg.micro_batch_tokens > 1 else []
+    else:
+        tries += [dict(micro_batch_size=b) for b in (cfg.micro_batch_size // 2, 1) if 0 < b < cfg.micro_batch_size]
     if cfg.engine == "vllm":
         tries += [dict(tensor_parallel_size=t) for t in (2, 4, 8) if t > cfg.tensor_parallel_size and world % t == 0]
         tries += [dict(gpu_memory_utilization=u) for u in (0.6, 0.5, 0.4, 0.3, 0.2) if u != cfg.gpu_memory_utilization]

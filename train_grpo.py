@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+import batching
 import data
 import model_check
 import optim
@@ -398,10 +399,11 @@ def reward_means(groups: list[Group]) -> dict:
 # Policy log-probs and the update
 
 
-def micro_batch(rows: list[tuple[Group, int]], processor, device) -> dict:
+def micro_batch(rows: list[tuple[Group, int]], processor, device, share_prompts: bool = True, tokens: list | None = None) -> dict:
     """Tensors for (group, completion index) rows: the same prompt tokens and images the engine saw
     (`policy.policy_inputs`), the completion mask [B, T] (0 for unscored completions) and the
-    engine's log-probs [B, T]. This is where groups are flattened into rows."""
+    engine's log-probs [B, T]. This is where groups are flattened into rows. `tokens`: [padding, all]
+    tokens laid out, added to."""
     prompts, index, completions, valid = [], {}, [], []
     for g, j in rows:
         k = index.setdefault(id(g), len(prompts))
@@ -414,17 +416,21 @@ def micro_batch(rows: list[tuple[Group, int]], processor, device) -> dict:
     engine_logp = torch.zeros_like(mask)
     for i, c in enumerate(completions):
         engine_logp[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
-    return {"batch": batch, "mask": mask.to(device), "engine_logp": engine_logp.to(device)}
+    if tokens is not None:
+        tokens[0] += int((batch["attention_mask"] == 0).sum())
+        tokens[1] += batch["attention_mask"].numel()
+    return {"batch": batch, "mask": mask.to(device), "engine_logp": engine_logp.to(device), "share_prompts": share_prompts}
 
 
 def policy_logprobs(model, mb, temperature: float, with_entropy: bool = False):
     """Log-probs [B, T] of the completion tokens under `model`, and their entropies (or None)."""
-    out = policy.completion_logprobs(model, mb["batch"], temperature, with_entropy=with_entropy)
+    out = policy.completion_logprobs(model, mb["batch"], temperature, with_entropy=with_entropy, share_prompts=mb["share_prompts"])
     return out if with_entropy else (out, None)
 
 
 def optimise(cfg, run, groups: list[Group]) -> dict:
-    """Mini-batches x epochs of optimiser steps over the rollout batch, micro-batched.
+    """Mini-batches x epochs of optimiser steps over the rollout batch, micro-batched (`micro_batches`: fixed
+    rows, or by token budget; the loss normalisers are the whole step's, so the split changes no gradient).
 
     The old policy is the engine's log-probs when the batch makes a single optimiser step. When it
     makes several, or a TIS cap is set, the trainer recomputes them (no grad, before the first step)
@@ -433,43 +439,44 @@ def optimise(cfg, run, groups: list[Group]) -> dict:
     model = run.model
     rows = [(g, j) for g in groups for j in range(len(g.completions))]
     valid = [ok for g in groups for ok in g.valid]  # per row: has a total
-    N, mb_size = len(rows), max(1, cfg.micro_batch_size)
+    N = len(rows)
     per_step = math.ceil(N / cfg.mini_batches)
+    steps = [range(lo, min(lo + per_step, N)) for lo in range(0, N, per_step)]  # each optimiser step's rows
+    plans = [micro_batches(cfg, run, rows, idx) for idx in steps]  # row indices per forward/backward
     recompute = cfg.tis_cap > 0 or cfg.mini_batches * cfg.epochs_per_batch > 1
-    old: list[tuple] = []  # per row: (old log-probs [T_i], TIS weights [T_i] or None)
+    old: dict[int, tuple] = {}  # per row: (old log-probs [T_i], TIS weights [T_i] or None)
     sums = dict.fromkeys(("clip_frac", "kl", "entropy", "logp_mismatch", "grad_norm", "tis_weight"), 0.0)
     count = dict.fromkeys(sums, 0)
     losses = []  # one whole-batch loss per optimiser step
+    tokens = [0, 0]  # laid out in forward passes: padding, all (the logged padded_share)
     if recompute:
         model.eval()  # the old policy as the engine sampled it: no (LoRA) dropout
         with torch.no_grad():
-            for m in range(0, N, mb_size):
-                mb = micro_batch(rows[m : m + mb_size], run.processor, run.device)
+            for part, share in (p for plan in plans for p in plan):
+                mb = micro_batch([rows[i] for i in part], run.processor, run.device, share, tokens)
                 with compute_precision(run):
                     logp, _ = policy_logprobs(model, mb, cfg.temperature)
                 weights = torch.exp(logp - mb["engine_logp"]).clamp(max=cfg.tis_cap) * mb["mask"] if cfg.tis_cap > 0 else None
-                for r, (g, j) in enumerate(rows[m : m + mb_size]):
-                    k = len(g.completions[j].token_ids)
-                    old.append((logp[r, :k], None if weights is None else weights[r, :k]))
+                for r, i in enumerate(part):
+                    k = len(rows[i][0].completions[rows[i][1]].token_ids)
+                    old[i] = (logp[r, :k], None if weights is None else weights[r, :k])
                 if weights is not None:
                     add(sums, count, "tis_weight", (weights.sum() / mb["mask"].sum().clamp(min=1)).item())
     model.train()
     for epoch in range(cfg.epochs_per_batch):
-        for lo in range(0, N, per_step):
-            idx = range(lo, min(lo + per_step, N))
+        for idx, plan in zip(steps, plans):
             # Normalisers of the whole optimiser step over all processes (see grpo_loss); FSDP
             # averages gradients over processes, so each process's share is scaled by world size.
             n_seq = all_sum(run, sum(valid[i] for i in idx))
             n_tok = all_sum(run, sum(len(rows[i][0].completions[rows[i][1]].token_ids) for i in idx if valid[i]))
             step_loss = 0.0
-            for m in range(lo, idx.stop, mb_size):
-                part = rows[m : min(m + mb_size, idx.stop)]
-                mb = micro_batch(part, run.processor, run.device)
+            for part, share in plan:
+                mb = micro_batch([rows[i] for i in part], run.processor, run.device, share, tokens)
                 with compute_precision(run):
                     logp, entropy = policy_logprobs(model, mb, cfg.temperature, with_entropy=epoch == 0)
                 old_logp, weights = mb["engine_logp"], None
                 if recompute:
-                    old_logp, weights = padded(old[m : m + len(part)], mb["mask"], cfg.tis_cap > 0)
+                    old_logp, weights = padded([old[i] for i in part], mb["mask"], cfg.tis_cap > 0)
                 # Engine vs trainer on the same weights: the recomputed old log-probs when they exist (after the
                 # first optimiser step `logp` also holds the policy's drift).
                 trainer_logp = old_logp if recompute else logp.detach()
@@ -479,7 +486,7 @@ def optimise(cfg, run, groups: list[Group]) -> dict:
                     with torch.no_grad(), compute_precision(run):
                         ref, _ = policy_logprobs(run.ref_model, mb, cfg.temperature)
                     policy.reshard(run.ref_model)
-                advantages = torch.tensor([g.advantages[j] for g, j in part], device=run.device)
+                advantages = torch.tensor([rows[i][0].advantages[rows[i][1]] for i in part], device=run.device)
                 loss, metrics = grpo_loss(
                     logp, old_logp, advantages, mb["mask"], ref_logp=ref, beta=cfg.beta,
                     loss_type=cfg.loss_type, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
@@ -499,7 +506,24 @@ def optimise(cfg, run, groups: list[Group]) -> dict:
             run.optimizer.step()
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
-    return {"loss": sum(losses) / len(losses), **{k: sums[k] / count[k] for k in sums if count[k]}}
+    return {"loss": sum(losses) / len(losses), "padded_share": tokens[0] / max(tokens[1], 1),
+            **{k: sums[k] / count[k] for k in sums if count[k]}}
+
+
+def micro_batches(cfg, run, rows: list[tuple[Group, int]], idx: range) -> list[tuple[list[int], bool]]:
+    """(row indices, share prompts) per forward/backward of one optimiser step: slices of micro_batch_size
+    rows, or with micro_batch_tokens rows packed by length (batching.py). Every process then runs as many
+    passes as the one that planned the most (FSDP's collectives), and shares prompts in a pass only where
+    all do (policy: a shared prompt is a second forward call, so a second round of all-gathers)."""
+    if not cfg.micro_batch_tokens:  # rows in order: every process has the same pattern of repeated prompts
+        return [(part, True) for part in batching.fixed(idx, cfg.micro_batch_size)]
+    lengths = {i: (rows[i][0].encoded["input_ids"].shape[1], len(rows[i][0].completions[rows[i][1]].token_ids)) for i in idx}
+    plan = batching.by_tokens(lengths, cfg.micro_batch_tokens)
+    plan = batching.split_to(plan, int(max_rank(run, len(plan))), lengths)
+    repeats = torch.tensor([int(len({id(rows[i][0]) for i in part}) < len(part)) for part in plan], device=run.device)
+    if run.world > 1:
+        torch.distributed.all_reduce(repeats, op=torch.distributed.ReduceOp.MIN)
+    return [(part, bool(r)) for part, r in zip(plan, repeats.tolist())]
 
 
 def padded(rows: list[tuple], mask: torch.Tensor, with_weights: bool) -> tuple:
