@@ -1,6 +1,6 @@
 """Judge-stage throughput: evaluate.py's judge vs the released one-sample-at-a-time loop.
 
-    python bench/bench_evaluate.py [--samples 256 --latency 0.02 --concurrency 16 64 128]
+    python bench/bench_evaluate.py [--samples 256 --latency 0.02 --concurrency 16 64 128] [--out FILE]
 
 Judges `samples` real PubMedQA questions (from ../shared/data) with 3 rounds each (the released
 protocol: 3 requests per sample, each turn after the last reply) against a local OpenAI-compatible
@@ -15,7 +15,7 @@ client under test needs). In the same run:
   sample appended and flushed as it finishes) at each `--concurrency`.
 
 Prints a table (seconds, samples per second, speed-up over released, time over the floor
-3 x samples x latency / concurrency) and writes bench/results/bench_evaluate.json.
+3 x samples x latency / concurrency) and writes bench/results/bench_evaluate.json (or `--out`).
 """
 from __future__ import annotations
 
@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=256)
     ap.add_argument("--latency", type=float, default=0.02, help="seconds the fake judge waits per request")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[16, 64, 128], help="requests in flight (one run each)")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "bench_evaluate.json"), help="where the JSON goes")
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # internal: run the fake endpoint
     args = ap.parse_args()
     if args.serve:
@@ -143,7 +144,7 @@ def main() -> None:
         "released": {"seconds": released_s, "samples_per_s": len(gens) / released_s, "floor_s": sequential_floor},
         "ours": rows,
     }  # fmt: skip
-    out = REPO / "bench" / "results" / "bench_evaluate.json"
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out}")

@@ -13,7 +13,7 @@ this script in its own process. In the same run:
 It prints both times, the speed-up, our time over the floor (distinct judge calls x latency /
 concurrency), the time of the same requests sent by bare aiohttp (no reward code: what the
 transport itself costs on this machine), then the embedding throughput of the MiniLM model (completions per second), and writes
-everything to bench/results/bench_rewards.json. Targets (issue 4): speed-up >= 30x, floor ratio <= 1.5;
+everything to bench/results/bench_rewards.json (or `--out`). Targets (issue 4): speed-up >= 30x, floor ratio <= 1.5;
 (issue 13) our judge client alone (OpenAIJudge on the same distinct pairs) within 1.15x of bare aiohttp
 at 64 and 128 in flight. Each concurrency alternates ours, client and bare `--repeats` times (best counts).
 """
@@ -241,6 +241,7 @@ def main() -> None:
     # 1: on a 2-core machine shared with other work, two OpenMP threads spin against each other
     # (measured here: 512 short texts in 14.7 s with 2 threads, 2.2 s with 1).
     ap.add_argument("--torch_threads", type=int, default=1, help="torch CPU threads for the embedding model")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "bench_rewards.json"), help="where the JSON goes")
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # internal: run the fake endpoint
     args = ap.parse_args()
     if args.serve:
@@ -304,10 +305,10 @@ def main() -> None:
         print(f"embedding ({emb['model']}, CPU, {emb['torch_threads']} thread(s)): {emb['per_second']:.0f} completions/s "
               f"({emb['completions']} in {emb['seconds']:.2f} s; load {emb['load_seconds']:.1f} s)")
         result["embedding"] = emb
-    out = REPO / "bench" / "results" / "bench_rewards.json"
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out.relative_to(REPO)}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

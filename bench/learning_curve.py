@@ -1,6 +1,7 @@
 """Does GRPO here make a model better than its warm start? SmolLM2-135M-Instruct on PubMedQA, 3 seeds.
 
-    python bench/learning_curve.py [--seeds 0 1 2] [--steps 8] [--eval_every 4] [--test_limit 500]
+    python bench/learning_curve.py [--seeds 0 1 2] [--steps 8] [--eval_every 4] [--test_limit 500] [--out DIR]
+    python bench/learning_curve.py --small --out /tmp/curve   # the test suite's smoke run: every stage, tiny
 
 1. Data: PubMedQA's 500 labelled questions outside its test split (with their abstracts) are the pool;
    48 of them are held out for in-training validation (written in PubMedQA's release format, so the
@@ -15,7 +16,10 @@
 5. `--remedies [--only WORD ...]`: one seed per remedy against the collapse onto one answer (KL, lower
    lr, larger groups, a label-balanced warm start, the embedding component), from the same warm start,
    each tested the same way; remedies/table.md.
-Writes bench/results/learning_curve/ (summary.json, table.md, each run's folder).
+Writes bench/results/learning_curve/ or `--out` (summary.json, table.md, each run's folder; wiped at the start).
+`--small`: a tiny random Qwen2 (tests/kit.py) instead of SmolLM2, 1 seed, 1 warm-start and 1 GRPO step, 2
+validation and 2 test questions (evaluated with `--engine hf`): every stage and command runs, the accuracies
+mean nothing.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.kit import REPO, SHARED_DATA, smollm2_dir  # noqa: E402
+from tests.kit import REPO, SHARED_DATA, smollm2_dir, tiny_text_dir  # noqa: E402
 
 OUT = REPO / "bench" / "results" / "learning_curve"
 LABELS = ("yes", "no", "maybe")
@@ -75,11 +79,12 @@ def warm_start(model: str, train: Path, steps: int, out: Path | None = None, bal
     return train_grpo.save_checkpoint(cfg, r, 0)
 
 
-def test_accuracy(name: str, model: str, limit: int, root: Path = OUT) -> dict:
+def test_accuracy(name: str, model: str, limit: int, root: Path | None = None, engine: str = "auto") -> dict:
+    root = root or OUT  # read at call time: --out replaces it
     out = root / "test" / name
     cmd = [sys.executable, "evaluate.py", "--model", model, "--benchmarks", "PubMedQA", "--data_root", str(SHARED_DATA),
            "--judge", "exact", "--format_prompt", "--one_shot", "--think_tag", "think", "--max_new_tokens", "96",
-           "--limit", str(limit), "--output_dir", str(out)]  # fmt: skip
+           "--limit", str(limit), "--output_dir", str(out), "--engine", engine]  # fmt: skip
     seconds = run(cmd, root / f"test-{name}.log")
     import evaluate
 
@@ -183,6 +188,7 @@ def wilson(p: float, n: int) -> tuple[float, float]:
 
 
 def main():
+    global OUT  # --out replaces it for every helper here
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=8, help="GRPO steps per seed")
@@ -193,11 +199,18 @@ def main():
     ap.add_argument("--keep_warm", action="store_true", help="reuse the data and warm start of the last run")
     ap.add_argument("--remedies", action="store_true", help="one seed per remedy against collapse (reuses the warm start)")
     ap.add_argument("--only", nargs="+", help="with --remedies: the remedies whose names contain one of these words")
+    ap.add_argument("--out", default=str(OUT), help="the results folder (wiped at the start unless --keep_warm or --remedies)")
+    ap.add_argument("--eval_engine", default="auto", help="evaluate.py's --engine for the test split (vllm | hf | auto)")
+    ap.add_argument("--small", action="store_true", help="smoke size: tiny random model, 1 seed, 1 step, 2 questions")
     args = ap.parse_args()
     import shutil
 
+    OUT = Path(args.out)
+    if args.small:
+        args.seeds, args.steps, args.eval_every, args.n_val, args.test_limit, args.warm_start_steps = [0], 1, 1, 2, 2, 1
+        args.eval_engine = "hf"  # 2 questions: an engine start (about 25 s each of 3 runs) would be most of the time
     t0 = time.perf_counter()
-    base = str(smollm2_dir())
+    base = str(tiny_text_dir("qwen2") if args.small else smollm2_dir())
     warm = OUT / "warm" / "checkpoint-0"
     if args.remedies:
         if not warm.is_dir():
@@ -221,9 +234,11 @@ def main():
         seconds = run(cmd, OUT / f"{out.name}.log")
         summary["runs"][seed] = run_summary(out, seconds, args.steps)
         (OUT / "summary.json").write_text(json.dumps(summary, indent=1))
-    tests = {"base": test_accuracy("base", base, args.test_limit), "warm start": test_accuracy("warm", warm, args.test_limit)}
+    tests = {"base": test_accuracy("base", base, args.test_limit, engine=args.eval_engine),
+             "warm start": test_accuracy("warm", warm, args.test_limit, engine=args.eval_engine)}
     for seed in args.seeds:
-        tests[f"GRPO seed {seed}"] = test_accuracy(f"seed{seed}", summary["runs"][seed]["checkpoint"], args.test_limit)
+        tests[f"GRPO seed {seed}"] = test_accuracy(f"seed{seed}", summary["runs"][seed]["checkpoint"], args.test_limit,
+                                                   engine=args.eval_engine)
     summary["test"] = tests
     grpo = [tests[f"GRPO seed {s}"]["accuracy"] for s in args.seeds]
     mean = sum(grpo) / len(grpo)
