@@ -23,6 +23,7 @@ when slices overlap. A file from other settings is refused in one line. train_gr
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import json
@@ -263,7 +264,7 @@ def main(cfg, args) -> dict:
     run.reward = train_grpo.make_reward(cfg, 0, judge)
     engine = run.engine = make_engine(cfg, run)
     cfg_k = dataclasses.replace(cfg, group_size=args.k)  # roll_out draws group_size completions a prompt
-    counts = dict.fromkeys(("rewards_nan", "judge_asked", "judge_failures", "judge_unparsed", "judge_timeouts", "completions_unscored"), 0)
+    counts = collections.defaultdict(int)  # score_groups' counters (judge failures, unscored completions ...)
     try:
         for at in range(0, len(todo), args.batch_prompts):
             groups = []

@@ -149,7 +149,8 @@ def main():
 def table(s: dict) -> str:
     c, r, a = s["curation"], s["records"], s["settings"]
     lines = [f"Curation: {c['rated']} samples at k={a['k']}, {a['tokens']} new tokens, {a['engine']}: {c['minutes_per_100']:.1f} min per 100 samples "
-             f"generating and scoring ({c['wall_minutes_per_100']:.1f} with the engine's start), on a shared 2-core CPU.",
+             f"generating and scoring ({c['wall_minutes_per_100']:.1f} with the engine's start), on a shared 2-core CPU; "
+             f"{c['rated'] * a['k']} rollouts, spent once before training.",
              f"Records: {r['none_pass']} samples never pass, {r['all_pass']} always pass ({r['agreeing_share']:.0%} agree within the group); "
              f"the band [{s['band'][0]:.3g}, {s['band'][1]:.3g}] keeps {r['kept']}. Expected zero-advantage share of a fresh group "
              f"(p^k + (1-p)^k): {r['expected_zero_adv_all']:.2f} over all, {r['expected_zero_adv_kept']:.2f} over the band.", "",
