@@ -1,26 +1,30 @@
-"""The GRPO update against a bare forward/backward over the same tokens and micro-batches.
+"""The GRPO update with fixed-row micro-batches and with a token budget, against a bare forward/backward
+over the same real tokens without padding.
 
-    python bench/bench_update.py                          # SmolLM2-135M-Instruct, 2 prompts x 4 x 64 tokens
-    python bench/bench_update.py --model tiny_qwen2 --prompts 4 --group 8
+    python bench/bench_update.py                 # SmolLM2-135M-Instruct, 4 prompts x 8, answers up to 512 tokens
+    python bench/bench_update.py --small         # tiny model, 2 prompts x 4, up to 64 tokens, 2 rows (seconds; CI)
 
-One real rollout (`train_grpo.setup` + `rollout_and_score`, transformers' generate, a dense toy
-reward) gives the groups; then, alternating `--repeats` times after one untimed warm-up of each:
+Completion lengths are drawn as a real run's are (no generation: the update's cost depends on the
+lengths, not on the text): log-normal at the recipe's scale (median 700 tokens, sigma 0.9, cut at the
+recipe's max_completion_length of 4096, so ~2.5% are truncated and a group's lengths vary tenfold),
+then scaled by --max_completion_length / 4096 for a CPU (512: 1/8). Prompts are the MediX-R1 chat
+prompt with questions of varied length. Rows get random tokens, engine log-probs and rewards.
 
-- ours: `train_grpo.optimise(cfg, run, groups)`: micro-batches built from the groups, the policy's
-  log-probs (and entropies), `grpo_loss`, backward, the metrics, grad clipping, AdamW;
-- bare: the same micro-batches, built before the clock starts, through the same forward
-  (`completion_logprobs`, prompt sharing included), loss = -sum(logp * mask) / tokens,
-  backward, AdamW: no GRPO bookkeeping.
-
-Both update the same model with the same optimiser (the weights move; the work does not depend on
-them). Ours is broken down by wrapping train_grpo's helpers with timers (micro_batch,
-policy_logprobs, grpo_loss, clip_grad_norm_, optimizer.step; backward and the rest is what remains).
-Prints ours / bare (target <= 1.1), the shapes and the machine; writes JSON under bench/results/.
+Three updates of the same rows, timed in turn (--repeats times, the best of each counts), after one
+untimed single-row update (AdamW's state, the allocator):
+- fixed rows: `train_grpo.optimise` with --micro_batch_size rows per micro-batch (today's default);
+- token budget: `optimise` with --micro_batch_tokens (default: the fixed path's largest micro-batch,
+  micro_batch_size x (longest prompt + max_completion_length), so the same peak memory);
+- bare: one row at a time through the same forward (`completion_logprobs`), loss = -sum(logp) / tokens,
+  backward, AdamW: no padding at all, no GRPO bookkeeping; the floor (target: budget / bare <= 1.15).
+Prompts are not shared between rows (--share_prompts false): as a VLM or gradient checkpointing runs,
+which is how the recipes run. Prints one table and the machine; writes JSON under bench/results/.
 """
 from __future__ import annotations
 
-import contextlib
 import json
+import math
+import random
 import sys
 import tempfile
 import time
@@ -30,25 +34,30 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.machine import Timers, describe, machine  # noqa: E402
-from policy import completion_logprobs  # noqa: E402
+from bench.machine import describe, machine  # noqa: E402
+
+RECIPE_MAX = 4096  # the recipes' max_completion_length (configs/medix_r1_*.yaml)
 
 
 @dataclass
 class BenchConfig:
     model: str = "smollm2"  # smollm2 | tiny_qwen2 | tiny_qwen3 | a local HF directory
-    prompts: int = 2  # prompts per step
-    group: int = 4  # completions per prompt
-    max_new_tokens: int = 64  # per completion
-    micro_batch_size: int = 4  # sequences per forward/backward (train_grpo's default)
-    repeats: int = 2  # alternating timed runs of ours and bare; the best of each counts
+    prompts: int = 4  # prompts per step
+    group: int = 8  # completions per prompt
+    max_completion_length: int = 512  # the recipe's 4096, scaled down for a CPU (lengths scale with it)
+    micro_batch_size: int = 4  # rows per micro-batch on the fixed path (train_grpo's default)
+    micro_batch_tokens: int = 0  # the budget; 0: micro_batch_size x (longest prompt + max_completion_length)
+    share_prompts: bool = False  # share a prompt's forward between its rows (text models without checkpointing only)
+    repeats: int = 1  # timed runs of each update, in turn; the best counts
+    seed: int = 0
+    small: bool = False  # tiny model, 2 prompts x 4, up to 64 tokens, micro_batch_size 2: a smoke run
     out_dir: str = str(REPO / "bench" / "results")
 
 
-def toy_reward(completions, answer=None, modality=None, **_):
-    """Dense: the share of completion characters in a-e (every group gets nonzero advantages)."""
-    good = [sum(ch in "abcde" for ch in c) / max(len(c), 1) for c in completions]
-    return {"total": good, "toy": good}
+def draw_lengths(n: int, limit: int, rng: random.Random) -> list[int]:
+    """Completion lengths as a run's: log-normal at the recipe's scale, cut at its limit, scaled to `limit`."""
+    drawn = [min(rng.lognormvariate(math.log(700), 0.9), RECIPE_MAX) for _ in range(n)]
+    return [max(4, round(x * limit / RECIPE_MAX)) for x in drawn]
 
 
 def model_dir(name: str) -> str:
@@ -61,95 +70,108 @@ def model_dir(name: str) -> str:
     return name
 
 
-def bare_update(run, batches, temperature: float) -> None:
-    for mb, n_tok in batches:
+def make_groups(cfg: BenchConfig, tcfg, run, rng: random.Random):
+    import rollout
+    import train_grpo
+
+    vocab = len(run.tokenizer)
+    groups = train_grpo.new_groups(tcfg, run, list(range(cfg.prompts)), {})
+    for g in groups:
+        lengths = draw_lengths(cfg.group, cfg.max_completion_length, rng)
+        g.completions = [rollout.Completion(0, [rng.randrange(100, vocab - 100) for _ in range(k)], "",
+                                            [-rng.uniform(0.1, 5.0) for _ in range(k)], []) for k in lengths]  # fmt: skip
+        g.scores = {"total": [rng.random() for _ in lengths]}
+    train_grpo.set_advantages(tcfg, run, groups)
+    return groups
+
+
+def bare_update(run, rows, temperature: float) -> None:
+    from policy import completion_logprobs
+
+    n_tok = sum(mb["mask"].sum().item() for mb in rows)
+    for mb in rows:
         logp = completion_logprobs(run.model, mb["batch"], temperature)
-        loss = -(logp * mb["mask"]).sum() / n_tok
-        loss.backward()
+        (-(logp * mb["mask"]).sum() / n_tok).backward()
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
 
 
 def main(cfg: BenchConfig) -> dict:
-    import torch
+    import dataclasses
 
     import train_grpo
 
+    if cfg.small:
+        cfg = dataclasses.replace(cfg, model="tiny_qwen2", prompts=2, group=4, max_completion_length=64, micro_batch_size=2, repeats=1)
+    rng = random.Random(cfg.seed)
     tmp = Path(tempfile.mkdtemp(prefix="bench_update-"))
-    rows = [{"id": f"q{i}", "image": [], "source": "toy", "problem": f"Question number {i}: is the finding benign? Explain.",
-             "solution": f"<OTHER> {('yes', 'no')[i % 2]}"} for i in range(16)]  # fmt: skip
+    filler = "The finding was reported on the prior study and is unchanged. "
+    rows = [{"id": f"q{i}", "image": [], "source": "toy", "solution": f"<OTHER> {('yes', 'no')[i % 2]}",
+             "problem": f"Question {i}: {filler * rng.randrange(0, 8)}Is the finding benign? Explain."} for i in range(cfg.prompts)]  # fmt: skip
     (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tcfg = train_grpo.Config(
         model=model_dir(cfg.model), data=str(tmp / "train.jsonl"), output_dir=str(tmp / "run"), engine="hf",
-        prompts_per_step=cfg.prompts, group_size=cfg.group, max_completion_length=cfg.max_new_tokens, steps=100,
-        lr=1e-6, micro_batch_size=cfg.micro_batch_size, online_filter=False, seed=0, embedder="", save_every=1000,
+        prompts_per_step=cfg.prompts, group_size=cfg.group, max_completion_length=cfg.max_completion_length,
+        lr=1e-6, micro_batch_size=cfg.micro_batch_size, online_filter=False, seed=cfg.seed, embedder="",
     )  # fmt: skip
-    run = train_grpo.setup(tcfg, toy_reward)
-    t = time.perf_counter()
-    groups, counts = train_grpo.rollout_and_score(0, tcfg, run)
-    rollout_s = time.perf_counter() - t
-    train_grpo.set_advantages(tcfg, run, groups)
-    rows_ = [(g, j) for g in groups for j in range(len(g.completions))]
-    n_tok = sum(len(g.completions[j].token_ids) for g, j in rows_)
-    mbs = cfg.micro_batch_size
-    batches = [(train_grpo.micro_batch(rows_[m : m + mbs], run.processor, run.device), n_tok) for m in range(0, len(rows_), mbs)]
+    run = train_grpo.setup(tcfg, lambda c, **k: {"total": [0.0] * len(c)})
+    groups = make_groups(cfg, tcfg, run, rng)
     prompt_len = [g.encoded["input_ids"].shape[1] for g in groups]
-    shape = {"prompts": len(groups), "group": cfg.group, "sequences": len(rows_), "completion_tokens": n_tok,
-             "max_new_tokens": cfg.max_new_tokens, "prompt_tokens": prompt_len, "micro_batch_size": mbs,
-             "micro_batches": len(batches)}
+    budget = cfg.micro_batch_tokens or cfg.micro_batch_size * (max(prompt_len) + cfg.max_completion_length)
+    tokens = {"real": sum(p + len(c.token_ids) for p, g in zip(prompt_len, groups) for c in g.completions)}
+    tokens["completion"] = sum(len(c.token_ids) for g in groups for c in g.completions)
 
-    timers = Timers()
-    restore = [timers.wrap(train_grpo, "micro_batch", "micro_batch"), timers.wrap(train_grpo, "policy_logprobs", "forward"),
-               timers.wrap(train_grpo, "grpo_loss", "grpo_loss"), timers.wrap(torch.nn.utils, "clip_grad_norm_", "clip_grad_norm"),
-               timers.wrap(run.optimizer, "step", "optimizer_step")]  # fmt: skip
-    ours_s, bare_s, breakdowns = [], [], []
+    calls, build = [0], train_grpo.micro_batch
+
+    def counted(*a, **k):  # the number of forward passes, and the prompt sharing asked for
+        calls[0] += 1
+        mb = build(*a, **k)
+        mb["share_prompts"] = mb["share_prompts"] and cfg.share_prompts
+        return mb
+
+    train_grpo.micro_batch = counted
+    singles = [build([(g, j)], run.processor, run.device) for g in groups for j in range(len(g.completions))]
+    variants = {"fixed rows": dataclasses.replace(tcfg, micro_batch_tokens=0),
+                "token budget": dataclasses.replace(tcfg, micro_batch_tokens=budget)}  # fmt: skip
+    seconds: dict[str, list] = {name: [] for name in (*variants, "bare")}
+    shares, passes = {"bare": 0.0}, {"bare": len(singles)}
     try:
-        train_grpo.optimise(tcfg, run, groups)  # warm-up: AdamW state, allocator
-        bare_update(run, batches, tcfg.temperature)
+        bare_update(run, singles[:1], tcfg.temperature)  # warm-up: AdamW's state, the allocator
         for _ in range(cfg.repeats):
-            timers.reset()
+            for name, vcfg in variants.items():
+                calls[0] = 0
+                t = time.perf_counter()
+                shares[name] = train_grpo.optimise(vcfg, run, groups)["padded_share"]
+                seconds[name].append(time.perf_counter() - t)
+                passes[name] = calls[0]
             t = time.perf_counter()
-            train_grpo.optimise(tcfg, run, groups)
-            ours_s.append(time.perf_counter() - t)
-            breakdowns.append(dict(timers.seconds))
-            t = time.perf_counter()
-            bare_update(run, batches, tcfg.temperature)
-            bare_s.append(time.perf_counter() - t)
-        # The bare forward alone, once, to split the bare time into forward and the rest.
-        t = time.perf_counter()
-        for mb, _ in batches:
-            with torch.no_grad():
-                completion_logprobs(run.model, mb["batch"], tcfg.temperature)
-        bare_forward_s = time.perf_counter() - t
+            bare_update(run, singles, tcfg.temperature)
+            seconds["bare"].append(time.perf_counter() - t)
     finally:
-        for r in restore:
-            r()
-    best = min(range(len(ours_s)), key=lambda i: ours_s[i])
-    ours, bare = ours_s[best], min(bare_s)
-    parts = breakdowns[best]
-    parts["backward_and_rest"] = ours - sum(parts.values())
-    result = {"config": asdict(cfg), "shape": shape, "machine": machine(), "rollout_seconds": rollout_s,
-              "ours_seconds": ours, "bare_seconds": bare, "ours_over_bare": ours / bare, "ours_breakdown": parts,
-              "ours_all": ours_s, "bare_all": bare_s, "bare_forward_no_grad_seconds": bare_forward_s}
-    print(f"\nmodel {cfg.model}: {shape['prompts']} prompts x {cfg.group} completions, {n_tok} completion tokens "
-          f"(max {cfg.max_new_tokens} each), prompts of {prompt_len} tokens, {len(batches)} micro-batches of <= {mbs}")
-    print(f"{'update':<10}{'seconds':>9}")
-    print(f"{'ours':<10}{ours:>9.2f}")
-    print(f"{'bare':<10}{bare:>9.2f}")
-    print(f"ours/bare {ours / bare:.2f} (target <= 1.1); best of {cfg.repeats} alternating runs; all: ours "
-          f"{[round(x, 2) for x in ours_s]}, bare {[round(x, 2) for x in bare_s]}")
-    print("ours, by part: " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items()))
-    print(f"bare forward without grad, all micro-batches: {bare_forward_s:.2f} s")
+        train_grpo.micro_batch = build
+    bare = min(seconds["bare"])
+    table = [{"update": name, "micro_batches": passes[name], "padded_share": shares[name], "seconds": min(s),
+              "over_bare": min(s) / bare, "all_seconds": s} for name, s in seconds.items()]  # fmt: skip
+    shape = {"prompts": cfg.prompts, "group": cfg.group, "rows": len(singles), "prompt_tokens": prompt_len,
+             "completion_lengths": [len(c.token_ids) for g in groups for c in g.completions], "tokens": tokens,
+             "micro_batch_size": cfg.micro_batch_size, "micro_batch_tokens": budget}  # fmt: skip
+    result = {"config": asdict(cfg), "shape": shape, "machine": machine(), "rows": table}
+    lengths = sorted(shape["completion_lengths"])
+    print(f"\nmodel {cfg.model}: {cfg.prompts} prompts x {cfg.group} completions; completion tokens {tokens['completion']} "
+          f"(min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]} of {cfg.max_completion_length}), "
+          f"prompts {min(prompt_len)}-{max(prompt_len)} tokens; {tokens['real']} real tokens; budget {budget} tokens")  # fmt: skip
+    print(f"{'update':<14}{'passes':>8}{'padded':>9}{'seconds':>10}{'/bare':>8}")
+    for r in table:
+        print(f"{r['update']:<14}{r['micro_batches']:>8}{r['padded_share']:>9.1%}{r['seconds']:>10.2f}{r['over_bare']:>8.2f}")
+    print(f"token budget / bare {table[1]['over_bare']:.2f} (target <= 1.15); fixed rows / token budget "
+          f"{table[0]['seconds'] / table[1]['seconds']:.2f}; best of {cfg.repeats}; prompts shared: {cfg.share_prompts}")
     print(describe(result["machine"]))
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"bench_update-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
-    with contextlib.suppress(Exception):
-        import shutil
-
-        shutil.rmtree(tmp)
+    run.engine.close()
     return result
 
 

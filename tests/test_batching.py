@@ -144,3 +144,17 @@ def test_two_processes_with_different_length_mixes_end_with_the_padded_paths_wei
     assert r0["weights_max_diff"] < 1e-6 and r0["moved"] > 5e-5  # the budget's update is the padded one's
     assert r0["padded_share"] < r0["padded_share_fixed"]
 
+
+
+def test_bench_update_small_runs_and_reports_padding_and_the_bare_ratio(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "bench/bench_update.py", "--small", "--out_dir", str(tmp_path)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (path,) = tmp_path.glob("bench_update-*.json")
+    result = json.loads(path.read_text())
+    rows = {r["update"]: r for r in result["rows"]}
+    assert set(rows) == {"fixed rows", "token budget", "bare"}
+    assert rows["token budget"]["padded_share"] < rows["fixed rows"]["padded_share"]
+    assert rows["bare"]["padded_share"] == 0.0
+    assert "padded" in proc.stdout and "/bare" in proc.stdout
