@@ -44,7 +44,7 @@ def mcnemar(b: int, c: int) -> dict:
         p = binomtest(b, n, 0.5).pvalue  # two-sided exact
         return {"test": "McNemar", "method": f"exact binomial (b + c = {n} < {EXACT_BELOW})", "b": b, "c": c,
                 "statistic": min(b, c), "p_value": float(p)}  # fmt: skip
-    stat = (abs(b - c) - 1) ** 2 / n
+    stat = max(abs(b - c) - 1, 0) ** 2 / n  # corrected no further than to 0: b == c is no evidence (as R's mcnemar.test)
     return {"test": "McNemar", "method": "chi-square with continuity correction, 1 df", "b": b, "c": c,
             "statistic": stat, "p_value": float(chi2.sf(stat, 1))}  # fmt: skip
 
@@ -97,6 +97,8 @@ def _benchmark(name: str, pa: Path, pb: Path) -> dict:
            "only_a": len(ra) - len(ids), "only_b": len(rb) - len(ids),
            "score_a": sum(sa) / len(ids) if ids else None, "score_b": sum(sb) / len(ids) if ids else None}  # fmt: skip
     out["delta"] = None if not ids else out["score_b"] - out["score_a"]
+    out["failed_a"] = sum(ra[i].get("score") is None for i in ids)  # counted wrong above: a delta may be a judge's outage
+    out["failed_b"] = sum(rb[i].get("score") is None for i in ids)
     better_a = [i for i, x, y in zip(ids, sa, sb) if x > y]
     better_b = [i for i, x, y in zip(ids, sa, sb) if y > x]
     out["test"] = paired_bootstrap(sa, sb) if rubric else mcnemar(len(better_a), len(better_b))
@@ -172,6 +174,9 @@ def compare_markdown(report: dict) -> str:
     for n, r in report["benchmarks"].items():
         text.append(f"| {n} | {r['paired']} | {r['only_a']} / {r['only_b']} | {_num(r['score_a'])} | {_num(r['score_b'])} | "
                     f"{_num(r['delta'], True)} | {_test_cell(r['test'])} |")  # fmt: skip
+    failed = [f"{n}: {r['failed_a']} in A, {r['failed_b']} in B" for n, r in report["benchmarks"].items() if r["failed_a"] or r["failed_b"]]
+    if failed:
+        text += ["", f"**Judge failures among the paired samples (counted wrong): {'; '.join(failed)}.**"]
     for key, where in (("only_in_a", "A"), ("only_in_b", "B")):
         if report[key]:
             text += ["", f"Judged only in {where} (not compared): {', '.join(report[key])}."]
@@ -197,6 +202,9 @@ def main(cfg) -> dict:
     if len(cfg.compare) != 2:
         raise SystemExit(f"--compare takes two run folders (A B), not {len(cfg.compare)}: {' '.join(cfg.compare)}")
     a, b = map(Path, cfg.compare)
+    for run in (a, b):  # the runs' task-file benchmarks, so that --benchmarks can name them
+        for spec in (read_manifest(run).get("tasks") or {}).values():
+            tasks.register(spec)
     names = None if cfg.benchmarks is None else tasks.resolve(cfg.benchmarks)
     report = compare(a, b, judge=cfg.judge, allow_different_judges=cfg.allow_different_judges, benchmarks=names)
     out = Path(cfg.output_dir) if cfg.output_dir else a.parent / f"compare--{a.name}--vs--{b.name}"

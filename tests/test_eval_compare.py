@@ -86,3 +86,39 @@ def test_runs_judged_with_another_template_are_refused_in_one_line_unless_allowe
     assert "**The runs were judged differently (template)" in (tmp_path / "cmp" / "compare.md").read_text()
     with pytest.raises(SystemExit, match=r"^--compare takes two run folders \(A B\), not 1: "):
         E.main(E.parse_args(["--compare", str(a)]))
+
+
+def test_mcnemar_with_as_many_discordant_pairs_each_way_is_no_evidence():
+    # b = c = 15 (b + c = 30 >= 25: chi-square): the continuity correction stops at 0, as R's mcnemar.test
+    # leaves it out for a symmetric table: statistic 0, p 1 (it was (0 - 1)^2 / 30 = 0.033, p = 0.855).
+    t = mcnemar(15, 15)
+    assert (t["statistic"], t["p_value"]) == (0.0, 1.0)
+    assert mcnemar(16, 15)["statistic"] == 0.0 and mcnemar(17, 15)["statistic"] == pytest.approx(1 / 32)
+
+
+def test_judge_failures_among_the_paired_samples_are_counted_and_said(tmp_path):
+    # A's judge failed on every sample of PubMedQA: the delta is the judge's, and the report must say so.
+    a = make_run(tmp_path, "A", {"PubMedQA": {f"p{i}": None for i in range(10)}})
+    b = make_run(tmp_path, "B", {"PubMedQA": {f"p{i}": 1 for i in range(10)}})
+    report = compare(a, b)
+    p = report["benchmarks"]["PubMedQA"]
+    assert (p["failed_a"], p["failed_b"]) == (10, 0)
+    md = compare_markdown(report)
+    assert "**Judge failures among the paired samples (counted wrong): PubMedQA: 10 in A, 0 in B.**" in md
+
+
+def test_compare_with_benchmarks_names_a_task_file_benchmark_of_the_runs(tmp_path):
+    import data
+    import tasks
+
+    (tmp_path / "clinic.yaml").write_text("name: ClinicQA\nformat: open\ndata: clinic.jsonl\n")
+    spec = tasks.read_task(tmp_path / "clinic.yaml")
+    a, b = make_run(tmp_path, "A", {"ClinicQA": {"c0": 1, "c1": 0}}), make_run(tmp_path, "B", {"ClinicQA": {"c0": 0, "c1": 0}})
+    for run in (a, b):
+        manifest = json.loads((run / "manifest.json").read_text())
+        (run / "manifest.json").write_text(json.dumps({**manifest, "tasks": {"ClinicQA": spec}}))
+    try:
+        report = E.main(E.EvalConfig(compare=[str(a), str(b)], benchmarks="ClinicQA", output_dir=str(tmp_path / "cmp")))
+    finally:
+        data.BENCHMARKS.pop("ClinicQA", None)
+    assert list(report["benchmarks"]) == ["ClinicQA"] and report["benchmarks"]["ClinicQA"]["delta"] == pytest.approx(-0.5)
