@@ -29,7 +29,7 @@ from pathlib import Path
 
 from data import BENCHMARKS, DataError, load_benchmark, open_image
 from eval_manifest import judged_path
-from eval_report import PUBLISHED, PUBLISHED_MODELS, RUBRIC_MAX, describe_run
+from eval_report import PUBLISHED, PUBLISHED_MODELS, RUBRIC_MAX, compared_means, describe_run
 
 logger = logging.getLogger(__name__)
 
@@ -233,8 +233,9 @@ def _scores_table(summary: dict, run: dict) -> str:
         mine = sum(ours[n]["score"] for n in names) / len(names)
         rows.append(f'<tr class="mean"><th>{label} ({len(names)} benchmark{"s" * (len(names) != 1)} run)</th>{paper}<td class="ours">{_num(mine)}</td><td></td></tr>')
     paper_avg = "".join(f"<td>{_num(v)}</td>" for v in PUBLISHED["AVG"])
+    m = compared_means(summary)["overall"]  # over the paper's benchmarks scored here: no custom one, none only judged
     rows.append(f'<tr class="notrun"><th>AVG as published (17)</th>{paper_avg}'
-                f'<td class="ours">{_num(summary["means"]["overall"]["score"]) if run["k"] == run["of"] else "-"}</td><td></td></tr>')  # fmt: skip
+                f'<td class="ours">{_num(m["ours"]) if m["tasks"] == m["of"] else "-"}</td><td></td></tr>')  # fmt: skip
     return (f'<table class="scores"><thead><tr><th>benchmark</th>{head}<th class="ours">ours</th><th>N</th></tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table>')  # fmt: skip
 

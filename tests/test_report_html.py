@@ -141,3 +141,25 @@ def test_an_exact_match_line_shows_its_answer_with_the_reasoning_folded_apart():
     rec = {"id": "x", "response": "<think>why</think> B. yes", "template": "EXACT", "choice": "B", "matched_by": "leading"}
     assert report_html._split(rec) == ("B. yes", "<think>why</think> ")
     assert report_html._split({**rec, "final_answer": "B. yes"}) == ("B. yes", "<think>why</think> ")
+
+
+def test_the_avg_row_beside_the_published_one_leaves_a_custom_benchmark_out(monkeypatch):
+    # All 17 paper benchmarks right (1.0) and a task-file benchmark all wrong (0.0): beside the paper's AVG (over
+    # its 17) ours is 1.000; folding the custom one in gave 17/18 = 0.944.
+    import dataclasses
+
+    import data
+    import report_html
+    from eval_report import PAPER_BENCHMARKS, BenchmarkScore, aggregate, describe_run
+
+    monkeypatch.setitem(data.BENCHMARKS, "ClinicQA", dataclasses.replace(data.BENCHMARKS["MedQA"], name="ClinicQA"))
+    results = {n: BenchmarkScore(n, data.BENCHMARKS[n].group, data.BENCHMARKS[n].kind == "report", n=2, judge_failures=0,
+                                 points=2 * (5 if data.BENCHMARKS[n].kind == "report" else 1)) for n in PAPER_BENCHMARKS}  # fmt: skip
+    results["ClinicQA"] = BenchmarkScore("ClinicQA", "LLM", False, n=2, judge_failures=0, points=0)
+    summary = aggregate(results)
+    run = describe_run({"generation": {"model": "m"}, "benchmarks": list(results)})
+    table = report_html._scores_table(summary, run)
+    avg = table.split("AVG as published (17)")[1].split("</tr>")[0]
+    assert '<td class="ours">1.000</td>' in avg
+    one = aggregate({"MedQA": results["MedQA"]})  # the score stage's --benchmarks MedQA on that folder: not beside the 17
+    assert '<td class="ours">-</td>' in report_html._scores_table(one, run).split("AVG as published (17)")[1].split("</tr>")[0]
