@@ -68,10 +68,13 @@ def export(run: str | Path, dest: str | Path, model: str | None = None, judge: s
     info = describe_run(run, judge)
     if info["smoke"]:
         raise SystemExit(f"--export {run}: a smoke run (--limit {info['limit']}); the leaderboard compares full test sets")
+    manifest = read_manifest(run)
+    if not model and not manifest.get("generation"):  # else "unknown (no manifest)" would name the submission
+        raise SystemExit(f"--export {run}: no manifest.json names the model: pass --model NAME (the name on the leaderboard)")
     model = model or info["model"]
     if info["judge"] != RELEASE_JUDGE:
         logger.warning("--export: %s was judged by %s; the leaderboard's figures are judged by %s", run, info["judge"], RELEASE_JUDGE)
-    key, _ = choose_judge(run, read_manifest(run), judge)
+    key, _ = choose_judge(run, manifest, judge)
     names = [n for n in TASKS if n in info["benchmarks"]]
     for n in info["benchmarks"]:
         if n not in TASKS:

@@ -62,3 +62,15 @@ def test_export_refuses_a_smoke_run_and_unjudged_samples_in_one_line(tmp_path):
     (run / "generations" / "PubMedQA.jsonl").write_text('{"id": "p0"}\n{"id": "p1"}\n')
     with pytest.raises(SystemExit, match=r"PubMedQA has 1 generated samples without a judgement \(first: p1\); run the judge stage$"):
         E.main(E.EvalConfig(export=str(run)))
+
+
+def test_export_of_a_folder_without_manifest_asks_for_the_model_name(tmp_path):
+    # No manifest.json: the model is unknown, so the submission would be named unknown__no_manifest_ (and its limit unknown).
+    run = make_run(tmp_path, "m", {"PubMedQA": {"p0": 1}})
+    (run / "manifest.json").unlink()
+    (run / "judged" / "Qwen3-14B-t1").rename(run / "judged-keyed")
+    (run / "judged-keyed" / "PubMedQA.jsonl").rename(run / "judged" / "PubMedQA.jsonl")
+    with pytest.raises(SystemExit, match=r"^--export .*/m: no manifest.json names the model: pass --model NAME \(the name on the leaderboard\)$"):
+        E.main(E.EvalConfig(export=str(run), output_dir=str(tmp_path / "results")))
+    zpath = E.main(E.EvalConfig(export=str(run), output_dir=str(tmp_path / "results"), model="org/policy-7b"))
+    assert zpath.name.endswith("_policy_7b_submission.zip")
