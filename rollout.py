@@ -2,6 +2,7 @@
 
     engine = VLLMRollout("Qwen/Qwen2.5-VL-7B-Instruct")       # or HFRollout(path_or_model)
     done = engine.generate(prompts, n=5, settings=SamplingSettings(temperature=1.0, max_new_tokens=512))
+    for i, group in engine.generate_stream(prompts, n=5): ...    # vLLM: each prompt's n as soon as they finish
     engine.sleep(); engine.update_weights(full_parameters(policy))   # in place, no checkpoint on disk
 
 A prompt is a list of chat messages in the Hugging Face style (content a string, or a list of
