@@ -72,17 +72,28 @@ class Feed:
             self._pending.clear()
         self.started.set()
         running: set[asyncio.Task] = set()
+        failed: list[asyncio.Task] = []
+
+        def ended(t: asyncio.Task) -> None:  # O(1) a record, however many wait behind a slow judge
+            running.discard(t)
+            if not t.cancelled() and t.exception() is not None:  # retrieved here: none is logged as lost
+                failed.append(t)
+
         try:
             while (item := await self._queue.get()) is not None:
-                running.add(asyncio.ensure_future(make(*item)))
-                for t in [t for t in running if t.done()]:  # a failure stops the judge now, not after generating
-                    running.discard(t)
-                    t.result()
-            for t in (await asyncio.wait(running))[0] if running else ():
-                t.result()
+                if failed:  # a failure stops the judge now, not after generating
+                    failed[0].result()
+                running.add(t := asyncio.ensure_future(make(*item)))
+                t.add_done_callback(ended)
+            if running:
+                await asyncio.wait(running)
+            if failed:
+                failed[0].result()
         finally:
             with self._lock:
                 self._over = True
+            for t in list(running):  # after a failure: cancelled, not left to fail on the judge's closed session
+                t.cancel()
 
 
 def generate_and_judge(cfg, samples: dict, generate, judge) -> dict:
