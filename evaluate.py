@@ -331,15 +331,26 @@ async def _bounded_gather(coros: list, limit: int) -> None:
     bounds the requests; this bounds the prompts built ahead, images included, in memory)."""
     it = iter(coros)
     running: set = set()
-    for c in it:
-        running.add(asyncio.ensure_future(c))
-        if len(running) >= 2 * limit:
-            done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+    done: set = set()
+    try:
+        for c in it:
+            running.add(asyncio.ensure_future(c))
+            if len(running) >= 2 * limit:
+                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for d in done:
+                    d.result()
+        if running:
+            done, running = await asyncio.wait(running)
             for d in done:
                 d.result()
-    if running:
-        for d in (await asyncio.wait(running))[0]:
-            d.result()
+    finally:  # after a failure or a cancellation the rest stop here, not later on a closed session
+        for t in running:
+            t.cancel()
+        for d in done:
+            if not d.cancelled():
+                d.exception()  # retrieved: the first error is raised, the others are not logged as lost
+        for c in it:
+            c.close()  # never started
 
 
 # ---------------------------------------------------------------------------------------------
@@ -655,7 +666,14 @@ async def _judge_http(client, jobs: list[_JudgeJob], cfg: EvalConfig, stats: dic
             stats["todo"], bar.total = stats["todo"] + 1, bar.total + 1
             return one(_JudgeJob(name, rec, cfg))
 
-        await asyncio.gather(_bounded_gather([one(j) for j in jobs], cfg.concurrency), *([feed.drain(fed)] if feed else []))
+        parts = [asyncio.ensure_future(_bounded_gather([one(j) for j in jobs], cfg.concurrency))]
+        if feed:
+            parts.append(asyncio.ensure_future(feed.drain(fed)))
+        try:
+            await asyncio.gather(*parts)
+        finally:  # one side failed: the other stops too, before the session closes under it
+            for part in parts:
+                part.cancel()
     bar.close()
 
 
