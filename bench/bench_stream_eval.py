@@ -70,6 +70,7 @@ def one_latency(url: str, latency: float, args, tmp: Path) -> dict:
     for mode in ("sequential", "streamed"):
         cfg = config(tmp / f"{mode}-{latency}", url, args)
         samples = E.prepare(cfg, E.STAGES)  # the checks and the data: not timed
+        E.policy_engine(cfg).llm.reset_prefix_cache()  # each mode starts cold: the second would reuse the first's prompts
         if mode == "sequential":
             runs["generate"] = timed(E.generate, cfg, samples)
             runs["judge"] = timed(E.judge, cfg, prepared=True)
