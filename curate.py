@@ -11,7 +11,8 @@ are the training run's own, and the rollout and scoring are train_grpo.roll_out 
 sample gets k completions and one JSONL line: id, k, pass (completions whose --pass_key component is
 at least --pass_threshold), pass_rate, the mean and (population) std of every component, how many were
 scored, and `settings` (the model and its weights' fingerprint as eval_manifest records it, prompt,
-sampling, reward, k, pass rule). A group that all pass or all fail has zero advantage in GRPO: the
+sampling, reward, k, pass rule). A sample with a completion its --pass_key could not score (a failed judge
+call: None here even where training scores it 0) is not written, and a rerun rates it. A group that all pass or all fail has zero advantage in GRPO: the
 medium band is where rollouts teach (MedVLThinker's offline curation; DAPO filters the same online).
 
 Resumable by id: rated samples are skipped. Each record is one write() to a file opened for append, under
@@ -258,10 +259,12 @@ def main(cfg, args) -> dict:
     out = RecordFile(Path(args.out), made_by, ids)
     todo = [s for s in mine if s.id not in out.done]
     print(f"curate: shard {shard} of {shards}: {len(mine)} samples, {len(mine) - len(todo)} already in {args.out}, {len(todo)} to rate at k={args.k}")
-    stats = {"rated": 0, "skipped": 0, "duplicates": 0, "seconds_rollout": 0.0, "seconds_reward": 0.0}
+    stats = {"rated": 0, "skipped": 0, "duplicates": 0, "unscored_samples": 0, "seconds_rollout": 0.0, "seconds_reward": 0.0}
     if not todo:
         return stats
-    run.reward = train_grpo.make_reward(cfg, 0, judge)
+    # A failed judge call is no answer about the sample: None (not medix-r1's 0, which would rate it as failed); such a
+    # sample is left unwritten for a rerun. The values of every call that succeeds are the training reward's.
+    run.reward = train_grpo.make_reward(dataclasses.replace(cfg, on_judge_failure="drop"), 0, judge)
     engine = run.engine = make_engine(cfg, run)
     cfg_k = dataclasses.replace(cfg, group_size=args.k)  # roll_out draws group_size completions a prompt
     counts = collections.defaultdict(int)  # score_groups' counters (judge failures, unscored completions ...)
@@ -295,6 +298,12 @@ def main(cfg, args) -> dict:
             stats["seconds_rollout"] += t2 - t
             stats["seconds_reward"] += time.perf_counter() - t2
             for g in groups:
+                unscored = sum(v is None for v in g.scores[args.pass_key])
+                if unscored:  # a pass count over fewer than k would read as failures
+                    print(f"curate: sample {g.sample.id!r}: {unscored} of {args.k} completions could not be scored on {args.pass_key} "
+                          "(judge failures?): not written, a rerun rates it")  # fmt: skip
+                    stats["unscored_samples"] += 1
+                    continue
                 written = out.append(record(g, args.k, args.pass_key, args.pass_threshold, made_by))
                 stats["rated" if written else "duplicates"] += 1
             print(f"curate: {stats['rated']} of {len(todo)} rated ({stats['seconds_rollout'] + stats['seconds_reward']:.0f} s)", flush=True)
@@ -303,7 +312,7 @@ def main(cfg, args) -> dict:
         out.close()
     seconds = stats["seconds_rollout"] + stats["seconds_reward"]
     print(f"curate: {stats['rated']} rated in {seconds / 60:.1f} min ({seconds / 60 / max(stats['rated'], 1) * 100:.1f} min per 100 samples), "
-          f"{stats['skipped']} skipped; judge failures {counts['judge_failures']}, unscored completions {counts['completions_unscored']}")  # fmt: skip
+          f"{stats['skipped']} skipped, {stats['unscored_samples']} not scored (rerun to rate them); judge failures {counts['judge_failures']}, unscored completions {counts['completions_unscored']}")  # fmt: skip
     return {**stats, **counts}
 
 
@@ -331,6 +340,10 @@ def parse_args(argv=None):
     if cfg.warm_start_steps:
         raise SystemExit("curate.py: --warm_start_steps: curation rates --model as it is; save the warm start as a model "
                          "(bench/learning_curve.py warm_start) and pass that as --model, here and to the training run")  # fmt: skip
+    weights = {"total": 1, "llm": cfg.w_llm, "embed": cfg.w_embed if cfg.embedder else 0, "modality": cfg.w_modality, "format": cfg.w_format}
+    if not weights[args.pass_key]:  # as train_grpo.make_reward: a component off is None for every completion
+        raise SystemExit(f"curate.py: --pass_key {args.pass_key}: that reward component is off in this run (weight 0"
+                         f"{', no --embedder' if args.pass_key == 'embed' else ''}); choose another --pass_key")  # fmt: skip
     args.k = args.k or cfg.group_size
     return cfg, args
 

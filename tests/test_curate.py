@@ -186,3 +186,32 @@ def test_bench_curation_small_runs_and_writes_its_table(tmp_path):
     assert set(s["grpo"]) == {"without curation", "with curation"} and s["grpo"]["with curation"]["difficulty"]["kept"] == 6
     assert all(g["groups_sampled"] >= g["groups_filtered"] for g in s["grpo"].values())
     assert "| with curation | 1 |" in (tmp_path / "table.md").read_text()
+
+
+def test_a_sample_the_judge_could_not_score_is_not_rated_as_failed(tmp_path):
+    """A judge that answers 500 to every call: no completion was judged, so no sample is written with a pass
+    count of 0 (it would be dropped as too hard for ever, and a rerun would skip it); a rerun rates it. medix-r1:
+    training scores a failed call 0 (its on_judge_failure default), which curation must not take for a fail.
+    (Without a preset the tiny model's untagged answers are decided without the judge.)"""
+
+    async def models(request):
+        return web.json_response({"data": [{"id": "down-judge"}]})
+
+    async def chat(request):
+        return web.Response(status=500, text="overloaded")
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", chat)
+    with serve_app(app) as base:
+        argv = flags(tmp_path, n=2, **{"--judge_url": f"{base}/v1", "--judge_retries": "0", "--reward_preset": "medix-r1", "--k": "2"})
+        stats = curate.main(*curate.parse_args(argv))
+    assert not (tmp_path / "d.jsonl").read_text()
+    assert stats["unscored_samples"] == 2 and stats["rated"] == 0 and stats["judge_failures"] > 0
+
+
+@pytest.mark.parametrize("key,off", [("embed", {"--embedder": ""}), ("modality", {"--w_modality": "0"}), ("llm", {"--w_llm": "0"})])
+def test_a_pass_key_whose_component_is_off_is_refused(tmp_path, key, off):
+    """A component switched off is None for every completion: every sample would be written with pass 0."""
+    with pytest.raises(SystemExit, match=rf"curate.py: --pass_key {key}: that reward component is off in this run"):
+        curate.parse_args(flags(tmp_path, **{"--pass_key": key, **off}))
