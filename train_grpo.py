@@ -446,7 +446,7 @@ def optimise(cfg, run, groups: list[Group]) -> dict:
     recompute = cfg.tis_cap > 0 or cfg.mini_batches * cfg.epochs_per_batch > 1
     old: dict[int, tuple] = {}  # per row: (old log-probs [T_i], TIS weights [T_i] or None)
     sums = dict.fromkeys(("clip_frac", "kl", "entropy", "logp_mismatch", "grad_norm", "tis_weight"), 0.0)
-    count = dict.fromkeys(sums, 0)
+    count = dict.fromkeys(sums)  # what each sum is over (None: never added, not logged)
     losses = []  # one whole-batch loss per optimiser step
     tokens = [0, 0]  # laid out in forward passes: padding, all (the logged padded_share)
     if recompute:
@@ -461,7 +461,7 @@ def optimise(cfg, run, groups: list[Group]) -> dict:
                     k = len(rows[i][0].completions[rows[i][1]].token_ids)
                     old[i] = (logp[r, :k], None if weights is None else weights[r, :k])
                 if weights is not None:
-                    add(sums, count, "tis_weight", (weights.sum() / mb["mask"].sum().clamp(min=1)).item())
+                    add(sums, count, "tis_weight", (weights.sum() / mb["mask"].sum().clamp(min=1)).item(), mb["mask"].sum().item())
     model.train()
     for epoch in range(cfg.epochs_per_batch):
         for idx, plan in zip(steps, plans):
@@ -495,11 +495,13 @@ def optimise(cfg, run, groups: list[Group]) -> dict:
                 )  # fmt: skip
                 (loss * run.world).backward()
                 step_loss += loss.item() * run.world  # the micro-batches' shares add up to the step's loss
-                add(sums, count, "clip_frac", metrics["clip_frac"])
-                add(sums, count, "kl", metrics["kl"])
-                add(sums, count, "logp_mismatch", mismatch.item())
+                # Token means of the whole update: each micro-batch weighs its scored tokens, so no metric depends on the split.
+                n_mb = mb["mask"].sum().item()
+                add(sums, count, "clip_frac", metrics["clip_frac"], n_mb)
+                add(sums, count, "kl", metrics["kl"], n_mb)
+                add(sums, count, "logp_mismatch", mismatch.item(), n_mb)
                 if entropy is not None:
-                    add(sums, count, "entropy", ((entropy * mb["mask"]).sum() / mb["mask"].sum().clamp(min=1)).item())
+                    add(sums, count, "entropy", ((entropy * mb["mask"]).sum() / mb["mask"].sum().clamp(min=1)).item(), n_mb)
             losses.append(step_loss)
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.max_grad_norm)
             add(sums, count, "grad_norm", float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm))
@@ -507,7 +509,7 @@ def optimise(cfg, run, groups: list[Group]) -> dict:
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
     return {"loss": sum(losses) / len(losses), "padded_share": tokens[0] / max(tokens[1], 1),
-            **{k: sums[k] / count[k] for k in sums if count[k]}}
+            **{k: sums[k] / count[k] if count[k] else 0.0 for k in sums if count[k] is not None}}
 
 
 def micro_batches(cfg, run, rows: list[tuple[Group, int]], idx: range) -> list[tuple[list[int], bool]]:
@@ -536,9 +538,9 @@ def padded(rows: list[tuple], mask: torch.Tensor, with_weights: bool) -> tuple:
     return logp, weights
 
 
-def add(sums, count, key, value):
-    sums[key] += value
-    count[key] += 1
+def add(sums, count, key, value, weight=1.0):
+    sums[key] += value * weight
+    count[key] = (count[key] or 0) + weight
 
 
 # ---------------------------------------------------------------------------------------------

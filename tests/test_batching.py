@@ -73,6 +73,25 @@ def test_token_budget_gives_the_padded_paths_loss_and_gradients(tmp_path, kw):
     assert 0 < packed["padded_share"] < 0.5 * padded["padded_share"] < 1
 
 
+def test_logged_metrics_are_the_steps_token_means_whatever_the_packing(tmp_path):
+    """clip_frac, kl, entropy, logp_mismatch and tis_weight over the same rows read the same with 4 rows, 1 row or a
+    token budget per micro-batch (a micro-batch of one unscored row counted as 0, a short-row one as much as a long)."""
+    kw = dict(max_completion_length=80, prompts_per_step=3, micro_batch_size=4, loss_type="grpo", beta=0.04, tis_cap=2.0,
+              epochs_per_batch=2, lr=1e-2)  # fmt: skip
+    run = train_grpo.setup(config(tmp_path, **kw), toy_reward)
+    weights, opt = copy.deepcopy(run.model.state_dict()), copy.deepcopy(run.optimizer.state_dict())
+    groups = synthetic_groups(config(tmp_path, **kw), run, MIX)
+    logged = []
+    for split in (dict(), dict(micro_batch_size=1), dict(micro_batch_tokens=300)):
+        run.model.load_state_dict(weights)
+        run.optimizer.load_state_dict(opt)
+        logged.append(train_grpo.optimise(config(tmp_path, **{**kw, **split}), run, groups))
+    keys = ("clip_frac", "kl", "entropy", "logp_mismatch", "tis_weight")
+    assert all(logged[0][k] > 0 for k in keys)
+    for other in logged[1:]:
+        assert {k: other[k] for k in keys} == pytest.approx({k: logged[0][k] for k in keys}, rel=1e-5)
+
+
 def test_by_tokens_packs_sorted_rows_within_the_budget_and_a_long_row_alone():
     lengths = {0: (10, 5), 1: (10, 90), 2: (12, 4), 3: (10, 6), 4: (12, 300), 5: (10, 5)}
     plan = batching.by_tokens(lengths, budget=100)
