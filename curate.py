@@ -2,6 +2,7 @@
 
     python curate.py --config run.yaml --out difficulty.jsonl --k 8 --pass_key llm --pass_threshold 0.5
     python curate.py --config run.yaml --out difficulty.jsonl --shard 1 4      # process 1 of 4, a disjoint slice
+    torchrun --nproc_per_node 4 curate.py --config run.yaml --out difficulty.jsonl   # a shard per process (per vLLM TP group)
     python train_grpo.py --config run.yaml --difficulty difficulty.jsonl --keep_pass_rate 0.1 0.9
 
 Every train_grpo.py flag is accepted and means what it means there (grpo_config.Config): the engine
@@ -327,11 +328,19 @@ def parse_args(argv=None):
     ap.add_argument("--k", type=int, default=0, help="Completions per sample (0: --group_size).")
     ap.add_argument("--pass_key", default="llm", choices=REWARD_KEYS, help="The reward component a pass reads.")
     ap.add_argument("--pass_threshold", type=float, default=0.5, help="A completion passes when its pass_key value is at least this.")
-    ap.add_argument("--shard", type=int, nargs=2, default=[0, 1], metavar=("I", "N"), help="This process takes samples I, I+N, I+2N, ...")
+    ap.add_argument("--shard", type=int, nargs=2, metavar=("I", "N"),
+                    help="This process takes samples I, I+N, I+2N, ... (default: all; under torchrun, its rank's share).")
     ap.add_argument("--batch_prompts", type=int, default=16, help="Samples per engine call (a kill -9 loses at most these).")
     ap.add_argument("--limit", type=int, default=0, help="Rate the first N samples only (0: all).")
     args, rest = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
     cfg = parse_config(rest)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # torchrun: one argv for all; a vLLM tensor-parallel group's processes generate together, one shard a group
+        if args.shard:
+            raise SystemExit(f"curate.py: --shard under torchrun (WORLD_SIZE {world}): each process takes its shard from RANK; leave --shard out")
+        tp = cfg.tensor_parallel_size if cfg.engine == "vllm" else 1
+        args.shard = [int(os.environ.get("RANK", "0")) // tp, world // tp]
+    args.shard = args.shard or [0, 1]
     shard, shards = args.shard
     if not 0 <= shard < shards:
         raise SystemExit(f"curate.py: --shard {shard} {shards}: I must be in 0..N-1")

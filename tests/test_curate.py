@@ -215,3 +215,14 @@ def test_a_pass_key_whose_component_is_off_is_refused(tmp_path, key, off):
     """A component switched off is None for every completion: every sample would be written with pass 0."""
     with pytest.raises(SystemExit, match=rf"curate.py: --pass_key {key}: that reward component is off in this run"):
         curate.parse_args(flags(tmp_path, **{"--pass_key": key, **off}))
+
+
+def test_under_torchrun_each_process_takes_its_own_shard(tmp_path, monkeypatch):
+    """torchrun gives every process the same argv: without this each rated the whole data (N times the rollouts
+    for one file's worth). The processes of one vLLM tensor-parallel group generate together: one shard each group."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    assert curate.parse_args(flags(tmp_path))[1].shard == [3, 4]
+    assert curate.parse_args(flags(tmp_path, **{"--engine": "vllm", "--tensor_parallel_size": "2"}))[1].shard == [1, 2]
+    with pytest.raises(SystemExit, match=r"curate.py: --shard under torchrun \(WORLD_SIZE 4\): each process takes its shard from RANK"):
+        curate.parse_args(flags(tmp_path, **{"--shard": "0"}) + ["2"])
