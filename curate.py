@@ -28,6 +28,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import statistics
@@ -125,7 +126,9 @@ def keep_band(cfg, samples: list, known_ids: set, rank: int = 0) -> tuple[list, 
     kept = [s for s in samples if s.id in records and in_band(records[s.id], low, high)]
     counts = {"file": cfg.difficulty, "keep_pass_rate": [low, high], "samples": len(samples), "kept": len(kept),
               "below": sum(r["pass"] / r["k"] < low - 1e-9 for r in rated), "above": sum(r["pass"] / r["k"] > high + 1e-9 for r in rated),
-              "not_rated": len(samples) - len(rated)}  # fmt: skip
+              "not_rated": len(samples) - len(rated),
+              "kept_ids": hashlib.sha256("\n".join(s.id for s in kept).encode()).hexdigest()[:16]}  # fmt: skip
+    check_resumed_band(cfg, counts)
     if rank == 0:
         print(f"difficulty {cfg.difficulty}: kept {len(kept)} of {len(samples)} samples with pass rate in [{low:g}, {high:g}]; "
               f"dropped {counts['below']} below, {counts['above']} above, {counts['not_rated']} not rated")  # fmt: skip
@@ -133,6 +136,23 @@ def keep_band(cfg, samples: list, known_ids: set, rank: int = 0) -> tuple[list, 
         raise SystemExit(f"--difficulty {cfg.difficulty}: no sample's pass rate is within --keep_pass_rate {low:g} {high:g} "
                          f"({len(rated)} rated: {counts['below']} below, {counts['above']} above)")  # fmt: skip
     return kept, counts
+
+
+def check_resumed_band(cfg, counts: dict) -> None:
+    """On --resume from a checkpoint: the same kept samples as the run header says the run started with. The file
+    grows while curation goes on, and the saved data position indexes the kept samples (prompt_sampler)."""
+    from checkpoints import last_checkpoint
+
+    out = Path(cfg.output_dir)
+    log = out / "log.jsonl"
+    if not cfg.resume or cfg.allow_config_change or not last_checkpoint(out) or not log.is_file():
+        return
+    first = json.loads(log.read_text().split("\n", 1)[0] or "{}")
+    old = first.get("run", {}).get("difficulty") or {}
+    if old.get("kept_ids", counts["kept_ids"]) != counts["kept_ids"]:  # a header without the digest: an older run
+        raise SystemExit(f"--resume: --difficulty {cfg.difficulty} now keeps {counts['kept']} samples, not the {old['kept']} the run "
+                         "started with (the file changed); pass --allow_config_change to continue with them anyway, or start afresh "
+                         "with another --output_dir")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -135,7 +135,7 @@ def test_the_pass_rate_band_keeps_exactly_the_band_and_the_header_counts_it(tmp_
     run = train_grpo.setup(cfg, reward_fn=lambda c, **k: {"total": [0.0] * len(c)})
     run.engine.close()
     assert [s.id for s in run.samples] == [f"q{i}" for i in range(1, 7)]  # 1/8 .. 6/8, both ends in
-    assert run.difficulty == {"file": str(path), "keep_pass_rate": [0.125, 0.75], "samples": 10, "kept": 6, "below": 1, "above": 2, "not_rated": 1}
+    assert run.difficulty.pop("kept_ids") and run.difficulty == {"file": str(path), "keep_pass_rate": [0.125, 0.75], "samples": 10, "kept": 6, "below": 1, "above": 2, "not_rated": 1}
     assert run_header(cfg, run, None)["difficulty"]["kept"] == 6
     assert "kept 6 of 10 samples with pass rate in [0.125, 0.75]; dropped 1 below, 2 above, 1 not rated" in capsys.readouterr().out
     cfg.keep_pass_rate = [0.3, 0.3]  # an empty band stops
@@ -226,3 +226,27 @@ def test_under_torchrun_each_process_takes_its_own_shard(tmp_path, monkeypatch):
     assert curate.parse_args(flags(tmp_path, **{"--engine": "vllm", "--tensor_parallel_size": "2"}))[1].shard == [1, 2]
     with pytest.raises(SystemExit, match=r"curate.py: --shard under torchrun \(WORLD_SIZE 4\): each process takes its shard from RANK"):
         curate.parse_args(flags(tmp_path, **{"--shard": "0"}) + ["2"])
+
+
+def test_a_resume_whose_difficulty_file_keeps_other_samples_is_refused(tmp_path):
+    """The file is appended to while curation goes on: on --resume the same path may keep other samples, and the
+    saved data position (an index into the kept samples) would then point at others. The run header's digest of
+    the kept ids is compared (the path is RESUME_FIXED already); the same ids from the file's new lines pass."""
+    import data
+
+    cfg, _ = curate.parse_args(flags(tmp_path, n=6))
+    samples = data.load_training_data(cfg.data)
+    ids = {s.id for s in samples}
+    cfg.difficulty, cfg.keep_pass_rate, cfg.output_dir = str(band_file(tmp_path, cfg, [4, 4, 4])), [0.25, 0.75], str(tmp_path / "run")
+    _, counts = curate.keep_band(cfg, samples, ids)
+    (tmp_path / "run" / "checkpoint-2").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (tmp_path / "run" / "log.jsonl").write_text(json.dumps({"step": 0, "run": {"difficulty": counts}}) + "\n")
+    cfg.resume = True
+    band_file(tmp_path, cfg, [4, 4, 4, 8, 0])  # q3, q4 rated since, outside the band: the same samples kept
+    assert len(curate.keep_band(cfg, samples, ids)[0]) == 3
+    band_file(tmp_path, cfg, [4, 4, 4, 4])  # q3 rated since, in the band
+    with pytest.raises(SystemExit, match=r"--resume: --difficulty .*d.jsonl now keeps 4 samples, not the 3 the run started with"):
+        curate.keep_band(cfg, samples, ids)
+    cfg.allow_config_change = True
+    assert len(curate.keep_band(cfg, samples, ids)[0]) == 4
