@@ -943,13 +943,18 @@ def peak_memory_gb() -> float:
 
 
 def reduce_metrics(run, metrics: dict) -> dict:
-    """Means over processes of every numeric metric (each process scored its own prompts)."""
+    """Means over processes of every numeric metric (each process scored its own prompts). A metric that
+    only some processes have (a reward component none of their completions got) is the mean over those;
+    the names are gathered first, so the summed values line up and the tensors have one length."""
     if run.world == 1:
         return metrics
-    keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
-    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=run.device)
+    mine = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    names = [None] * run.world
+    torch.distributed.all_gather_object(names, sorted(mine))
+    keys = sorted(set().union(*names))
+    t = torch.tensor([[mine.get(k, 0.0), float(k in mine)] for k in keys], dtype=torch.float64, device=run.device)
     torch.distributed.all_reduce(t)
-    return {**metrics, **{k: v / run.world for k, v in zip(keys, t.tolist())}}
+    return {**metrics, **{k: total / n for k, (total, n) in zip(keys, t.tolist())}}
 
 
 # ---------------------------------------------------------------------------------------------

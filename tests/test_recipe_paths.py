@@ -173,6 +173,23 @@ def test_batch_std_is_over_all_processes():
     assert out[0] == pytest.approx(expected) and out[1] == pytest.approx(expected)
 
 
+def _metrics_worker(rank, port, out):
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # Rank 0's completions got a judge score, rank 1's none (every call failed): its reward_llm is missing.
+    mine = [{"loss": 1.0, "reward_llm": 0.5, "reward_total": 2.0, "note": "x"}, {"loss": 3.0, "reward_total": 4.0}][rank]
+    out[rank] = train_grpo.reduce_metrics(FakeRun(rank, 2), mine)
+    torch.distributed.destroy_process_group()
+
+
+def test_a_metric_only_some_processes_have_is_averaged_over_those_and_the_others_stay_aligned():
+    from tests.test_rollout_torchrun import _free_port
+
+    out = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_metrics_worker, args=(_free_port(), out), nprocs=2)
+    assert out[0]["loss"] == out[1]["loss"] == 2.0 and out[0]["reward_total"] == out[1]["reward_total"] == 3.0
+    assert out[0]["reward_llm"] == out[1]["reward_llm"] == 0.5 and out[0]["note"] == "x"
+
+
 @pytest.mark.slow
 def test_resume_keeps_the_saved_rng_with_the_vllm_engine(tmp_path):
     vllm_cpu_env()
