@@ -237,7 +237,18 @@ def batch_seed(seed: int, ids: list[str]) -> int:
     return (zlib.crc32("\n".join(ids).encode()) ^ (seed * 0x9E3779B1)) % 2**31
 
 
-def make_engine(cfg, run):
+def prompt_processor(cfg):
+    """The trainer's processor (policy.load_policy): a VLM's images at the run's --min_pixels/--max_pixels."""
+    from transformers import AutoConfig, AutoProcessor, AutoTokenizer
+
+    import rollout
+
+    if rollout.is_vlm(AutoConfig.from_pretrained(cfg.model)):
+        return AutoProcessor.from_pretrained(cfg.model, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+    return AutoTokenizer.from_pretrained(cfg.model)
+
+
+def make_engine(cfg, run, processor):
     """train_grpo.make_engine's engine without a trainer: vLLM never asleep (no weights come to wake it)."""
     import rollout
     import train_grpo
@@ -246,7 +257,7 @@ def make_engine(cfg, run):
     if cfg.engine == "hf":
         import torch
 
-        return rollout.HFRollout(cfg.model, dtype=getattr(torch, policy_dtype(cfg)), device="cuda" if torch.cuda.is_available() else None)
+        return rollout.HFRollout(cfg.model, processor, dtype=getattr(torch, policy_dtype(cfg)), device="cuda" if torch.cuda.is_available() else None)
     from types import SimpleNamespace
 
     from transformers import AutoConfig
@@ -286,7 +297,8 @@ def main(cfg, args) -> dict:
     # A failed judge call is no answer about the sample: None (not medix-r1's 0, which would rate it as failed); such a
     # sample is left unwritten for a rerun. The values of every call that succeeds are the training reward's.
     run.reward = train_grpo.make_reward(dataclasses.replace(cfg, on_judge_failure="drop"), 0, judge)
-    engine = run.engine = make_engine(cfg, run)
+    processor = prompt_processor(cfg)  # prompt lengths as training counts them (the vLLM engine's own has default image sizes)
+    engine = run.engine = make_engine(cfg, run, processor)
     cfg_k = dataclasses.replace(cfg, group_size=args.k)  # roll_out draws group_size completions a prompt
     counts = collections.defaultdict(int)  # score_groups' counters (judge failures, unscored completions ...)
     try:
@@ -303,7 +315,7 @@ def main(cfg, args) -> dict:
                     print(f"skipped bad sample: {e}")
                     stats["skipped"] += 1
                     continue
-                length = rollout.encode_prompts(engine.processor, [messages])["input_ids"].shape[1]
+                length = rollout.encode_prompts(processor, [messages])["input_ids"].shape[1]
                 if length > cfg.max_prompt_length:
                     print(f"skipped: sample {s.id!r}: prompt of {length} tokens > max_prompt_length (training skips it too)")
                     stats["skipped"] += 1

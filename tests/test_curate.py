@@ -250,3 +250,16 @@ def test_a_resume_whose_difficulty_file_keeps_other_samples_is_refused(tmp_path)
         curate.keep_band(cfg, samples, ids)
     cfg.allow_config_change = True
     assert len(curate.keep_band(cfg, samples, ids)[0]) == 4
+
+
+def test_a_vlm_prompt_is_measured_and_generated_at_the_runs_image_size(tmp_path):
+    """The run's --min_pixels/--max_pixels make the tiny VLM's image prompt 681 tokens (the trainer's processor,
+    policy.load_policy); the processor's own defaults made it 336 in curation, so a sample training skips as too
+    long (here > 500) was rated, and the hf engine generated from another image size than training's."""
+    from tests.kit import slake_images, tiny_vlm_dir
+
+    path = tmp_path / "vl.jsonl"
+    path.write_text(json.dumps({"id": "v0", "image": [str(slake_images()[0])], "problem": "Which organ?", "solution": "<X_RAY> liver"}) + "\n")
+    argv = flags(tmp_path, **{"--model": str(tiny_vlm_dir()), "--data": str(path), "--max_prompt_length": "500", "--k": "2"})
+    stats = curate.main(*curate.parse_args(argv))
+    assert stats["skipped"] == 1 and stats["rated"] == 0
