@@ -38,6 +38,9 @@ class RewardStream:
             self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="reward-stream", daemon=True)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="reward-worker")  # the embedder; a plain reward
+        # A judge without `ajudge` (any callable, e.g. a local model) runs in the loop's default executor: one thread,
+        # so groups in flight ask it one call after another, never from several threads at once.
+        self._loop.set_default_executor(ThreadPoolExecutor(1, thread_name_prefix="reward-judge"))
         self._queue: asyncio.Queue | None = None
         self._served = None  # the concurrent future of `_serve`
         self._scores: dict = {}
@@ -53,14 +56,21 @@ class RewardStream:
         return self
 
     def __exit__(self, *exc) -> None:
-        if not self._served.done():  # left early (an error, a signal in generation): stop scoring now
-            self._loop.call_soon_threadsafe(self._served.cancel)
+        if self._thread.is_alive():  # left early (an error, Ctrl-C): what is still scoring is cancelled, then the loop stops
             with contextlib.suppress(BaseException):
-                self._served.result(30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(30)
+                asyncio.run_coroutine_threadsafe(self._cancel_all(), self._loop).result(30)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(30)
         self._loop.close()
-        self._worker.shutdown(wait=True)
+        self._worker.shutdown(wait=True, cancel_futures=True)  # the group it is scoring finishes; queued ones do not start
+
+    async def _cancel_all(self) -> None:
+        """Cancel every task on the loop and wait until each has unwound (the judge session closed last): none is
+        left to fail on a closed session or to be destroyed pending, each with a traceback on the terminal."""
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _make_queue(self) -> asyncio.Queue:
         return asyncio.Queue()
@@ -75,7 +85,10 @@ class RewardStream:
         A reward that raised raises here. The judge's own counters go to the reward's stats once, for the batch."""
         self.generated = time.perf_counter()
         self._loop.call_soon_threadsafe(self._queue.put_nowait, None)
-        self._served.result()
+        try:
+            self._served.result()
+        except _Raised as e:
+            raise e.args[0] from None
         if self.first_submit is not None:
             self.seconds_reward = self.last_score - self.first_submit
             self.seconds_exposed = max(self.last_score - self.generated, 0.0)
@@ -97,10 +110,13 @@ class RewardStream:
                 raise error
 
     async def _score(self, key, completions: list[str], columns: dict) -> None:
-        if self.composite:
-            scores = await self.reward.acall(completions, **columns, embed=self._embed, judge_counters=False)
-        else:
-            scores = await self._loop.run_in_executor(self._worker, lambda: self.reward(completions, **columns))
+        try:
+            if self.composite:
+                scores = await self.reward.acall(completions, **columns, embed=self._embed, judge_counters=False)
+            else:
+                scores = await self._loop.run_in_executor(self._worker, lambda: self.reward(completions, **columns))
+        except (SystemExit, KeyboardInterrupt) as e:  # raised in a task these stop the loop itself (`wait` hung)
+            raise _Raised(e) from e
         self._scores[key] = scores
         self.last_score = time.perf_counter()
 
@@ -119,7 +135,7 @@ class RewardStream:
             every = [p for pairs, _ in batch for p in pairs]
             try:
                 sims = await self._loop.run_in_executor(self._worker, rewards.cosine_pairs, self.reward.embedder, every)
-            except Exception as e:  # noqa: BLE001 - each waiting group raises it
+            except (Exception, SystemExit, KeyboardInterrupt) as e:  # noqa: BLE001 - each waiting group raises it
                 for _, future in batch:
                     future.set_exception(e)
                 continue
@@ -128,3 +144,7 @@ class RewardStream:
                 future.set_result(sims[at : at + len(pairs)])
                 at += len(pairs)
         self._embedding = False
+
+
+class _Raised(Exception):
+    """A SystemExit or KeyboardInterrupt a reward raised, carried as an ordinary error to `wait`, which raises it."""

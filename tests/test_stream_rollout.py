@@ -180,3 +180,115 @@ def test_bench_stream_small_runs_and_writes_its_table(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["judge_ms"] for r in rows} and all(r["streamed_s"] > 0 and r["sequential_s"] > 0 for r in rows)
     assert "exposed" in done.stdout
+
+
+def _in_thread(body, seconds: float = 30):
+    """Run `body` on a daemon thread with a time limit, so a stream that hangs fails the test, not the suite."""
+    import threading
+
+    out = {}
+
+    def run():
+        try:
+            out["value"] = body()
+        except BaseException as e:  # noqa: BLE001 - SystemExit too: raised again in the test
+            out["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s"
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def test_a_reward_that_exits_stops_the_stream_with_its_message():
+    """A reward that raises SystemExit (bad input, the house's one-line stop) on a background group: `wait` raises
+    it in the caller (it hung: raised inside a task it stopped the loop, and `wait` waited for ever)."""
+
+    def reward(completions, **columns):
+        if completions[0] == "bad":
+            raise SystemExit("sample 7: no reference answer")
+        return {"total": [1.0] * len(completions)}
+
+    def body():
+        with RewardStream(reward) as stream:
+            for key, text in enumerate(("ok", "bad", "ok")):
+                stream.submit(key, [text], answer=["a"])
+            stream.wait()
+
+    with pytest.raises(SystemExit, match="sample 7: no reference answer"):
+        _in_thread(body)
+
+
+def test_leaving_the_stream_early_cancels_the_scoring_quietly(caplog, capfd):
+    """Ctrl-C (or any error) while groups are still being judged: the stream stops at once, with no judge
+    request left running, no 'Task exception was never retrieved' / 'Task was destroyed but it is pending!'
+    tracebacks and no judge 'giving up' lines (before: a screen of them per group, from requests that failed
+    on the closed session or tasks destroyed with the loop)."""
+    import gc
+    import logging
+    import time
+
+    async def models(request):
+        return web.json_response({"data": [{"id": "slow-judge"}]})
+
+    async def chat(request):
+        await asyncio.sleep(2)
+        return web.json_response({"choices": [{"message": {"content": "YES"}}]})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", chat)
+    weights = {"llm": 1.0, "embed": 0.0, "format": 0.0, "modality": 0.0}
+    caplog.set_level(logging.WARNING)
+    with serve_app(app) as base:
+        reward = R.CompositeReward(weights, judge=R.OpenAIJudge(f"{base}/v1", "slow-judge", concurrency=2, retries=0, timeout=10.0))
+        for stop_in_wait in (False, True):
+            def body():
+                t0 = time.perf_counter()
+                with pytest.raises(KeyboardInterrupt):
+                    with RewardStream(reward) as stream:
+                        for g in range(4):
+                            stream.submit(g, [f"<OTHER><think>so</think><answer>answer {g} {k}</answer>" for k in range(2)],
+                                          answer=["<OTHER> ref"] * 2, modality=["OTHER"] * 2)  # fmt: skip
+                        time.sleep(0.3)  # the judge has the first requests
+                        if stop_in_wait:  # as Ctrl-C during `wait`: generation is over, the rest is being judged
+                            stream._loop.call_soon_threadsafe(stream._queue.put_nowait, None)
+                        raise KeyboardInterrupt
+                return time.perf_counter() - t0, stream
+
+            seconds, stream = _in_thread(body)
+            assert seconds < 1.5 and not stream._thread.is_alive()  # not waiting for the judge's replies
+            gc.collect()
+    noise = [r.getMessage() for r in caplog.records if r.name in ("asyncio", "rewards")]
+    assert not noise, noise[:3]
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_judge_without_ajudge_is_asked_one_call_at_a_time():
+    """`CompositeReward(judge=any callable)` (a user's local judge model, say) in the stream: the groups in flight
+    ask it one after another on the stream's worker, as the sequential path's single call would never overlap
+    (it was called from as many threads as groups at once)."""
+    import threading
+    import time
+
+    lock, now, most = threading.Lock(), [0], [0]
+
+    def judge(pairs):
+        with lock:
+            now[0] += 1
+            most[0] = max(most[0], now[0])
+        time.sleep(0.05)
+        with lock:
+            now[0] -= 1
+        return [float("good" in p) for p, _ in pairs]
+
+    reward = R.CompositeReward({"llm": 1.0, "embed": 0.0, "format": 0.0, "modality": 0.0}, judge=judge)
+    with RewardStream(reward) as stream:
+        for g in range(6):
+            stream.submit(g, [f"<OTHER><think>so</think><answer>{('good', 'bad')[g % 2]} {g}</answer>"], answer=["<OTHER> ref"], modality=["OTHER"])
+        scored = stream.wait()
+    assert [scored[g]["llm"] for g in range(6)] == [[1.0], [0.0]] * 3
+    assert most[0] == 1
