@@ -98,6 +98,12 @@ def _tokenizer(processor):
     return getattr(processor, "tokenizer", processor)
 
 
+def completion_texts(tok, rows: Sequence[Sequence[int]]) -> list[str]:
+    """Each completion's text as vLLM's own detokenizer writes it: a character whose bytes were cut off at the
+    length limit (decoded as U+FFFD) is never emitted, so the reward sees the same text from either engine."""
+    return [t.rstrip("\ufffd") for t in tok.batch_decode([list(r) for r in rows], skip_special_tokens=True)]
+
+
 def encode_prompts(processor, prompts: Sequence[Prompt], padding_side: str = "left"):
     """Processor outputs for a batch of prompts (input_ids, attention_mask and, when there are images,
     pixel_values, image_grid_thw, ...), padded on `padding_side`. Chat templates already contain the
@@ -386,7 +392,7 @@ class HFRollout:
             i = row // n
             prompt_ids = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
             done.append(Completion(
-                prompt_index=i, token_ids=ids, text=tok.decode(ids, skip_special_tokens=True),
+                prompt_index=i, token_ids=ids, text=completion_texts(tok, [ids])[0],
                 logprobs=logp[row, torch.arange(len(ids)), ids].tolist(), prompt_ids=prompt_ids,
                 finish_reason="length" if stop is None else "stop",
             ))
@@ -780,7 +786,7 @@ class VLLMRollout:
             else:  # a sampled token outside its own top list, or an older vLLM: look each one up
                 logprobs = [lp[k][t].logprob for k, t in enumerate(ids)]
             rows.append((ids, logprobs, c.finish_reason or "stop"))
-        texts = tok.batch_decode([r[0] for r in rows], skip_special_tokens=True)
+        texts = completion_texts(tok, [r[0] for r in rows])
         return [
             Completion(prompt_index=i, token_ids=ids, text=text, logprobs=logprobs, prompt_ids=list(prompt_ids), finish_reason=reason)
             for (ids, logprobs, reason), text in zip(rows, texts)

@@ -217,6 +217,31 @@ def test_vllm_update_weights_in_place(vllm_engine):
         engine.update_weights(rollout.full_parameters(model))
 
 
+def test_a_completion_cut_inside_a_character_reads_as_vllm_writes_it():
+    """A completion that stops at the length limit inside a multi-byte character: its text is vLLM's own (the
+    incremental detokenizer, tokenizers' DecodeStream, never emits a character whose bytes are not all there), so
+    the reward sees what `LLM.generate` would have written. Before: the decoded text ended with U+FFFD."""
+    pytest.importorskip("vllm")
+    from tokenizers.decoders import DecodeStream
+    from transformers import AutoTokenizer
+    from vllm.logprobs import Logprob
+    from vllm.outputs import CompletionOutput, RequestOutput
+
+    tok = AutoTokenizer.from_pretrained(tiny_text_dir("qwen2"))
+    cut_inside = 0
+    for text in ("The lung shows œdème 😷 here", "<answer>Ödem</answer>", "a\u00e9\u4e2d"):
+        full = tok(text, add_special_tokens=False)["input_ids"]
+        for end in range(1, len(full) + 1):
+            ids = full[:end]
+            stream = DecodeStream(skip_special_tokens=True)
+            theirs = "".join(stream.step(tok._tokenizer, t) or "" for t in ids)
+            cut_inside += tok.decode(ids).endswith("\ufffd")
+            out = RequestOutput("0", None, [1, 2], None, [CompletionOutput(0, "", ids, None, [{t: Logprob(-1.0)} for t in ids],
+                                                                           finish_reason="length")], True)  # fmt: skip
+            assert rollout.VLLMRollout._completions(0, out, tok)[0].text == theirs, (text, end)
+    assert cut_inside > 3
+
+
 def test_vllm_tied_lm_head_follows_update():
     """A tied-embedding text model (tiny Qwen2) with the engine's default dtype (float32 on CPU): vLLM
     matches transformers at the start, and still after an update that changes only the embedding, which
