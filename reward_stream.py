@@ -29,7 +29,8 @@ class RewardStream:
 
     def __init__(self, reward):
         self.reward = reward
-        self.composite = isinstance(reward, rewards.CompositeReward)
+        # `acall` awaits CompositeReward's own __call__: a subclass that changes __call__ takes the plain path, as written
+        self.composite = isinstance(reward, rewards.CompositeReward) and type(reward).__call__ is rewards.CompositeReward.__call__
         try:  # as rewards.run_sync: less client CPU time per request
             import uvloop
 

@@ -292,3 +292,24 @@ def test_a_judge_without_ajudge_is_asked_one_call_at_a_time():
         scored = stream.wait()
     assert [scored[g]["llm"] for g in range(6)] == [[1.0], [0.0]] * 3
     assert most[0] == 1
+
+
+def test_a_composite_reward_whose_call_is_overridden_is_called_as_written():
+    """A user's `CompositeReward` subclass that changes `__call__` (here a length penalty on the total): the stream
+    calls it, so its scores are what the sequential path gives (it awaited the parent's `acall`, the penalty lost)."""
+
+    class Penalised(R.CompositeReward):
+        def __call__(self, completions, **columns):
+            out = super().__call__(completions, **columns)
+            out["total"] = [t - 0.001 * len(c) for t, c in zip(out["total"], completions)]
+            return out
+
+    weights = {"llm": 1.0, "embed": 0.0, "format": 1.0, "modality": 0.0}
+    reward = Penalised(weights, judge=lambda pairs: [1.0] * len(pairs))
+    texts = [f"<OTHER><think>{'so ' * g}</think><answer>yes {g}</answer>" for g in range(3)]
+    columns = {"answer": ["<OTHER> ref"], "modality": ["OTHER"]}
+    with RewardStream(reward) as stream:
+        for g, text in enumerate(texts):
+            stream.submit(g, [text], **columns)
+        scored = stream.wait()
+    assert [scored[g]["total"] for g in range(3)] == [reward([t], **columns)["total"] for t in texts]
