@@ -50,6 +50,14 @@ class TPStandin:
         self._collective("generate", prompts, n, settings)
         return self.engine.generate(prompts, n=n, settings=settings)
 
+    def generate_stream(self, prompts, n=1, settings=None):
+        """VLLMRollout's streamed generation (the trainer's default path), the same collective as `generate`; the
+        groups come out last prompt first, as vLLM hands each out when it finishes, in no set order."""
+        self._collective("generate", prompts, n, settings)
+        done = self.engine.generate(prompts, n=n, settings=settings)
+        for i in reversed(range(len(prompts))):
+            yield i, done[i * n : (i + 1) * n]
+
     def score(self, prompt_ids, completion_ids):
         self._collective("score", [list(p) for p in prompt_ids], [list(c) for c in completion_ids])
         return self.engine.score(prompt_ids, completion_ids)
