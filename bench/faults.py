@@ -11,7 +11,9 @@ Faults (issue 14, "one fault suite with figures"):
    down (one of three URLs refuses connections). (a) During reward scoring (`CompositeReward` with
    `OpenAIJudge`, `on_judge_failure="drop"`): a completion whose judge call failed must have total
    None, a judged one exactly the value the scripted truth gives (YES iff "good" is in the
-   candidate), none lost, and `judge_failures` must equal the failures the server saw. (b) During a
+   candidate), none lost, and `judge_failures` must equal the failures the server saw. The same with
+   the mixed faults scored group by group through reward_stream.RewardStream, as training scores while
+   it generates. (b) During a
    2-step training run (`train_grpo.main`, judge_url at the endpoint): each log.jsonl step line has
    `judge_failures` > 0 equal to the server's count, a completion whose call failed has no total and
    trains nothing (advantage 0, not valid), the run finishes.
@@ -340,14 +342,25 @@ def completions_for(tag: str, n: int) -> tuple[list[str], list[str], list[str]]:
     return texts, refs, cands
 
 
-def scoring_trial(server: ScriptedJudge, plan: str, tag: str, n: int, timeout: float) -> dict:
+def scoring_trial(server: ScriptedJudge, plan: str, tag: str, n: int, timeout: float, streamed: bool = False) -> dict:
+    """`streamed`: groups of 4 handed one by one to reward_stream.RewardStream, as training does while generating."""
     import rewards as R
 
     urls = [server.url("ok"), server.url("ok"), dead_url()] if plan == "down" else [server.url(plan)]
     judge = R.OpenAIJudge(urls, "fault-model", timeout=timeout, retries=1, backoff=0.01, concurrency=32)
     reward = R.CompositeReward(weights={"embed": 0.0}, judge=judge)
     texts, refs, cands = completions_for(tag, n)
-    out = reward(texts, answer=refs)
+    if streamed:
+        from reward_stream import RewardStream
+
+        with RewardStream(reward) as stream:
+            for k in range(0, n, 4):
+                stream.submit(k, texts[k : k + 4], answer=refs[k : k + 4])
+            parts = stream.wait()
+        out = {key: [v for k in sorted(parts) for v in parts[k][key]] for key in ("total", "llm", "modality", "format")}
+        reward.last_stats = reward.take_stats()  # the stream's calls and its judge counters, summed
+    else:
+        out = reward(texts, answer=refs)
     w = reward.weights
     totals = out["total"]
     lost, dup = max(0, n - len(totals)), max(0, len(totals) - n)
@@ -741,6 +754,11 @@ def main(argv=None) -> int:
                 for t in range(size["score_trials"]):
                     server.offset = rng.randrange(10)
                     row.trial(scoring_trial, server, plan, f"{plan}{t}", size["completions"], server.stall / 3)
+            row = Row("judge faults (mixed, 30%), scoring streamed group by group (reward_stream.py)")
+            rows.append(row)
+            for t in range(size["score_trials"]):
+                server.offset = rng.randrange(10)
+                row.trial(scoring_trial, server, "mixed", f"streamed{t}", size["completions"], server.stall / 3, True)
             # 1b. training with the mixed faults
             row = Row("judge faults (mixed, 30%), 2-step training run")
             rows.append(row)

@@ -21,6 +21,7 @@ def test_fault_suite_loses_nothing(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) >= 15 and all(r["trials"] > 0 and r["survived"] == r["trials"] for r in rows)
     assert any("--stage all (pipelined)" in r["fault"] for r in rows)  # the streamed evaluation (eval_stream.py) killed too
+    assert any("scoring streamed" in r["fault"] for r in rows)  # training's streamed scoring (reward_stream.py) under judge faults
     issue25 = [r for r in rows if r["fault"].startswith("25.")]  # bench/faults_safety.py: one row per fault or more
     assert {r["fault"].split()[0] for r in issue25} == {f"25.{n}" for n in range(1, 12)}
     assert all(r["message"] and "\n" not in r["message"] and len(r["message"]) <= 120 for r in issue25)
