@@ -102,6 +102,13 @@ def generate_and_judge(cfg, samples: dict, generate, judge) -> dict:
     stats. A judge that stops before generating starts (a bad judged file) stops the run at once; a
     generation that stops (failed requests, a bad sample) lets the judge finish what was written, then
     stops the run as the generate stage alone does; a judge that failed during the run stops it after."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():  # two bars are open at once: a log line goes through tqdm, never onto a bar's line
+        return _generate_and_judge(cfg, samples, generate, judge)
+
+
+def _generate_and_judge(cfg, samples: dict, generate, judge) -> dict:
     feed = Feed(samples)
     outcome: dict = {}
 

@@ -17,7 +17,7 @@ from tests.test_evaluate import fake  # noqa: F401  (the module-scoped fake Open
 
 _LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (DEBUG|INFO|WARNING) ")
 _WARNING = re.compile(r":\d+: \w*Warning: ")
-_BAR = re.compile(r"^(generate|judge):\s+\d+%\|")  # tqdm progress bars
+_BAR = re.compile(r"^(generate|judge):\s+(\d+%\||\d+sample )")  # tqdm progress bars (the second form: a total not known yet)
 
 
 def error_lines(stderr: str) -> list[str]:
