@@ -165,19 +165,20 @@ def test_a_prompt_with_as_many_images_as_the_data_holds_generates(trainer_engine
 def test_each_completion_samples_its_own_seed_on_cuda(trainer_engine, monkeypatch):
     """On CUDA the engine takes per-request seeds (vLLM gives child j of a request seed + j): every completion of
     every prompt, on every data-parallel rank, gets its own. Recorded from the SamplingParams handed to vLLM's
-    generate (the CPU build cannot sample with them: the seeds are dropped there before generating)."""
+    `LLM.enqueue` (where `generate_stream` adds its requests; the CPU build cannot sample with them: the seeds
+    are dropped there before generating)."""
     import train_grpo
 
-    recorded, real_generate = [], trainer_engine.llm.generate
+    recorded, real_enqueue = [], trainer_engine.llm.enqueue
 
-    def recording_generate(requests, params, **kw):
+    def recording_enqueue(requests, params, **kw):
         recorded.append(params)
         unseeded = [p.clone() for p in params] if isinstance(params, list) else params.clone()
         for p in unseeded if isinstance(unseeded, list) else [unseeded]:
             p.seed = None
-        return real_generate(requests, unseeded, **kw)
+        return real_enqueue(requests, unseeded, **kw)
 
-    monkeypatch.setattr(trainer_engine.llm, "generate", recording_generate)
+    monkeypatch.setattr(trainer_engine.llm, "enqueue", recording_enqueue)
     monkeypatch.setattr(trainer_engine, "cuda", True)
     cfg = train_grpo.Config(model="unused", data="unused", engine="vllm", seed=1)
     prompts, n = [_image_prompt(1), [{"role": "user", "content": "Is it so?"}], [{"role": "user", "content": "Why?"}]], 3
